@@ -1,0 +1,175 @@
+"""``SplitQuantConfig``: the quantization config that ``from_pretrained`` and ``save_pretrained`` carry.
+
+Only JSON values are stored. Every field is validated on construction (and so when a checkpoint's
+``config.json`` is read): a bad value raises ``ValueError`` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .spec import SCALE_DTYPES, SPLITQUANT_RANGES, LayerSpec
+
+__all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
+
+QUANT_METHOD = "splitquant"
+#: Version of the packed storage format this library writes and reads.
+FORMAT_VERSION = 1
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
+ALLOWED_TRANSFORMS = (None, "splitquant")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class SplitQuantConfig(QuantizationConfigMixin):
+    """Configuration of ``hf_splitquant`` weight quantization.
+
+    Pass it to ``from_pretrained(..., quantization_config=SplitQuantConfig(...))`` to quantize while
+    loading, or to :func:`hf_splitquant.quantize` for a model already in memory. A packed checkpoint
+    stores it in ``config.json`` and is reloaded with plain ``from_pretrained`` after
+    ``import hf_splitquant``.
+
+    Args:
+        bits: code width of the weights, 2..8.
+        group_size: inputs sharing one scale (and zero point); ``None`` for one per output channel.
+            Smaller groups are more accurate and cost more bits (16 + 8 bits per group).
+        symmetric: symmetric grid (no zero points) instead of the default asymmetric min-max grid
+            with integer zero points (0.0 exactly representable).
+        transform: ``None`` for plain round-to-nearest, ``"splitquant"`` for SplitQuant (3-cluster
+            k-means split, one grid per cluster).
+        splitquant_range: with ``transform="splitquant"``: ``"cluster"`` fits each cluster's grid
+            to its own weights (default, more accurate), ``"part"`` reproduces the paper's numerics
+            (each dense part's grid also spans the zeros around it).
+        scale_dtype: storage dtype of scales, ``"float16"`` (default) or ``"float32"``.
+        modules_to_not_convert: module names (or regexes, matched as transformers does) kept in
+            float. ``None`` keeps the default: the output head / last layer. Tied weights,
+            embeddings and norms are never quantized.
+        seed: seed of the k-means initialisation (results are deterministic for a seed).
+        layers: written by the library: the per-layer spec of every quantized module, keyed by
+            module path relative to the base model. Do not set it by hand.
+        format_version: version of the packed format, written by the library.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int | None = 64,
+        symmetric: bool = False,
+        transform: str | None = None,
+        splitquant_range: str = "cluster",
+        scale_dtype: str = "float16",
+        modules_to_not_convert: list[str] | None = None,
+        seed: int = 0,
+        layers: dict[str, dict[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs:
+            raise ValueError(
+                f"SplitQuantConfig got unknown fields {sorted(kwargs)}; known fields are "
+                f"{sorted(self._field_names())}. A newer hf_splitquant may have written them: upgrade it."
+            )
+        self.quant_method = quant_method
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.transform = transform
+        self.splitquant_range = splitquant_range
+        self.scale_dtype = scale_dtype
+        self.modules_to_not_convert = modules_to_not_convert
+        self.seed = seed
+        self.layers = layers
+        self.format_version = format_version
+        self.post_init()
+
+    @staticmethod
+    def _field_names() -> tuple[str, ...]:
+        return ("bits", "group_size", "symmetric", "transform", "splitquant_range", "scale_dtype",
+                "modules_to_not_convert", "seed", "layers", "format_version", "quant_method")
+
+    def post_init(self) -> None:
+        """Validate every field; raises ``ValueError`` naming the field and the allowed values."""
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"`quant_method` must be {QUANT_METHOD!r}, got {self.quant_method!r}")
+        if not _is_int(self.format_version) or self.format_version < 1:
+            raise ValueError(f"`format_version` must be a positive integer, got {self.format_version!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this checkpoint uses packed format version {self.format_version}, but the installed "
+                f"hf_splitquant reads versions up to {FORMAT_VERSION}: upgrade hf_splitquant "
+                "(`pip install -U hf-splitquant`)"
+            )
+        if self.bits not in ALLOWED_BITS or not _is_int(self.bits):
+            raise ValueError(f"`bits` must be one of {ALLOWED_BITS}, got {self.bits!r}")
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
+            raise ValueError(f"`group_size` must be a positive integer or None (per channel), got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"`symmetric` must be True or False, got {self.symmetric!r}")
+        if self.transform not in ALLOWED_TRANSFORMS:
+            raise ValueError(f"`transform` must be one of {ALLOWED_TRANSFORMS}, got {self.transform!r}")
+        if self.splitquant_range not in SPLITQUANT_RANGES:
+            raise ValueError(f"`splitquant_range` must be one of {SPLITQUANT_RANGES}, got {self.splitquant_range!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"`scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.modules_to_not_convert is not None and (
+            not isinstance(self.modules_to_not_convert, (list, tuple))
+            or not all(isinstance(m, str) for m in self.modules_to_not_convert)
+        ):
+            raise ValueError(
+                f"`modules_to_not_convert` must be None or a list of module names, got {self.modules_to_not_convert!r}"
+            )
+        if self.modules_to_not_convert is not None:
+            self.modules_to_not_convert = list(self.modules_to_not_convert)
+        if not _is_int(self.seed):
+            raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
+        if self.layers is not None:
+            if not isinstance(self.layers, dict):
+                raise ValueError(f"`layers` must be a mapping of module path -> layer spec, got {type(self.layers).__name__}")
+            for name, spec in self.layers.items():
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"`layers` keys must be module paths, got {name!r}")
+                try:
+                    LayerSpec.from_dict(spec)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"`layers[{name!r}]` is invalid: {err}") from None
+
+    @property
+    def transform_name(self) -> str:
+        """The transform as used in layer specs (``"rtn"`` for plain round-to-nearest)."""
+        return self.transform or "rtn"
+
+    def layer_specs(self) -> dict[str, LayerSpec]:
+        """The per-layer map as :class:`LayerSpec` objects (empty before quantization)."""
+        return {name: LayerSpec.from_dict(spec) for name, spec in (self.layers or {}).items()}
+
+    def spec_for(self, in_features: int, out_features: int, has_bias: bool, source: str = "Linear") -> LayerSpec:
+        """The spec this config gives a layer of that shape."""
+        return LayerSpec(
+            in_features=in_features,
+            out_features=out_features,
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            transform=self.transform_name,
+            scale_dtype=self.scale_dtype,
+            source=source,
+            has_bias=has_bias,
+            splitquant_range=self.splitquant_range,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: copy.deepcopy(getattr(self, name)) for name in self._field_names()}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SplitQuantConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]

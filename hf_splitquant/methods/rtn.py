@@ -1,0 +1,57 @@
+"""Plain round-to-nearest on an affine grid: the baseline every transform builds on.
+
+Stored tensors (suffixes of the module's state-dict keys):
+  ``weight``       uint8 ``[out * row_bytes]`` codes, rows packed by :mod:`hf_splitquant.quant.packing`
+  ``weight_scale`` ``[out, groups]`` in the spec's scale dtype
+  ``weight_zero``  uint8 ``[out, groups]`` (asymmetric grids only)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..quant.grid import compute_qparams, dequantize_codes, num_groups, quantize_codes
+from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
+from ..spec import LayerSpec
+
+__all__ = ["tensor_shapes", "quantize", "dequantize", "pack", "unpack"]
+
+
+def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of the stored tensors; they follow from the spec alone."""
+    groups = num_groups(spec.in_features, spec.group_size)
+    shapes = {
+        "weight": ((spec.out_features * packed_row_bytes(spec.in_features, spec.bits),), torch.uint8),
+        "weight_scale": ((spec.out_features, groups), spec.torch_scale_dtype),
+    }
+    if not spec.symmetric:
+        shapes["weight_zero"] = ((spec.out_features, groups), torch.uint8)
+    return shapes
+
+
+def pack(codes: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    return pack_codes(codes, spec.bits).reshape(-1)
+
+
+def unpack(packed: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    row_bytes = packed_row_bytes(spec.in_features, spec.bits)
+    return unpack_codes(packed.reshape(spec.out_features, row_bytes), spec.bits, spec.in_features)
+
+
+def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Quantize a float ``[out, in]`` weight; ``seed`` is unused (RTN is deterministic)."""
+    scale, zero = compute_qparams(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
+    codes = quantize_codes(weight, scale, zero, spec.bits, spec.group_size)
+    out = {"weight": pack(codes, spec), "weight_scale": scale}
+    if zero is not None:
+        out["weight_zero"] = zero
+    return out
+
+
+def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+    codes = unpack(tensors["weight"], spec)
+    return dequantize_codes(
+        codes, tensors["weight_scale"], tensors.get("weight_zero"), spec.bits, spec.group_size, dtype
+    )

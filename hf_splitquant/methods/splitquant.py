@@ -1,0 +1,185 @@
+"""SplitQuant (Song & Lin, arXiv 2501.12428): split a layer into lower / middle / upper parts by a
+3-cluster k-means of its weights, and give each part its own quantization grid.
+
+Two forms live here:
+
+* :func:`split_linear` builds the paper's float-equivalent structure, three ``nn.Linear`` whose
+  sum is the original layer (weights and, optionally, bias clustered), for fidelity checks and
+  for users who want the three layers themselves.
+* The packed storage. The parts partition the weights, so instead of three dense copies (3x the
+  bits) each weight stores its cluster id (base-3 packed, 1.6 bits) and one code on its cluster's
+  grid. Dequantizing gives exactly the sum of the three dequantized parts, because each part is
+  zero outside its cluster and an asymmetric grid represents 0 exactly.
+
+Stored tensors:
+  ``weight``         uint8 ``[out * row_bytes]`` codes (see :mod:`hf_splitquant.quant.packing`)
+  ``weight_cluster`` uint8 ``[out * ceil(in / 5)]`` cluster ids, five base-3 digits per byte
+  ``weight_scale``   ``[3, out, groups]`` one grid per cluster (lower, middle, upper)
+  ``weight_zero``    uint8 ``[3, out, groups]`` (``splitquant_range="part"``, asymmetric)
+  ``weight_min``     ``[3, out, groups]`` float grid origins (``splitquant_range="cluster"``, asymmetric)
+
+``splitquant_range="cluster"`` (default) fits each cluster's grid to exactly its own members
+(``code * scale + min``: no level is spent on the empty span between a cluster and 0).
+``"part"`` reproduces the paper's numerics, where each dense part's grid also spans the zeros that
+fill it outside its cluster, with an integer zero point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..quant.grid import compute_offset_qparams, compute_qparams, dequantize_codes, num_groups, quantize_codes
+from ..quant.kmeans import assign_clusters, kmeans_1d, split_boundaries
+from ..quant.packing import pack_trits, trit_row_bytes, unpack_trits
+from ..spec import LayerSpec
+from . import rtn
+
+__all__ = [
+    "split_tensor",
+    "SplitLinear",
+    "split_linear",
+    "tensor_shapes",
+    "quantize",
+    "dequantize",
+    "cluster_ids",
+]
+
+NUM_CLUSTERS = 3
+
+
+def cluster_ids(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Cluster id (0 lower, 1 middle, 2 upper) of every element, from one k-means over the tensor."""
+    centers = kmeans_1d(weight, k=NUM_CLUSTERS, seed=seed)
+    return assign_clusters(weight, split_boundaries(centers))
+
+
+def split_tensor(t: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three parts of ``t`` (same shape, zeros outside each cluster); they sum to ``t`` exactly."""
+    ids = cluster_ids(t, seed)
+    zero = torch.zeros_like(t)
+    return tuple(torch.where(ids == c, t, zero) for c in range(NUM_CLUSTERS))  # type: ignore[return-value]
+
+
+class SplitLinear(nn.Module):
+    """Three linear layers whose outputs add up to the original layer's: ``(lower + middle) + upper``."""
+
+    def __init__(self, lower: nn.Linear, middle: nn.Linear, upper: nn.Linear) -> None:
+        super().__init__()
+        self.lower, self.middle, self.upper = lower, middle, upper
+        self.in_features, self.out_features = lower.in_features, lower.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.lower(x) + self.middle(x)) + self.upper(x)
+
+
+def split_linear(linear: nn.Linear, seed: int = 0, split_bias: bool = True) -> SplitLinear:
+    """The paper's float-equivalent split of one ``nn.Linear``.
+
+    The bias is clustered on its own (as in the authors' code) when ``split_bias`` and it has at
+    least 3 entries; otherwise it stays whole on the middle layer. Unlike the authors' code, an
+    all-zero bias does not stop the weights from being split.
+    """
+    weight = linear.weight.detach()
+    parts = split_tensor(weight, seed)
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if bias is not None and split_bias and bias.numel() >= NUM_CLUSTERS and bool(bias.any()):
+        bias_parts: tuple[torch.Tensor | None, ...] = split_tensor(bias, seed)
+    elif bias is not None:
+        bias_parts = (torch.zeros_like(bias), bias, torch.zeros_like(bias))
+    else:
+        bias_parts = (None, None, None)
+    layers = []
+    for w, b in zip(parts, bias_parts):
+        layer = nn.Linear(linear.in_features, linear.out_features, bias=b is not None, device=weight.device,
+                          dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if b is not None:
+                layer.bias.copy_(b)
+        layers.append(layer)
+    return SplitLinear(*layers)
+
+
+def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    groups = num_groups(spec.in_features, spec.group_size)
+    base = rtn.tensor_shapes(spec)
+    shapes = {
+        "weight": base["weight"],
+        "weight_cluster": ((spec.out_features * trit_row_bytes(spec.in_features),), torch.uint8),
+        "weight_scale": ((NUM_CLUSTERS, spec.out_features, groups), spec.torch_scale_dtype),
+    }
+    if not spec.symmetric:
+        if spec.splitquant_range == "part":
+            shapes["weight_zero"] = ((NUM_CLUSTERS, spec.out_features, groups), torch.uint8)
+        else:
+            shapes["weight_min"] = ((NUM_CLUSTERS, spec.out_features, groups), spec.torch_scale_dtype)
+    return shapes
+
+
+def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Cluster the float ``[out, in]`` weight, fit one grid per cluster, and pack."""
+    w = weight.float()
+    ids = cluster_ids(w, seed)
+    scales, offsets = [], []
+    codes = torch.zeros(w.shape, dtype=torch.uint8)
+    offset_name = _offset_name(spec)
+    for c in range(NUM_CLUSTERS):
+        member = ids == c
+        zero = minimum = None
+        if offset_name == "weight_min":
+            scale, minimum = compute_offset_qparams(w, spec.bits, spec.group_size, spec.torch_scale_dtype, mask=member)
+        elif spec.splitquant_range == "part":
+            part = torch.where(member, w, 0.0)
+            scale, zero = compute_qparams(part, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
+        else:
+            scale, zero = compute_qparams(w, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype,
+                                          mask=member)
+        part_codes = quantize_codes(w, scale, zero, spec.bits, spec.group_size, minimum=minimum)
+        codes = torch.where(member, part_codes, codes)
+        scales.append(scale)
+        offsets.append(minimum if minimum is not None else zero)
+    out = {
+        "weight": rtn.pack(codes, spec),
+        "weight_cluster": pack_trits(ids).reshape(-1),
+        "weight_scale": torch.stack(scales),
+    }
+    if offset_name is not None:
+        out[offset_name] = torch.stack(offsets)  # type: ignore[arg-type]
+    return out
+
+
+def _offset_name(spec: LayerSpec) -> str | None:
+    if spec.symmetric:
+        return None
+    return "weight_zero" if spec.splitquant_range == "part" else "weight_min"
+
+
+def unpack_clusters(packed: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    return unpack_trits(packed.reshape(spec.out_features, trit_row_bytes(spec.in_features)), spec.in_features)
+
+
+def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+    codes = rtn.unpack(tensors["weight"], spec)
+    ids = unpack_clusters(tensors["weight_cluster"], spec)
+    if int(ids.max()) >= NUM_CLUSTERS:
+        raise ValueError("SplitQuant cluster ids out of range (corrupt `weight_cluster` tensor)")
+    scales = tensors["weight_scale"]
+    zeros = tensors.get("weight_zero")
+    minimums = tensors.get("weight_min")
+    out = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
+    for c in range(NUM_CLUSTERS):
+        part = dequantize_codes(
+            codes,
+            scales[c],
+            None if zeros is None else zeros[c],
+            spec.bits,
+            spec.group_size,
+            minimum=None if minimums is None else minimums[c],
+        )
+        out = torch.where(ids == c, part, out)
+    return out.to(dtype)
+
+

@@ -1,0 +1,3 @@
+from .packed_linear import PackedLinear
+
+__all__ = ["PackedLinear"]

@@ -1,0 +1,219 @@
+"""Affine integer grids for weight matrices: per output channel or per group of inputs.
+
+Conventions (the storage format depends on them, see ``hf_splitquant/FORMAT.md``):
+
+* A weight matrix is ``[out_features, in_features]``. Groups run along the input dimension:
+  ``group_size=None`` means one group per output row (per-channel). When ``in_features`` is not a
+  multiple of ``group_size`` the last group of each row is shorter.
+* Codes are unsigned integers in ``[0, 2**bits - 1]``.
+* Asymmetric: ``w ~ (code - zero) * scale`` with an integer ``zero`` in ``[0, 2**bits - 1]``, so
+  0.0 is always exactly representable. The range of each group is widened to contain 0.
+* Symmetric: ``w ~ (code - 2**(bits-1)) * scale`` with ``scale = absmax / (2**(bits-1) - 1)``; no
+  zero point is stored.
+* Min-offset (``compute_offset_qparams``): ``w ~ code * scale + minimum`` with a float ``minimum``;
+  the grid spans exactly the members' range and need not contain 0 (SplitQuant's per-cluster grids).
+* Scales are rounded *up* to the storage dtype, so that every weight inside its group's range stays
+  within ``scale / 2`` of a grid level after rounding (the property the tests check).
+
+Everything here is pure torch, without transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "num_groups",
+    "compute_qparams",
+    "compute_offset_qparams",
+    "quantize_codes",
+    "dequantize_codes",
+    "group_view",
+]
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    """Number of groups per row: 1 for per-channel, else ``ceil(in_features / group_size)``."""
+    if group_size is None or group_size >= in_features:
+        return 1
+    return math.ceil(in_features / group_size)
+
+
+def _effective_group(in_features: int, group_size: int | None) -> int:
+    if group_size is None or group_size >= in_features:
+        return in_features
+    return group_size
+
+
+def group_view(t: torch.Tensor, group_size: int | None, fill: float | bool = 0) -> torch.Tensor:
+    """Reshape ``[out, in]`` to ``[out, groups, group]``, padding the ragged last group with ``fill``."""
+    out_f, in_f = t.shape
+    g = _effective_group(in_f, group_size)
+    n = num_groups(in_f, group_size)
+    pad = n * g - in_f
+    if pad:
+        t = torch.cat([t, t.new_full((out_f, pad), fill)], dim=1)
+    return t.reshape(out_f, n, g)
+
+
+def _round_up_to_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast positive float32 scales to ``dtype``, moving up one ulp where the cast rounded down."""
+    stored = scale.to(dtype)
+    low = stored.float() < scale
+    if low.any():
+        bumped = torch.nextafter(stored, torch.full_like(stored, math.inf))
+        stored = torch.where(low, bumped, stored)
+    return stored
+
+
+def compute_qparams(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) of every group of ``weight``.
+
+    Args:
+        weight: ``[out, in]`` float tensor.
+        bits: code width, 2..8.
+        group_size: inputs per group, or ``None`` for per-channel.
+        symmetric: symmetric grid (no zero point) instead of asymmetric min-max.
+        scale_dtype: storage dtype of the scales.
+        mask: optional boolean ``[out, in]``; only ``True`` entries define the range (used by
+            SplitQuant, where each cluster gets its own grid). A group without members gets
+            scale 1 and zero 0.
+
+    Returns:
+        ``(scale [out, groups] in scale_dtype, zero [out, groups] uint8 or None)``.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.float()
+    levels = 2**bits - 1
+    lo, hi, present = _masked_range(w, group_size, mask)
+
+    if symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        scale = absmax / (2 ** (bits - 1) - 1)
+    else:
+        # Widen to contain 0 so that the integer zero point lies on the grid.
+        lo = lo.clamp(max=0.0)
+        hi = hi.clamp(min=0.0)
+        scale = (hi - lo) / levels
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not torch.isfinite(scale).all():
+        raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
+    stored = _round_up_to_dtype(scale, scale_dtype)
+    if not torch.isfinite(stored).all():
+        raise ValueError(
+            f"a quantization scale overflows {scale_dtype} (weights larger than the scale dtype can hold); "
+            "use scale_dtype='float32'"
+        )
+    if symmetric:
+        return stored, None
+    zero = torch.round(-lo / stored.float()).clamp(0, levels)
+    zero = torch.where(present, zero, torch.zeros_like(zero))
+    return stored, zero.to(torch.uint8)
+
+
+def _masked_range(
+    w: torch.Tensor, group_size: int | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group (min, max, has_members); groups without members get (0, 0, False)."""
+    gw = group_view(w, group_size)
+    if mask is None and gw.shape[1] * gw.shape[2] != w.shape[1]:
+        mask = torch.ones_like(w, dtype=torch.bool)  # keep the ragged last group's padding out of the range
+    if mask is None:
+        return gw.amin(dim=-1), gw.amax(dim=-1), torch.ones(gw.shape[:2], dtype=torch.bool, device=w.device)
+    gm = group_view(mask, group_size, fill=False)
+    lo = torch.where(gm, gw, torch.full_like(gw, math.inf)).amin(dim=-1)
+    hi = torch.where(gm, gw, torch.full_like(gw, -math.inf)).amax(dim=-1)
+    present = gm.any(dim=-1)
+    return torch.where(present, lo, 0.0), torch.where(present, hi, 0.0), present
+
+
+def compute_offset_qparams(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    scale_dtype: torch.dtype = torch.float16,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and float minimum of every group: a grid over exactly ``[min, max]`` of the members.
+
+    The minimum is rounded *down* and the scale *up* to ``scale_dtype``, so the stored grid covers
+    the members' range and the rounding error stays within ``scale / 2``.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.float()
+    lo, hi, _ = _masked_range(w, group_size, mask)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
+    minimum = lo.to(scale_dtype)
+    high = minimum.float() > lo
+    if high.any():
+        minimum = torch.where(high, torch.nextafter(minimum, torch.full_like(minimum, -math.inf)), minimum)
+    scale = (hi - minimum.float()) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    stored = _round_up_to_dtype(scale, scale_dtype)
+    if not (torch.isfinite(stored).all() and torch.isfinite(minimum).all()):
+        raise ValueError(
+            f"a quantization parameter overflows {scale_dtype}; use scale_dtype='float32'"
+        )
+    return stored, minimum
+
+
+def _expand(params: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
+    """``[out, groups]`` -> ``[out, in]`` by repeating each group's value over its inputs."""
+    g = _effective_group(in_features, group_size)
+    return params.repeat_interleave(g, dim=1)[:, :in_features]
+
+
+def quantize_codes(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    minimum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Round ``weight`` to the nearest level of its group's grid; returns uint8 codes ``[out, in]``.
+
+    With ``minimum`` (from :func:`compute_offset_qparams`) the grid is ``code * scale + minimum``.
+    """
+    in_f = weight.shape[1]
+    s = _expand(scale.float(), in_f, group_size)
+    if minimum is not None:
+        m = _expand(minimum.float(), in_f, group_size)
+        return torch.round((weight.float() - m) / s).clamp_(0, 2**bits - 1).to(torch.uint8)
+    offset = _expand(zero.float(), in_f, group_size) if zero is not None else 2 ** (bits - 1)
+    codes = torch.round(weight.float() / s) + offset
+    return codes.clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    dtype: torch.dtype = torch.float32,
+    minimum: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_codes`: ``(code - zero) * scale`` (or ``code * scale + minimum``)."""
+    out_f, in_f = codes.shape
+    n = num_groups(in_f, group_size)
+    g = _effective_group(in_f, group_size)
+    q = group_view(codes, group_size).float()
+    if minimum is not None:
+        w = q * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)
+    else:
+        offset = zero.float().unsqueeze(-1) if zero is not None else float(2 ** (bits - 1))
+        w = (q - offset) * scale.float().unsqueeze(-1)
+    return w.reshape(out_f, n * g)[:, :in_f].to(dtype)

@@ -1,0 +1,87 @@
+"""The per-layer quantization spec: everything needed to rebuild a packed layer's tensors.
+
+A :class:`LayerSpec` is written into ``config.json`` (``quantization_config.layers``) for every
+quantized module, so a packed checkpoint is rebuilt exactly from its own description.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+__all__ = ["LayerSpec", "SCALE_DTYPES", "TRANSFORMS"]
+
+SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
+TRANSFORMS = ("rtn", "splitquant")
+SOURCES = ("Linear", "Conv1D")
+SPLITQUANT_RANGES = ("cluster", "part")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one Linear-like layer is quantized and stored.
+
+    Attributes:
+        in_features / out_features: the float layer's shape (``weight`` is ``[out, in]``).
+        bits: code width (2..8).
+        group_size: inputs per scale group, ``None`` for one group per output channel.
+        symmetric: symmetric grid without zero points, else asymmetric with integer zero points.
+        transform: ``"rtn"`` (plain round-to-nearest) or ``"splitquant"``.
+        scale_dtype: ``"float16"`` or ``"float32"``.
+        source: the float module type, ``"Linear"`` or GPT-2's ``"Conv1D"`` (weight stored ``[in, out]``).
+        has_bias: whether the layer has a (float) bias.
+        splitquant_range: ``"cluster"`` (each cluster's grid spans its own members) or ``"part"``
+            (the paper's numerics: each dense part's grid spans its values and the zeros around them).
+    """
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = False
+    transform: str = "rtn"
+    scale_dtype: str = "float16"
+    source: str = "Linear"
+    has_bias: bool = True
+    splitquant_range: str = "cluster"
+
+    def __post_init__(self) -> None:
+        for name in ("in_features", "out_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"layer spec field `{name}` must be a positive integer, got {value!r}")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise ValueError(f"layer spec field `bits` must be an integer in 2..8, got {self.bits!r}")
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1
+        ):
+            raise ValueError(f"layer spec field `group_size` must be a positive integer or None, got {self.group_size!r}")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"layer spec field `transform` must be one of {TRANSFORMS}, got {self.transform!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"layer spec field `scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"layer spec field `source` must be one of {SOURCES}, got {self.source!r}")
+        if self.splitquant_range not in SPLITQUANT_RANGES:
+            raise ValueError(
+                f"layer spec field `splitquant_range` must be one of {SPLITQUANT_RANGES}, got {self.splitquant_range!r}"
+            )
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"a layer spec must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown layer spec fields {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**data)
