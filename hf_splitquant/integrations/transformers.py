@@ -6,6 +6,7 @@ Checked against transformers 5.23 (see ``DESIGN.md`` section 4 for the load orde
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,6 +104,18 @@ def _tied_module_names(model: nn.Module) -> set[str]:
     return {n.rpartition(".")[0] for n in names}
 
 
+def is_skipped(name: str, patterns: list[str]) -> bool:
+    """Whether ``name`` matches a ``modules_to_not_convert`` pattern.
+
+    transformers' rules (a prefix up to a module boundary, a regex with that boundary, or a suffix),
+    plus a whole run of path components anywhere: ``"intermediate"`` skips
+    ``bert.encoder.layer.0.intermediate.dense`` and ``"layer.1"`` does not skip ``layer.11``.
+    """
+    if not should_convert_module(name, patterns):
+        return True
+    return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns)
+
+
 def select_modules(model: nn.Module, config: SplitQuantConfig) -> list[tuple[str, nn.Module]]:
     """The Linear / Conv1D modules that ``config`` quantizes, in model order."""
     skip = list(config.modules_to_not_convert) if config.modules_to_not_convert is not None else (
@@ -114,7 +127,7 @@ def select_modules(model: nn.Module, config: SplitQuantConfig) -> list[tuple[str
     for name, module in model.named_modules():
         if not isinstance(module, _QUANTIZABLE) or name in tied:
             continue
-        if not should_convert_module(name, skip):
+        if is_skipped(name, skip):
             continue
         selected.append((name, module))
     return selected

@@ -94,6 +94,8 @@ def compute_qparams(
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     w = weight.float()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
     levels = 2**bits - 1
     lo, hi, present = _masked_range(w, group_size, mask)
 
@@ -106,8 +108,6 @@ def compute_qparams(
         hi = hi.clamp(min=0.0)
         scale = (hi - lo) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if not torch.isfinite(scale).all():
-        raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
     stored = _round_up_to_dtype(scale, scale_dtype)
     if not torch.isfinite(stored).all():
         raise ValueError(
@@ -152,9 +152,9 @@ def compute_offset_qparams(
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     w = weight.float()
-    lo, hi, _ = _masked_range(w, group_size, mask)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+    if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
+    lo, hi, _ = _masked_range(w, group_size, mask)
     minimum = lo.to(scale_dtype)
     high = minimum.float() > lo
     if high.any():
