@@ -6,7 +6,11 @@ import importlib
 import json
 
 import pytest
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING, AutoHfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    AutoHfQuantizer,
+)
 
 import hf_splitquant
 from hf_splitquant import SplitQuantConfig
