@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .spec import SCALE_DTYPES, SPLITQUANT_RANGES, LayerSpec
+from .spec import CLIPS, OCS_SPLITS, SCALE_DTYPES, SPLITQUANT_RANGES, LayerSpec
 
 __all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
 
@@ -19,7 +19,9 @@ QUANT_METHOD = "splitquant"
 #: Version of the packed storage format this library writes and reads.
 FORMAT_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
-ALLOWED_TRANSFORMS = (None, "splitquant")
+ALLOWED_TRANSFORMS = (None, "splitquant", "ocs")
+ALLOWED_BIT_ALLOCATIONS = (None, "mixquant")
+ALLOWED_ERRORS = ("mse", "mae")
 
 
 def _is_int(value: Any) -> bool:
@@ -45,6 +47,22 @@ class SplitQuantConfig(QuantizationConfigMixin):
         splitquant_range: with ``transform="splitquant"``: ``"cluster"`` fits each cluster's grid
             to its own weights (default, more accurate), ``"part"`` reproduces the paper's numerics
             (each dense part's grid also spans the zeros around it).
+        ocs_expand_ratio: with ``transform="ocs"``: fraction of input channels duplicated per layer
+            (``ceil(r * in_features)``), 0..1.
+        ocs_split: with ``transform="ocs"``: ``"qa"`` quantization-aware halves (default) or ``"naive"``.
+        clip: ``None`` or ``"mse"``: search each group's clipping range for the least squared error
+            (RTN and OCS grids; as the OCS paper's "OCS + clipping").
+        bit_allocation: ``None`` (every layer at ``bits``) or ``"mixquant"``: per-layer bit widths from
+            the round-off error of the same quantizer, data-free. Needs the float weights of every
+            layer, so ``from_pretrained`` loads them in float first and quantizes after loading.
+        target_bits: with ``bit_allocation``: average bits per weight over the quantized layers,
+            overheads included; bit widths are chosen for the least total relative error within it.
+            ``None``: MixQuant's own rule with ``mixquant_qem``.
+        mixquant_candidates: bit widths to choose from (default 2, 3, 4, 5, 6, 8).
+        mixquant_reference_bits: MixQuant's reference width (default 8).
+        mixquant_qem: MixQuant's quantization error multiplier: each layer gets the smallest
+            candidate whose error is at most ``qem`` times its error at the reference width.
+        mixquant_error: round-off error metric, ``"mse"`` or ``"mae"``.
         scale_dtype: storage dtype of scales, ``"float16"`` (default) or ``"float32"``.
         modules_to_not_convert: modules kept in float. Each entry is a module path, a run of path
             components matched anywhere (``"intermediate"``, ``"layer.1"`` but not ``layer.11``), a
@@ -64,6 +82,15 @@ class SplitQuantConfig(QuantizationConfigMixin):
         symmetric: bool = False,
         transform: str | None = None,
         splitquant_range: str = "cluster",
+        ocs_expand_ratio: float = 0.02,
+        ocs_split: str = "qa",
+        clip: str | None = None,
+        bit_allocation: str | None = None,
+        target_bits: float | None = None,
+        mixquant_candidates: list[int] | None = None,
+        mixquant_reference_bits: int = 8,
+        mixquant_qem: float = 300.0,
+        mixquant_error: str = "mse",
         scale_dtype: str = "float16",
         modules_to_not_convert: list[str] | None = None,
         seed: int = 0,
@@ -83,6 +110,15 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self.symmetric = symmetric
         self.transform = transform
         self.splitquant_range = splitquant_range
+        self.ocs_expand_ratio = ocs_expand_ratio
+        self.ocs_split = ocs_split
+        self.clip = clip
+        self.bit_allocation = bit_allocation
+        self.target_bits = target_bits
+        self.mixquant_candidates = list(mixquant_candidates) if mixquant_candidates is not None else [2, 3, 4, 5, 6, 8]
+        self.mixquant_reference_bits = mixquant_reference_bits
+        self.mixquant_qem = mixquant_qem
+        self.mixquant_error = mixquant_error
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = modules_to_not_convert
         self.seed = seed
@@ -92,7 +128,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
 
     @staticmethod
     def _field_names() -> tuple[str, ...]:
-        return ("bits", "group_size", "symmetric", "transform", "splitquant_range", "scale_dtype",
+        return ("bits", "group_size", "symmetric", "transform", "splitquant_range", "ocs_expand_ratio", "ocs_split",
+                "clip", "bit_allocation", "target_bits", "mixquant_candidates", "mixquant_reference_bits",
+                "mixquant_qem", "mixquant_error", "scale_dtype",
                 "modules_to_not_convert", "seed", "layers", "format_version", "quant_method")
 
     def post_init(self) -> None:
@@ -117,6 +155,35 @@ class SplitQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"`transform` must be one of {ALLOWED_TRANSFORMS}, got {self.transform!r}")
         if self.splitquant_range not in SPLITQUANT_RANGES:
             raise ValueError(f"`splitquant_range` must be one of {SPLITQUANT_RANGES}, got {self.splitquant_range!r}")
+        ratio = self.ocs_expand_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"`ocs_expand_ratio` must be a number in [0, 1] (paper: 0.01-0.05), got {ratio!r}")
+        if self.ocs_split not in OCS_SPLITS:
+            raise ValueError(f"`ocs_split` must be one of {OCS_SPLITS}, got {self.ocs_split!r}")
+        if self.clip not in CLIPS:
+            raise ValueError(f"`clip` must be one of {CLIPS}, got {self.clip!r}")
+        if self.bit_allocation not in ALLOWED_BIT_ALLOCATIONS:
+            raise ValueError(f"`bit_allocation` must be one of {ALLOWED_BIT_ALLOCATIONS}, got {self.bit_allocation!r}")
+        if self.target_bits is not None:
+            if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) or not (
+                1.0 < self.target_bits <= 32.0
+            ):
+                raise ValueError(f"`target_bits` must be a number of bits per weight in (1, 32], got {self.target_bits!r}")
+            if self.bit_allocation is None:
+                raise ValueError("`target_bits` needs `bit_allocation` (e.g. 'mixquant'); set both or neither")
+        candidates = self.mixquant_candidates
+        if not candidates or not all(_is_int(b) and b in ALLOWED_BITS for b in candidates) or len(set(candidates)) != len(
+            candidates
+        ):
+            raise ValueError(f"`mixquant_candidates` must be distinct bit widths from {ALLOWED_BITS}, got {candidates!r}")
+        self.mixquant_candidates = sorted(candidates)
+        if not _is_int(self.mixquant_reference_bits) or self.mixquant_reference_bits not in ALLOWED_BITS:
+            raise ValueError(f"`mixquant_reference_bits` must be one of {ALLOWED_BITS}, got {self.mixquant_reference_bits!r}")
+        qem = self.mixquant_qem
+        if isinstance(qem, bool) or not isinstance(qem, (int, float)) or not qem >= 1.0:
+            raise ValueError(f"`mixquant_qem` must be a number >= 1, got {qem!r}")
+        if self.mixquant_error not in ALLOWED_ERRORS:
+            raise ValueError(f"`mixquant_error` must be one of {ALLOWED_ERRORS}, got {self.mixquant_error!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"`scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.modules_to_not_convert is not None and (
@@ -150,12 +217,13 @@ class SplitQuantConfig(QuantizationConfigMixin):
         """The per-layer map as :class:`LayerSpec` objects (empty before quantization)."""
         return {name: LayerSpec.from_dict(spec) for name, spec in (self.layers or {}).items()}
 
-    def spec_for(self, in_features: int, out_features: int, has_bias: bool, source: str = "Linear") -> LayerSpec:
-        """The spec this config gives a layer of that shape."""
+    def spec_for(self, in_features: int, out_features: int, has_bias: bool, source: str = "Linear",
+                 bits: int | None = None) -> LayerSpec:
+        """The spec this config gives a layer of that shape (at ``bits``, default ``self.bits``)."""
         return LayerSpec(
             in_features=in_features,
             out_features=out_features,
-            bits=self.bits,
+            bits=self.bits if bits is None else bits,
             group_size=self.group_size,
             symmetric=self.symmetric,
             transform=self.transform_name,
@@ -163,6 +231,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
             source=source,
             has_bias=has_bias,
             splitquant_range=self.splitquant_range,
+            ocs_expand_ratio=float(self.ocs_expand_ratio) if self.transform == "ocs" else 0.0,
+            ocs_split=self.ocs_split,
+            clip=self.clip,
         )
 
     def to_dict(self) -> dict[str, Any]:

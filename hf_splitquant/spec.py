@@ -6,6 +6,7 @@ quantized module, so a packed checkpoint is rebuilt exactly from its own descrip
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -14,9 +15,11 @@ import torch
 __all__ = ["LayerSpec", "SCALE_DTYPES", "TRANSFORMS"]
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
-TRANSFORMS = ("rtn", "splitquant")
+TRANSFORMS = ("rtn", "splitquant", "ocs")
 SOURCES = ("Linear", "Conv1D")
 SPLITQUANT_RANGES = ("cluster", "part")
+OCS_SPLITS = ("qa", "naive")
+CLIPS = (None, "mse")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ class LayerSpec:
         has_bias: whether the layer has a (float) bias.
         splitquant_range: ``"cluster"`` (each cluster's grid spans its own members) or ``"part"``
             (the paper's numerics: each dense part's grid spans its values and the zeros around them).
+        ocs_expand_ratio: OCS only: duplicated input channels = ``ceil(ratio * in_features)``.
+        ocs_split: OCS only: ``"qa"`` (quantization-aware halves) or ``"naive"`` (plain halves).
+        clip: ``None`` or ``"mse"`` (per-group MSE search of the clipping range; RTN and OCS grids).
     """
 
     in_features: int
@@ -46,6 +52,9 @@ class LayerSpec:
     source: str = "Linear"
     has_bias: bool = True
     splitquant_range: str = "cluster"
+    ocs_expand_ratio: float = 0.0
+    ocs_split: str = "qa"
+    clip: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("in_features", "out_features"):
@@ -68,6 +77,22 @@ class LayerSpec:
             raise ValueError(
                 f"layer spec field `splitquant_range` must be one of {SPLITQUANT_RANGES}, got {self.splitquant_range!r}"
             )
+
+        ratio = self.ocs_expand_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"layer spec field `ocs_expand_ratio` must be a number in [0, 1], got {ratio!r}")
+        if self.ocs_split not in OCS_SPLITS:
+            raise ValueError(f"layer spec field `ocs_split` must be one of {OCS_SPLITS}, got {self.ocs_split!r}")
+        if self.clip not in CLIPS:
+            raise ValueError(f"layer spec field `clip` must be one of {CLIPS}, got {self.clip!r}")
+
+    @property
+    def num_duplicated(self) -> int:
+        """Input channels OCS duplicates (0 for other transforms)."""
+        if self.transform != "ocs":
+            return 0
+        # round first so that e.g. 0.05 * 100 counts 5 channels, not 6
+        return math.ceil(round(self.ocs_expand_ratio * self.in_features, 6))
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

@@ -261,6 +261,10 @@ class SplitQuantHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if not self.pre_quantized and self.quantization_config.bit_allocation:
+            # Bit widths (and so shapes) depend on every layer's float weights: load in float,
+            # then search and quantize after loading.
+            return
         _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
@@ -284,6 +288,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if not self.pre_quantized and self.quantization_config.bit_allocation:
+            _quantize_in_place(model, self.quantization_config, progress=True)
         for name, module in iter_packed_modules(model):
             for suffix, tensor in module.packed_tensors().items():
                 if tensor.is_meta:
@@ -363,20 +369,51 @@ def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:
                 module.config._is_quantized = True
 
 
-def quantize_model(model: nn.Module, config: SplitQuantConfig, progress: bool = True) -> nn.Module:
-    """Quantize a float model in place, layer by layer, and return it (packed, ready to save)."""
-    config = SplitQuantConfig.from_dict(config.to_dict())  # the caller's object stays untouched
-    if any(True for _ in iter_packed_modules(model)):
-        raise ValueError("this model is already quantized; load or build the float model to quantize it again")
+def search_bit_widths(selected: list[tuple[str, nn.Module]], config: SplitQuantConfig,
+                      progress: bool = True) -> dict[str, int]:
+    """Per-layer bit widths by MixQuant (``config.bit_allocation == "mixquant"``), keyed by module name."""
+    from ..methods.mixquant import allocate_by_budget, allocate_by_qem, roundoff_error, spec_bits
+
+    widths = sorted(set(config.mixquant_candidates) | {config.mixquant_reference_bits})
+    errors: dict[str, dict[int, float]] = {}
+    reference: dict[str, float] = {}
+    costs: dict[str, dict[int, int]] = {}
+    sizes: dict[str, int] = {}
+    for name, module in tqdm(selected, desc="MixQuant bit search", unit="layer", disable=not progress or not logging.is_progress_bar_enabled()):
+        in_f, out_f, source = _shape_of(module)
+        weight = _float_weight(module).float()
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
+        cache: dict = {}
+        by_bits = {}
+        for bits in widths:
+            spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bits)
+            by_bits[bits] = roundoff_error(weight, spec, config.mixquant_error, config.seed, cache)
+            if bits in config.mixquant_candidates:
+                costs.setdefault(name, {})[bits] = spec_bits(spec)
+        reference[name] = by_bits[config.mixquant_reference_bits]
+        errors[name] = {b: e for b, e in by_bits.items() if b in config.mixquant_candidates}
+        sizes[name] = in_f * out_f
+        scale = float(weight.pow(2).mean() if config.mixquant_error == "mse" else weight.abs().mean())
+        errors[name + "\0relative"] = {b: e / max(scale, 1e-30) for b, e in errors[name].items()}
+    if config.target_bits is None:
+        return allocate_by_qem({n: errors[n] for n in reference}, reference, config.mixquant_qem)
+    relative = {n: errors[n + "\0relative"] for n in reference}
+    return allocate_by_budget(relative, costs, sizes, config.target_bits)
+
+
+def _quantize_in_place(model: nn.Module, config: SplitQuantConfig, progress: bool) -> None:
+    """Replace the selected float layers by packed ones and write ``config.layers``."""
     selected = select_modules(model, config)
     if not selected:
         raise ValueError(
             "no Linear layer to quantize: every Linear/Conv1D is listed in `modules_to_not_convert` or tied"
         )
+    bit_widths = search_bit_widths(selected, config, progress) if config.bit_allocation else {}
     layers: dict[str, dict[str, Any]] = {}
-    for name, module in tqdm(selected, desc="Quantizing", unit="layer", disable=not progress):
+    for name, module in tqdm(selected, desc="Quantizing", unit="layer", disable=not progress or not logging.is_progress_bar_enabled()):
         in_f, out_f, source = _shape_of(module)
-        spec = config.spec_for(in_f, out_f, module.bias is not None, source)
+        spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bit_widths.get(name))
         weight = _float_weight(module)
         if not torch.isfinite(weight).all():
             raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
@@ -389,5 +426,13 @@ def quantize_model(model: nn.Module, config: SplitQuantConfig, progress: bool = 
         _set_module(model, name, new)
         layers[normalise_name(model, name)] = spec.to_dict()
     config.layers = layers
+
+
+def quantize_model(model: nn.Module, config: SplitQuantConfig, progress: bool = True) -> nn.Module:
+    """Quantize a float model in place, layer by layer, and return it (packed, ready to save)."""
+    config = SplitQuantConfig.from_dict(config.to_dict())  # the caller's object stays untouched
+    if any(True for _ in iter_packed_modules(model)):
+        raise ValueError("this model is already quantized; load or build the float model to quantize it again")
+    _quantize_in_place(model, config, progress)
     attach_quantizer(model, config)
     return model

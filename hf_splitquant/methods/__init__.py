@@ -9,11 +9,11 @@ from types import ModuleType
 import torch
 
 from ..spec import LayerSpec
-from . import rtn, splitquant
+from . import ocs, rtn, splitquant
 
 __all__ = ["method_module", "tensor_shapes", "quantize_weight", "dequantize_weight"]
 
-_METHODS: dict[str, ModuleType] = {"rtn": rtn, "splitquant": splitquant}
+_METHODS: dict[str, ModuleType] = {"rtn": rtn, "splitquant": splitquant, "ocs": ocs}
 
 
 def method_module(spec: LayerSpec) -> ModuleType:
@@ -25,14 +25,20 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
     return method_module(spec).tensor_shapes(spec)
 
 
-def quantize_weight(weight: torch.Tensor, spec: LayerSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Float ``[out, in]`` weight -> stored tensors. Raises ``ValueError`` on NaN/Inf or a shape mismatch."""
+def quantize_weight(
+    weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Float ``[out, in]`` weight -> stored tensors. Raises ``ValueError`` on NaN/Inf or a shape mismatch.
+
+    ``cache`` (a dict owned by the caller, one per weight) lets a method reuse bit-independent work
+    (SplitQuant's k-means) when the same weight is quantized at several bit widths.
+    """
     expected = (spec.out_features, spec.in_features)
     if tuple(weight.shape) != expected:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says {expected}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values")
-    return method_module(spec).quantize(weight, spec, seed=seed)
+    return method_module(spec).quantize(weight, spec, seed=seed, cache=cache)
 
 
 def dequantize_weight(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:

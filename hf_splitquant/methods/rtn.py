@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..quant.grid import compute_qparams, dequantize_codes, num_groups, quantize_codes
+from ..quant.grid import compute_qparams, dequantize_codes, num_groups, quantize_codes, search_clip_qparams
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 
@@ -40,9 +40,10 @@ def unpack(packed: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return unpack_codes(packed.reshape(spec.out_features, row_bytes), spec.bits, spec.in_features)
 
 
-def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Quantize a float ``[out, in]`` weight; ``seed`` is unused (RTN is deterministic)."""
-    scale, zero = compute_qparams(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
+def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """Quantize a float ``[out, in]`` weight; ``seed`` and ``cache`` are unused (RTN is deterministic)."""
+    search = search_clip_qparams if spec.clip == "mse" else compute_qparams
+    scale, zero = search(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
     codes = quantize_codes(weight, scale, zero, spec.bits, spec.group_size)
     out = {"weight": pack(codes, spec), "weight_scale": scale}
     if zero is not None:

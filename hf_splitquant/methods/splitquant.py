@@ -119,10 +119,18 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
     return shapes
 
 
-def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Cluster the float ``[out, in]`` weight, fit one grid per cluster, and pack."""
+def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """Cluster the float ``[out, in]`` weight, fit one grid per cluster, and pack.
+
+    The clustering does not depend on the bit width; ``cache`` keeps it across calls on one weight.
+    """
     w = weight.float()
-    ids = cluster_ids(w, seed)
+    key = ("splitquant_ids", seed)
+    ids = cache.get(key) if cache is not None else None
+    if ids is None:
+        ids = cluster_ids(w, seed)
+        if cache is not None:
+            cache[key] = ids
     scales, offsets = [], []
     codes = torch.zeros(w.shape, dtype=torch.uint8)
     offset_name = _offset_name(spec)

@@ -28,6 +28,7 @@ __all__ = [
     "num_groups",
     "compute_qparams",
     "compute_offset_qparams",
+    "search_clip_qparams",
     "quantize_codes",
     "dequantize_codes",
     "group_view",
@@ -96,9 +97,14 @@ def compute_qparams(
     w = weight.float()
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
-    levels = 2**bits - 1
     lo, hi, present = _masked_range(w, group_size, mask)
+    return _qparams_from_range(lo, hi, present, bits, symmetric, scale_dtype)
 
+
+def _qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, present: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    levels = 2**bits - 1
     if symmetric:
         absmax = torch.maximum(lo.abs(), hi.abs())
         scale = absmax / (2 ** (bits - 1) - 1)
@@ -119,6 +125,42 @@ def compute_qparams(
     zero = torch.round(-lo / stored.float()).clamp(0, levels)
     zero = torch.where(present, zero, torch.zeros_like(zero))
     return stored, zero.to(torch.uint8)
+
+
+#: Range shrink factors tried by the MSE clip search (1.0 = no clipping).
+CLIP_FACTORS = tuple(1.0 - 0.05 * i for i in range(11))
+
+
+def search_clip_qparams(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    scale_dtype: torch.dtype = torch.float16,
+    factors: tuple[float, ...] = CLIP_FACTORS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Like :func:`compute_qparams`, but each group's range is shrunk by the factor (from
+    ``factors``) that minimises that group's squared rounding-plus-clipping error (an MSE clip
+    search, as in OCS + clipping). Weights outside the shrunk range are clamped to its ends."""
+    w = weight.float()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
+    lo, hi, present = _masked_range(w, group_size, None)
+    valid = group_view(torch.ones_like(w, dtype=torch.bool), group_size, fill=False)
+    best_err = best_scale = best_zero = None
+    for factor in factors:
+        scale, zero = _qparams_from_range(lo * factor, hi * factor, present, bits, symmetric, scale_dtype)
+        restored = dequantize_codes(quantize_codes(w, scale, zero, bits, group_size), scale, zero, bits, group_size)
+        err = (group_view(restored - w, group_size) ** 2 * valid).sum(dim=-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def _masked_range(

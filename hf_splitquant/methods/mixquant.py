@@ -1,0 +1,90 @@
+"""MixQuant (Kloberdanz & Le, arXiv 2309.17341): per-layer weight bit widths from round-off error,
+data-free, as a pre-processing step for any quantizer.
+
+The error of a layer at a bit width is measured with the quantizer that will really be applied
+(the same transform, grid and group size): ``err(W, dequant(quant_b(W)))``. Two ways to choose:
+
+* :func:`allocate_by_qem`, the paper's rule (as far as it is known; the exact rule is not public):
+  each layer takes the smallest candidate whose error is at most ``qem`` times its error at the
+  reference width. A larger ``qem`` never gives a layer more bits.
+* :func:`allocate_by_budget`, for users who think in budgets: bit widths that meet an average
+  bits-per-weight target (every stored bit counted) with the least total error, by a greedy
+  exchange on error saved per bit spent. The total error is each layer's error relative to its
+  mean squared weight, weighted by its number of weights, so layers of different scale compare.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ..spec import LayerSpec
+
+__all__ = ["roundoff_error", "spec_bits", "allocate_by_qem", "allocate_by_budget"]
+
+
+def roundoff_error(weight: torch.Tensor, spec: LayerSpec, metric: str = "mse", seed: int = 0,
+                   cache: dict | None = None) -> float:
+    """Error of a quantize-dequantize round trip of ``weight`` with ``spec`` (``"mse"`` or ``"mae"``)."""
+    from . import dequantize_weight, quantize_weight
+
+    restored = dequantize_weight(quantize_weight(weight, spec, seed=seed, cache=cache), spec, torch.float32)
+    diff = restored - weight.float()
+    return float(diff.pow(2).mean() if metric == "mse" else diff.abs().mean())
+
+
+def spec_bits(spec: LayerSpec) -> int:
+    """Stored bits of a layer with this spec (codes, scales, zero points, cluster ids, indices)."""
+    from . import tensor_shapes
+
+    return sum(8 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+               for shape, dtype in tensor_shapes(spec).values())
+
+
+def allocate_by_qem(errors: Mapping[str, Mapping[int, float]], reference: Mapping[str, float],
+                    qem: float) -> dict[str, int]:
+    """The smallest candidate per layer with ``error <= qem * reference_error``, else the largest."""
+    chosen = {}
+    for name, by_bits in errors.items():
+        bits_sorted = sorted(by_bits)
+        limit = qem * reference[name]
+        chosen[name] = next((b for b in bits_sorted if by_bits[b] <= limit), bits_sorted[-1])
+    return chosen
+
+
+def allocate_by_budget(errors: Mapping[str, Mapping[int, float]], costs: Mapping[str, Mapping[int, int]],
+                       num_weights: Mapping[str, int], target_bits: float) -> dict[str, int]:
+    """Bit widths meeting ``sum(cost) <= target_bits * sum(num_weights)`` with the least total error.
+
+    ``errors[name][bits]`` must already be on a common scale (see module docstring); ``costs`` are
+    the stored bits of each layer at each width.
+
+    Raises:
+        ValueError: the target is below what the smallest candidates cost.
+    """
+    budget = target_bits * sum(num_weights.values())
+    chosen = {name: min(by_bits) for name, by_bits in errors.items()}
+    spent = sum(costs[name][b] for name, b in chosen.items())
+    if spent > budget:
+        floor = spent / sum(num_weights.values())
+        raise ValueError(
+            f"target_bits={target_bits} is below {floor:.3f}, the bits per weight of every layer at the smallest "
+            "candidate width (overheads included); raise target_bits or add smaller candidates"
+        )
+    while True:
+        best = None
+        for name, current in chosen.items():
+            for bits in errors[name]:
+                extra = costs[name][bits] - costs[name][current]
+                if bits <= current or extra <= 0 or spent + extra > budget:
+                    continue
+                gain = (errors[name][current] - errors[name][bits]) / extra
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, name, bits, extra)
+        if best is None:
+            return chosen
+        _, name, bits, extra = best
+        chosen[name] = bits
+        spent += extra
