@@ -158,3 +158,28 @@ def test_kmeans_few_distinct_values() -> None:
     centers = kmeans_1d(torch.tensor([1.0, 1.0, 1.0, 2.0]), 3, seed=0)
     assert torch.isfinite(centers).all()
     assert kmeans_1d(torch.zeros(10), 3).eq(0).all()
+
+
+@pytest.mark.parametrize("transform", ["rtn", "splitquant", "ocs"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_element_grid_nearest_codes_reproduce_quantize(transform: str, symmetric: bool) -> None:
+    from hf_splitquant.methods import dequantize_weight, element_grid, pack_grid_codes, quantize_weight
+    from hf_splitquant.spec import LayerSpec
+
+    w = _random_weight(12, 40, 0.05, 5)
+    spec = LayerSpec(40, 12, 3, 16, symmetric=symmetric, transform=transform, ocs_expand_ratio=0.1)
+    grid = element_grid(w, spec)
+    codes = grid.nearest_codes()
+    packed = pack_grid_codes(grid, codes, spec)
+    direct = quantize_weight(w, spec)
+    restored = dequantize_weight(packed, spec, torch.float32)
+    # the grid describes the stored format: its values are what dequantize gives back
+    assert torch.allclose(restored, dequantize_weight(direct, spec, torch.float32), atol=1e-6)
+    if transform != "ocs":
+        assert torch.allclose(grid.values(codes), restored, atol=1e-6)
+    else:
+        from hf_splitquant.methods.ocs import fold_back
+
+        assert torch.allclose(fold_back(grid.values(codes), grid.input_index, 40), restored, atol=1e-6)
+    with pytest.raises(ValueError, match="codes"):
+        pack_grid_codes(grid, codes.float(), spec)

@@ -8,10 +8,11 @@ from types import ModuleType
 
 import torch
 
+from ..quant.grid import ElementGrid
 from ..spec import LayerSpec
 from . import ocs, rtn, splitquant
 
-__all__ = ["method_module", "tensor_shapes", "quantize_weight", "dequantize_weight"]
+__all__ = ["method_module", "tensor_shapes", "quantize_weight", "dequantize_weight", "element_grid", "pack_grid_codes"]
 
 _METHODS: dict[str, ModuleType] = {"rtn": rtn, "splitquant": splitquant, "ocs": ocs}
 
@@ -44,3 +45,17 @@ def quantize_weight(
 def dequantize_weight(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
     """Stored tensors -> float ``[out, in]`` weight in ``dtype``."""
     return method_module(spec).dequantize(tensors, spec, dtype)
+
+
+def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
+    """The grid each element of ``weight`` is rounded on under ``spec`` (see :class:`ElementGrid`)."""
+    return method_module(spec).element_grid(weight, spec, seed=seed, cache=cache)
+
+
+def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    """Stored tensors for integer ``codes`` (``[out, cols]``, in ``0..grid.max_code``) chosen on ``grid``."""
+    if codes.shape != grid.weight.shape:
+        raise ValueError(f"codes have shape {tuple(codes.shape)}, the grid {tuple(grid.weight.shape)}")
+    if codes.is_floating_point() or int(codes.min()) < 0 or int(codes.max()) > grid.max_code:
+        raise ValueError(f"codes must be integers in 0..{grid.max_code}")
+    return method_module(spec).pack_grid_codes(grid, codes.to(torch.uint8), spec)

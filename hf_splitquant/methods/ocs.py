@@ -24,11 +24,13 @@ from collections.abc import Mapping
 
 import torch
 
-from ..quant.grid import compute_qparams, dequantize_codes, num_groups, quantize_codes, search_clip_qparams
+from ..quant.grid import ElementGrid, dequantize_codes, num_groups, quantize_codes
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
+from . import rtn
 
-__all__ = ["split_channels", "fold_back", "gather_inputs", "tensor_shapes", "quantize", "dequantize"]
+__all__ = ["split_channels", "fold_back", "gather_inputs", "tensor_shapes", "quantize", "dequantize", "element_grid",
+           "pack_grid_codes"]
 
 
 def _group_of(columns: int, group_size: int | None, column: int) -> int:
@@ -114,18 +116,32 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
     return shapes
 
 
-def _qparams(weight: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    search = search_clip_qparams if spec.clip == "mse" else compute_qparams
-    return search(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
+def _split(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
+    """Split outlier channels, fit the grid on the split weight, then (``"qa"``) re-split on that grid."""
+    n = spec.num_duplicated
+    expanded, index, chosen = split_channels(weight, n, "naive")
+    scale, zero = rtn.grid_params(expanded, spec)
+    if spec.ocs_split == "qa" and n:
+        expanded, index, _ = split_channels(weight, n, "qa", delta=scale, group_size=spec.group_size, order=chosen)
+    return expanded, index, scale, zero
+
+
+def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
+    """The grid of the expanded weight; ``input_index`` gives the duplicated input features."""
+    expanded, index, scale, zero = _split(weight, spec)
+    grid = rtn.grid_from_params(expanded, scale, zero, spec)
+    grid.input_index = index
+    grid.state["weight_dup_index"] = index.to(torch.int32)
+    return grid
+
+
+def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    return {"weight": pack_codes(codes, spec.bits).reshape(-1), **grid.state}
 
 
 def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> dict[str, torch.Tensor]:
     """Split outlier channels, fit the grid on the split weight, then (``"qa"``) re-split on that grid."""
-    n = spec.num_duplicated
-    expanded, index, chosen = split_channels(weight, n, "naive")
-    scale, zero = _qparams(expanded, spec)
-    if spec.ocs_split == "qa" and n:
-        expanded, index, _ = split_channels(weight, n, "qa", delta=scale, group_size=spec.group_size, order=chosen)
+    expanded, index, scale, zero = _split(weight, spec)
     codes = quantize_codes(expanded, scale, zero, spec.bits, spec.group_size)
     out = {"weight": pack_codes(codes, spec.bits).reshape(-1), "weight_scale": scale}
     if zero is not None:

@@ -12,11 +12,19 @@ from collections.abc import Mapping
 
 import torch
 
-from ..quant.grid import compute_qparams, dequantize_codes, num_groups, quantize_codes, search_clip_qparams
+from ..quant.grid import (
+    ElementGrid,
+    compute_qparams,
+    dequantize_codes,
+    expand_params,
+    num_groups,
+    quantize_codes,
+    search_clip_qparams,
+)
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 
-__all__ = ["tensor_shapes", "quantize", "dequantize", "pack", "unpack"]
+__all__ = ["tensor_shapes", "quantize", "dequantize", "pack", "unpack", "element_grid", "pack_grid_codes"]
 
 
 def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -40,10 +48,35 @@ def unpack(packed: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     return unpack_codes(packed.reshape(spec.out_features, row_bytes), spec.bits, spec.in_features)
 
 
+def grid_params(weight: torch.Tensor, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of every group (with the MSE clip search when ``spec.clip == "mse"``)."""
+    search = search_clip_qparams if spec.clip == "mse" else compute_qparams
+    return search(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
+
+
+def grid_from_params(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                     spec: LayerSpec) -> ElementGrid:
+    cols = weight.shape[1]
+    step = expand_params(scale.float(), cols, spec.group_size)
+    origin = expand_params(zero.float(), cols, spec.group_size) if zero is not None else float(2 ** (spec.bits - 1))
+    state = {"weight_scale": scale} | ({"weight_zero": zero} if zero is not None else {})
+    return ElementGrid(weight.float(), step, -origin * step, 2**spec.bits - 1, None, state)
+
+
+def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
+    """The per-element grid RTN rounds on (for rounding optimisers)."""
+    scale, zero = grid_params(weight, spec)
+    return grid_from_params(weight, scale, zero, spec)
+
+
+def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    """Stored tensors for integer ``codes`` chosen on ``grid``."""
+    return {"weight": pack(codes, spec), **grid.state}
+
+
 def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> dict[str, torch.Tensor]:
     """Quantize a float ``[out, in]`` weight; ``seed`` and ``cache`` are unused (RTN is deterministic)."""
-    search = search_clip_qparams if spec.clip == "mse" else compute_qparams
-    scale, zero = search(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
+    scale, zero = grid_params(weight, spec)
     codes = quantize_codes(weight, scale, zero, spec.bits, spec.group_size)
     out = {"weight": pack(codes, spec), "weight_scale": scale}
     if zero is not None:

@@ -31,7 +31,15 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..quant.grid import compute_offset_qparams, compute_qparams, dequantize_codes, num_groups, quantize_codes
+from ..quant.grid import (
+    ElementGrid,
+    compute_offset_qparams,
+    compute_qparams,
+    dequantize_codes,
+    expand_params,
+    num_groups,
+    quantize_codes,
+)
 from ..quant.kmeans import assign_clusters, kmeans_1d, split_boundaries
 from ..quant.packing import pack_trits, trit_row_bytes, unpack_trits
 from ..spec import LayerSpec
@@ -45,6 +53,8 @@ __all__ = [
     "quantize",
     "dequantize",
     "cluster_ids",
+    "element_grid",
+    "pack_grid_codes",
 ]
 
 NUM_CLUSTERS = 3
@@ -119,11 +129,8 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
     return shapes
 
 
-def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """Cluster the float ``[out, in]`` weight, fit one grid per cluster, and pack.
-
-    The clustering does not depend on the bit width; ``cache`` keeps it across calls on one weight.
-    """
+def _cluster_grids(weight: torch.Tensor, spec: LayerSpec, seed: int, cache: dict | None):
+    """Cluster ids and, per cluster, (scale, zero or None, minimum or None)."""
     w = weight.float()
     key = ("splitquant_ids", seed)
     ids = cache.get(key) if cache is not None else None
@@ -131,13 +138,11 @@ def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict |
         ids = cluster_ids(w, seed)
         if cache is not None:
             cache[key] = ids
-    scales, offsets = [], []
-    codes = torch.zeros(w.shape, dtype=torch.uint8)
-    offset_name = _offset_name(spec)
+    grids = []
     for c in range(NUM_CLUSTERS):
         member = ids == c
         zero = minimum = None
-        if offset_name == "weight_min":
+        if _offset_name(spec) == "weight_min":
             scale, minimum = compute_offset_qparams(w, spec.bits, spec.group_size, spec.torch_scale_dtype, mask=member)
         elif spec.splitquant_range == "part":
             part = torch.where(member, w, 0.0)
@@ -145,18 +150,54 @@ def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict |
         else:
             scale, zero = compute_qparams(w, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype,
                                           mask=member)
-        part_codes = quantize_codes(w, scale, zero, spec.bits, spec.group_size, minimum=minimum)
-        codes = torch.where(member, part_codes, codes)
-        scales.append(scale)
-        offsets.append(minimum if minimum is not None else zero)
-    out = {
-        "weight": rtn.pack(codes, spec),
-        "weight_cluster": pack_trits(ids).reshape(-1),
-        "weight_scale": torch.stack(scales),
-    }
+        grids.append((scale, zero, minimum))
+    return ids, grids
+
+
+def _state(ids: torch.Tensor, grids: list, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    state = {"weight_cluster": pack_trits(ids).reshape(-1), "weight_scale": torch.stack([g[0] for g in grids])}
+    offset_name = _offset_name(spec)
     if offset_name is not None:
-        out[offset_name] = torch.stack(offsets)  # type: ignore[arg-type]
-    return out
+        position = 2 if offset_name == "weight_min" else 1
+        state[offset_name] = torch.stack([g[position] for g in grids])
+    return state
+
+
+def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
+    """Each element's grid is its cluster's grid (for rounding optimisers)."""
+    ids, grids = _cluster_grids(weight, spec, seed, cache)
+    cols = weight.shape[1]
+    step = torch.zeros(weight.shape, dtype=torch.float32)
+    origin = torch.zeros(weight.shape, dtype=torch.float32)
+    for c, (scale, zero, minimum) in enumerate(grids):
+        member = ids == c
+        s = expand_params(scale.float(), cols, spec.group_size)
+        if minimum is not None:
+            o = expand_params(minimum.float(), cols, spec.group_size)
+        else:
+            z = expand_params(zero.float(), cols, spec.group_size) if zero is not None else 2 ** (spec.bits - 1)
+            o = -z * s
+        step = torch.where(member, s, step)
+        origin = torch.where(member, o, origin)
+    return ElementGrid(weight.float(), step, origin, 2**spec.bits - 1, None, _state(ids, grids, spec))
+
+
+def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+    return {"weight": rtn.pack(codes, spec), **grid.state}
+
+
+def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """Cluster the float ``[out, in]`` weight, fit one grid per cluster, and pack.
+
+    The clustering does not depend on the bit width; ``cache`` keeps it across calls on one weight.
+    """
+    w = weight.float()
+    ids, grids = _cluster_grids(w, spec, seed, cache)
+    codes = torch.zeros(w.shape, dtype=torch.uint8)
+    for c, (scale, zero, minimum) in enumerate(grids):
+        part_codes = quantize_codes(w, scale, zero, spec.bits, spec.group_size, minimum=minimum)
+        codes = torch.where(ids == c, part_codes, codes)
+    return {"weight": rtn.pack(codes, spec), **_state(ids, grids, spec)}
 
 
 def _offset_name(spec: LayerSpec) -> str | None:

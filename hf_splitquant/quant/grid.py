@@ -21,6 +21,7 @@ Everything here is pure torch, without transformers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,7 +33,43 @@ __all__ = [
     "quantize_codes",
     "dequantize_codes",
     "group_view",
+    "expand_params",
+    "ElementGrid",
 ]
+
+
+@dataclass
+class ElementGrid:
+    """The grid every element of a (possibly transformed) weight is rounded on: element ``(r, c)``
+    may take the values ``offset[r, c] + k * scale[r, c]`` for ``k = 0 .. max_code``.
+
+    This is what a rounding optimiser (Attention Round) needs: it chooses the integer codes, and
+    the method's ``pack(grid, codes, spec)`` stores them with the grid's parameters (``state``).
+
+    Attributes:
+        weight: ``[out, cols]`` float weight the codes approximate (OCS: the expanded weight).
+        scale / offset: ``[out, cols]`` float32 step and value of code 0 per element.
+        max_code: ``2**bits - 1``.
+        input_index: OCS only: the input features appended to ``x`` (``[x, x[..., index]]``) so that
+            ``x' @ weight.T`` equals the layer's output; ``None`` otherwise.
+        state: the method's stored grid tensors (scales, zero points, cluster ids, ...).
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    max_code: int
+    input_index: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def nearest_codes(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Round-to-nearest codes of ``values`` (default: the weight) on this grid, as uint8."""
+        v = self.weight if values is None else values
+        return torch.round((v.float() - self.offset) / self.scale).clamp_(0, self.max_code).to(torch.uint8)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """The float values of integer (or soft, fractional) codes."""
+        return self.offset + codes.float() * self.scale
 
 
 def num_groups(in_features: int, group_size: int | None) -> int:
@@ -211,7 +248,7 @@ def compute_offset_qparams(
     return stored, minimum
 
 
-def _expand(params: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
+def expand_params(params: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
     """``[out, groups]`` -> ``[out, in]`` by repeating each group's value over its inputs."""
     g = _effective_group(in_features, group_size)
     return params.repeat_interleave(g, dim=1)[:, :in_features]
@@ -230,11 +267,11 @@ def quantize_codes(
     With ``minimum`` (from :func:`compute_offset_qparams`) the grid is ``code * scale + minimum``.
     """
     in_f = weight.shape[1]
-    s = _expand(scale.float(), in_f, group_size)
+    s = expand_params(scale.float(), in_f, group_size)
     if minimum is not None:
-        m = _expand(minimum.float(), in_f, group_size)
+        m = expand_params(minimum.float(), in_f, group_size)
         return torch.round((weight.float() - m) / s).clamp_(0, 2**bits - 1).to(torch.uint8)
-    offset = _expand(zero.float(), in_f, group_size) if zero is not None else 2 ** (bits - 1)
+    offset = expand_params(zero.float(), in_f, group_size) if zero is not None else 2 ** (bits - 1)
     codes = torch.round(weight.float() / s) + offset
     return codes.clamp_(0, 2**bits - 1).to(torch.uint8)
 
