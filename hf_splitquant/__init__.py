@@ -18,13 +18,36 @@ __version__ = "0.1.0"
 register()
 
 
-def quantize(model, config: SplitQuantConfig, progress: bool = True):  # noqa: ANN001, ANN201
+def quantize(model, config: SplitQuantConfig, calibration_data=None, tokenizer=None,  # noqa: ANN001, ANN201
+             num_samples: int = 1024, progress: bool = True, **calibration_kwargs):  # noqa: ANN003
     """Quantize a float model in memory with ``config`` and return it, packed and ready to save.
 
     Use this when the model is already loaded (or was built from a config); to quantize while
-    loading, pass ``quantization_config=config`` to ``from_pretrained`` instead.
+    loading, pass ``quantization_config=config`` to ``from_pretrained`` instead. Methods that need
+    data (``rounding="attention_round"``) take ``calibration_data`` (a ``datasets.Dataset``, a list
+    of strings or a DataLoader), a ``tokenizer`` for text, and ``num_samples``; see
+    :mod:`hf_splitquant.integrations.calibration`.
     """
+    if calibration_data is not None or config.rounding is not None:
+        from .integrations.calibration import calibrate_and_quantize
+
+        return calibrate_and_quantize(model, config, calibration_data, tokenizer=tokenizer, num_samples=num_samples,
+                                      progress=progress, **calibration_kwargs)
     return quantize_model(model, config, progress=progress)
+
+
+def prepare_qat(model, config: SplitQuantConfig, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """Swap the layers ``config`` selects for fake-quant layers (quantization-aware training)."""
+    from .qat import prepare_qat as _prepare_qat
+
+    return _prepare_qat(model, config, **kwargs)
+
+
+def freeze(model, **kwargs):  # noqa: ANN001, ANN003, ANN201
+    """Pack a QAT model's fake-quant layers into ``PackedLinear`` (ready to ``save_pretrained``)."""
+    from .qat import freeze as _freeze
+
+    return _freeze(model, **kwargs)
 
 
 __all__ = [
@@ -36,6 +59,8 @@ __all__ = [
     "SplitQuantHfQuantizer",
     "dequantize_model",
     "format_report",
+    "freeze",
+    "prepare_qat",
     "quantization_report",
     "quantize",
     "__version__",

@@ -20,7 +20,8 @@ QUANT_METHOD = "splitquant"
 FORMAT_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 ALLOWED_TRANSFORMS = (None, "splitquant", "ocs")
-ALLOWED_BIT_ALLOCATIONS = (None, "mixquant")
+ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length")
+ALLOWED_ROUNDINGS = (None, "attention_round")
 ALLOWED_ERRORS = ("mse", "mae")
 
 
@@ -63,6 +64,17 @@ class SplitQuantConfig(QuantizationConfigMixin):
         mixquant_qem: MixQuant's quantization error multiplier: each layer gets the smallest
             candidate whose error is at most ``qem`` times its error at the reference width.
         mixquant_error: round-off error metric, ``"mse"`` or ``"mae"``.
+        coding_length_eps: with ``bit_allocation="coding_length"``: the distortion ``eps`` of the lossy
+            coding length ``L(W) = (m+n)/2 log2 det(I + m/(n eps^2) W W^T)``; needs ``target_bits``.
+        rounding: ``None`` (round to nearest) or ``"attention_round"`` (Attention Round: codes optimised
+            on calibration data; needs :func:`hf_splitquant.quantize` with ``calibration_data``).
+        rounding_options: hyper-parameters of the rounding optimiser (see
+            :mod:`hf_splitquant.methods.attention_round`); ``None`` for its defaults.
+        qat: quantization-aware training: ``from_pretrained`` returns fake-quant layers (float
+            weights, straight-through estimator) that the stock ``Trainer`` trains;
+            ``hf_splitquant.freeze(model)`` packs them.
+        qat_learn_scales: with ``qat``: learn the grid scales too (LSQ-style) instead of following
+            the weights' ranges.
         scale_dtype: storage dtype of scales, ``"float16"`` (default) or ``"float32"``.
         modules_to_not_convert: modules kept in float. Each entry is a module path, a run of path
             components matched anywhere (``"intermediate"``, ``"layer.1"`` but not ``layer.11``), a
@@ -91,6 +103,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
         mixquant_reference_bits: int = 8,
         mixquant_qem: float = 300.0,
         mixquant_error: str = "mse",
+        coding_length_eps: float = 0.5,
+        rounding: str | None = None,
+        rounding_options: dict[str, Any] | None = None,
+        qat: bool = False,
+        qat_learn_scales: bool = False,
         scale_dtype: str = "float16",
         modules_to_not_convert: list[str] | None = None,
         seed: int = 0,
@@ -119,6 +136,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self.mixquant_reference_bits = mixquant_reference_bits
         self.mixquant_qem = mixquant_qem
         self.mixquant_error = mixquant_error
+        self.coding_length_eps = coding_length_eps
+        self.rounding = rounding
+        self.rounding_options = rounding_options
+        self.qat = qat
+        self.qat_learn_scales = qat_learn_scales
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = modules_to_not_convert
         self.seed = seed
@@ -130,7 +152,8 @@ class SplitQuantConfig(QuantizationConfigMixin):
     def _field_names() -> tuple[str, ...]:
         return ("bits", "group_size", "symmetric", "transform", "splitquant_range", "ocs_expand_ratio", "ocs_split",
                 "clip", "bit_allocation", "target_bits", "mixquant_candidates", "mixquant_reference_bits",
-                "mixquant_qem", "mixquant_error", "scale_dtype",
+                "mixquant_qem", "mixquant_error", "coding_length_eps", "rounding", "rounding_options", "qat",
+                "qat_learn_scales", "scale_dtype",
                 "modules_to_not_convert", "seed", "layers", "format_version", "quant_method")
 
     def post_init(self) -> None:
@@ -184,6 +207,21 @@ class SplitQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"`mixquant_qem` must be a number >= 1, got {qem!r}")
         if self.mixquant_error not in ALLOWED_ERRORS:
             raise ValueError(f"`mixquant_error` must be one of {ALLOWED_ERRORS}, got {self.mixquant_error!r}")
+        eps = self.coding_length_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"`coding_length_eps` must be a positive number, got {eps!r}")
+        if self.bit_allocation == "coding_length" and self.target_bits is None:
+            raise ValueError("`bit_allocation='coding_length'` needs `target_bits` (average bits per weight)")
+        if self.rounding not in ALLOWED_ROUNDINGS:
+            raise ValueError(f"`rounding` must be one of {ALLOWED_ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding_options is not None and not isinstance(self.rounding_options, dict):
+            raise ValueError(f"`rounding_options` must be a dict or None, got {type(self.rounding_options).__name__}")
+        if not isinstance(self.qat, bool):
+            raise ValueError(f"`qat` must be True or False, got {self.qat!r}")
+        if not isinstance(self.qat_learn_scales, bool):
+            raise ValueError(f"`qat_learn_scales` must be True or False, got {self.qat_learn_scales!r}")
+        if self.qat and self.rounding is not None:
+            raise ValueError("`qat=True` trains the weights itself; it cannot be combined with `rounding`")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"`scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.modules_to_not_convert is not None and (

@@ -253,6 +253,12 @@ class SplitQuantHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized and self.quantization_config.rounding is not None:
+            raise ValueError(
+                f"rounding={self.quantization_config.rounding!r} optimises the codes on calibration data, which "
+                "from_pretrained does not have: load the float model, then call "
+                "hf_splitquant.quantize(model, config, calibration_data=..., tokenizer=...)"
+            )
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values() and not self.pre_quantized:
             raise ValueError(
@@ -261,9 +267,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
-        if not self.pre_quantized and self.quantization_config.bit_allocation:
-            # Bit widths (and so shapes) depend on every layer's float weights: load in float,
-            # then search and quantize after loading.
+        if not self.pre_quantized and (self.quantization_config.bit_allocation or self.quantization_config.qat):
+            # Bit widths (and so shapes) depend on every layer's float weights, and QAT trains float
+            # weights: load in float, then act after loading.
             return
         _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
 
@@ -288,7 +294,11 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        if not self.pre_quantized and self.quantization_config.bit_allocation:
+        if not self.pre_quantized and self.quantization_config.qat:
+            from ..qat import prepare_qat
+
+            prepare_qat(model, self.quantization_config, in_place=True)
+        elif not self.pre_quantized and self.quantization_config.bit_allocation:
             _quantize_in_place(model, self.quantization_config, progress=True)
         for name, module in iter_packed_modules(model):
             for suffix, tensor in module.packed_tensors().items():
@@ -311,11 +321,12 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        return bool(self.quantization_config.qat)
 
     @property
     def is_qat_trainable(self) -> bool:
-        return False
+        # Trainer accepts the model only for QAT: fake-quant layers keep float weights and gradients.
+        return bool(self.quantization_config.qat)
 
     @property
     def is_compileable(self) -> bool:
@@ -396,6 +407,11 @@ def search_bit_widths(selected: list[tuple[str, nn.Module]], config: SplitQuantC
         sizes[name] = in_f * out_f
         scale = float(weight.pow(2).mean() if config.mixquant_error == "mse" else weight.abs().mean())
         errors[name + "\0relative"] = {b: e / max(scale, 1e-30) for b, e in errors[name].items()}
+    if config.bit_allocation == "coding_length":
+        from ..methods.coding_length import allocate_by_coding_length
+
+        weights = {name: _float_weight(module) for name, module in selected}
+        return allocate_by_coding_length(weights, costs, sizes, config.target_bits, config.coding_length_eps)
     if config.target_bits is None:
         return allocate_by_qem({n: errors[n] for n in reference}, reference, config.mixquant_qem)
     relative = {n: errors[n + "\0relative"] for n in reference}
