@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["atomic_directory_write", "save_quantized"]
+__all__ = ["atomic_directory_write", "save_quantized", "canonicalize_safetensors"]
 
 
 def atomic_directory_write(output_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False) -> Path:
@@ -51,12 +53,35 @@ def atomic_directory_write(output_dir: str | os.PathLike, write: Callable[[Path]
     return target
 
 
+def canonicalize_safetensors(folder: str | os.PathLike) -> None:
+    """Rewrite each safetensors header of ``folder`` with its metadata entries in sorted order.
+
+    safetensors keeps header metadata in a hash map, so two saves of the same model can order the
+    entries differently; tensor entries and data are already deterministic. After this, the same
+    model, config and seed give byte-identical files.
+    """
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "r+b") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+            if "__metadata__" not in header:
+                continue
+            ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))}
+            ordered.update(header)
+            text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            if len(text) > length:  # never expected: same entries, same compact formatting
+                raise RuntimeError(f"cannot canonicalize {path.name}: the rewritten header is longer")
+            handle.seek(8)
+            handle.write(text + b" " * (length - len(text)))
+
+
 def save_quantized(model, output_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,  # noqa: ANN001
                    **save_kwargs) -> Path:  # noqa: ANN003
     """``model.save_pretrained`` (and the tokenizer's) into ``output_dir``, atomically."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, **save_kwargs)
+        canonicalize_safetensors(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

@@ -25,6 +25,17 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
+from ..checkpoint import (
+    DIGEST_METADATA_PREFIX,
+    FORMAT_METADATA_KEY,
+    CheckpointError,
+    check_format_version,
+    check_layout,
+    check_values,
+    read_headers,
+    tensor_digest,
+    verify_digests,
+)
 from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
 from ..methods import tensor_shapes
 from ..nn.packed_linear import PackedLinear
@@ -40,8 +51,6 @@ __all__ = [
     "FORMAT_METADATA_KEY",
 ]
 
-#: Key of the format version in the safetensors header.
-FORMAT_METADATA_KEY = "hf_splitquant_format_version"
 _QUANTIZABLE = (nn.Linear, Conv1D)
 
 
@@ -164,8 +173,12 @@ def iter_packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quantized: bool) -> None:
-    """Swap selected modules for empty ``PackedLinear`` on the meta device; fill ``config.layers``."""
+def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quantized: bool) -> dict[str, str]:
+    """Swap selected modules for empty ``PackedLinear`` on the meta device; fill ``config.layers``.
+
+    Returns the model path of every rebuilt layer by its map key (pre-quantized loads).
+    """
+    resolved: dict[str, str] = {}
     if pre_quantized:
         specs = config.layer_specs()
         if not specs:
@@ -196,7 +209,8 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
                 )
             dtype = old.bias.dtype if getattr(old, "bias", None) is not None else None
             _set_module(model, name, PackedLinear(spec, device="meta", dtype=dtype))
-        return
+            resolved[key] = name
+        return resolved
 
     layers: dict[str, dict[str, Any]] = {}
     for name, module in select_modules(model, config):
@@ -206,6 +220,14 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
         _set_module(model, name, PackedLinear(spec, device="meta", dtype=dtype))
         layers[normalise_name(model, name)] = spec.to_dict()
     config.layers = layers
+    return resolved
+
+
+def _stored_prefixes(model: nn.Module, key: str, name: str) -> list[str]:
+    """Key prefixes a layer may be stored under: with or without the base-model prefix."""
+    prefix = _base_prefix(model)
+    candidates = [name, key] + ([f"{prefix}.{key}"] if prefix else [])
+    return list(dict.fromkeys(candidates))
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,9 +250,12 @@ class SplitQuantQuantize(ConversionOps):
         module = model.get_submodule(module_name)
         spec = module.spec
         weight = value.t() if spec.source == "Conv1D" else value
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"layer `{module_name}` has NaN or Inf weights; cannot quantize it")
-        packed = module_quantize(weight, spec, self.hf_quantizer.quantization_config.seed, module_name)
+        try:
+            packed = module_quantize(weight, spec, self.hf_quantizer.quantization_config.seed, module_name)
+        except ValueError as err:
+            # transformers logs conversion errors and goes on loading; keep it to raise after loading.
+            self.hf_quantizer.conversion_errors.append(str(err))
+            raise
         return {f"{module_name}.{suffix}": tensor for suffix, tensor in packed.items()}
 
 
@@ -251,6 +276,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: SplitQuantConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
+        self.conversion_errors: list[str] = []
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not self.pre_quantized and self.quantization_config.rounding is not None:
@@ -266,12 +292,22 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 "save, then load the packed checkpoint with device_map"
             )
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any) -> None:
         if not self.pre_quantized and (self.quantization_config.bit_allocation or self.quantization_config.qat):
             # Bit widths (and so shapes) depend on every layer's float weights, and QAT trains float
             # weights: load in float, then act after loading.
             return
-        _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
+        resolved = _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
+        if self.pre_quantized and checkpoint_files:
+            # Headers only: refuse a mismatched or corrupt checkpoint before any tensor is read.
+            metadata, tensors = read_headers(checkpoint_files)
+            check_format_version(metadata, FORMAT_VERSION)
+            specs = self.quantization_config.layer_specs()
+            check_layout({key: (specs[key], _stored_prefixes(model, key, name)) for key, name in resolved.items()},
+                         tensors)
+            quantized_prefixes = [p for key, name in resolved.items() for p in _stored_prefixes(model, key, name)]
+            verify_digests(checkpoint_files, metadata, required=quantized_prefixes)
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -294,6 +330,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.conversion_errors:
+            more = f" (and {len(self.conversion_errors) - 1} more layers)" if len(self.conversion_errors) > 1 else ""
+            raise ValueError(self.conversion_errors[0] + more)
         if not self.pre_quantized and self.quantization_config.qat:
             from ..qat import prepare_qat
 
@@ -301,17 +340,24 @@ class SplitQuantHfQuantizer(HfQuantizer):
         elif not self.pre_quantized and self.quantization_config.bit_allocation:
             _quantize_in_place(model, self.quantization_config, progress=True)
         for name, module in iter_packed_modules(model):
-            for suffix, tensor in module.packed_tensors().items():
+            tensors = module.packed_tensors()
+            for suffix, tensor in tensors.items():
                 if tensor.is_meta:
-                    raise ValueError(
+                    raise CheckpointError(
                         f"packed tensor `{name}.{suffix}` was not found in the checkpoint: it is incomplete or "
                         "was not written by hf_splitquant"
                     )
+            if self.pre_quantized:
+                check_values(name, module.spec, tensors)
         model.config.quantization_config = self.quantization_config
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
-        return None, {FORMAT_METADATA_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+        metadata = {FORMAT_METADATA_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+        # A digest of every tensor as it will be written, checked on load (see checkpoint.verify_digests).
+        for key, tensor in model.state_dict().items():
+            metadata[DIGEST_METADATA_PREFIX + key] = tensor_digest(tensor)
+        return None, metadata
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         return dequantize_model(model, dtype)
@@ -321,7 +367,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return bool(self.quantization_config.qat)
+        # Packed models train through adapters (LoRA on PackedLinear, integrations/lora.py), QAT models their
+        # float weights; Trainer still refuses a packed model without adapters (is_qat_trainable below).
+        return True
 
     @property
     def is_qat_trainable(self) -> bool:
@@ -426,21 +474,24 @@ def _quantize_in_place(model: nn.Module, config: SplitQuantConfig, progress: boo
             "no Linear layer to quantize: every Linear/Conv1D is listed in `modules_to_not_convert` or tied"
         )
     bit_widths = search_bit_widths(selected, config, progress) if config.bit_allocation else {}
+    # Build every packed layer first and swap them in at the end: an error leaves the model untouched.
+    replacements: list[tuple[str, PackedLinear]] = []
     layers: dict[str, dict[str, Any]] = {}
-    for name, module in tqdm(selected, desc="Quantizing", unit="layer", disable=not progress or not logging.is_progress_bar_enabled()):
+    for name, module in tqdm(selected, desc="Quantizing", unit="layer",
+                             disable=not progress or not logging.is_progress_bar_enabled()):
         in_f, out_f, source = _shape_of(module)
         spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bit_widths.get(name))
         weight = _float_weight(module)
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
         packed = module_quantize(weight, spec, config.seed, name)
         new = PackedLinear(spec, device=weight.device, dtype=module.bias.dtype if module.bias is not None else None)
         new.load_packed(packed)
         if module.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(module.bias.detach())
-        _set_module(model, name, new)
+        replacements.append((name, new))
         layers[normalise_name(model, name)] = spec.to_dict()
+    for name, new in replacements:
+        _set_module(model, name, new)
     config.layers = layers
 
 
