@@ -142,12 +142,12 @@ def check_layout(
         allowed = set(expected) | {"bias"}
         for prefix in prefixes:
             for key in tensors:
-                if key.startswith(prefix + ".") and "." not in key[len(prefix) + 1 :]:
-                    if key[len(prefix) + 1 :] not in allowed:
-                        raise CheckpointError(
-                            f"unexpected tensor `{key}` in quantized layer `{name}` (the map expects "
-                            f"{sorted(allowed)}): the files and config.json do not belong together"
-                        )
+                suffix = key[len(prefix) + 1 :]
+                if key.startswith(prefix + ".") and "." not in suffix and suffix not in allowed:
+                    raise CheckpointError(
+                        f"unexpected tensor `{key}` in quantized layer `{name}` (the map expects "
+                        f"{sorted(allowed)}): the files and config.json do not belong together"
+                    )
 
 
 def _max(t: torch.Tensor) -> int:
