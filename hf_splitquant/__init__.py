@@ -7,6 +7,7 @@ packed checkpoint reloads with plain ``from_pretrained``.
 
 from __future__ import annotations
 
+from . import kernels
 from .config import FORMAT_VERSION, SplitQuantConfig
 from .integrations.transformers import SplitQuantHfQuantizer, dequantize_model, quantize_model, register
 from .nn.packed_linear import PackedLinear
@@ -59,6 +60,7 @@ __all__ = [
     "SplitQuantHfQuantizer",
     "dequantize_model",
     "format_report",
+    "kernels",
     "freeze",
     "prepare_qat",
     "quantization_report",

@@ -2,8 +2,10 @@
 
 The packed tensors are persistent buffers named after the float weight (``weight``,
 ``weight_scale``, ...), so ``save_pretrained`` writes them under the float layer's keys and
-``from_pretrained`` routes them back. The forward pass dequantizes to the input's dtype and calls
-``F.linear``; the dequantized weight can be cached (``cache_dequantized``) to trade memory for speed.
+``from_pretrained`` routes them back. The forward pass goes through :mod:`hf_splitquant.kernels`: the int4
+CPU kernel for 2-4 bit RTN/OCS layers with few tokens, else dequantize (to bf16 on the fast path,
+to the input's dtype on the reference path) and ``F.linear``. The dequantized weight can also be
+cached (``cache_dequantized``) to trade memory for speed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..methods import dequantize_weight, quantize_weight, tensor_shapes
 from ..spec import LayerSpec
 
@@ -40,7 +43,10 @@ class PackedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.cache_dequantized = False
+        #: ``None`` follows :func:`hf_splitquant.kernels.set_kernel_mode`; or "auto"/"fast"/"reference".
+        self.kernel_mode: str | None = None
         self._cached: torch.Tensor | None = None
+        self._int4: kernels.Int4Layout | None = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec,
@@ -68,21 +74,53 @@ class PackedLinear(nn.Module):
                 )
             self._buffers[name] = t
         self._cached = None
+        self._int4 = None
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float ``[out, in]`` weight this layer computes with."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         return dequantize_weight(self.packed_tensors(), self.spec, dtype)
 
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        self._cached = None
+        self._int4 = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+        # moving or casting the module invalidates derived layouts
+        self._cached = None
+        self._int4 = None
+        return super()._apply(fn, recurse)
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """The path this input takes: ``"int4"``, ``"dequant-bf16"`` or ``"reference"``."""
+        mode = self.kernel_mode or kernels.get_kernel_mode()
+        if not kernels.wants_fast_path(mode, x):
+            return "reference"
+        if kernels.tokens_of(x) <= kernels.INT4_MAX_TOKENS and kernels.int4_reason(self.spec, x.device) is None:
+            return "int4"
+        return "dequant-bf16"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cache_dequantized:
-            if self._cached is None or self._cached.dtype != x.dtype or self._cached.device != x.device:
-                self._cached = self.dequantize_weight(x.dtype).to(x.device)
-            weight = self._cached
-        else:
-            weight = self.dequantize_weight(x.dtype)
+        path = self.kernel_for(x)
+        if path == "int4":
+            if self._int4 is None:
+                self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
+            return kernels.int4_linear(x, self._int4, self.bias)
+        if path == "dequant-bf16":
+            weight = self._dequantized(torch.bfloat16, x.device)
+            bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
+            return F.linear(x.to(torch.bfloat16), weight, bias).to(x.dtype)
+        weight = self._dequantized(x.dtype, x.device)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
+
+    def _dequantized(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.cache_dequantized:
+            if self._cached is None or self._cached.dtype != dtype or self._cached.device != device:
+                self._cached = self.dequantize_weight(dtype).to(device)
+            return self._cached
+        return self.dequantize_weight(dtype)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -1,0 +1,104 @@
+"""Fast matmul paths give the reference path's outputs (within bf16 rounding); the dispatcher
+falls back cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import model_output
+from transformers import AutoModelForCausalLM
+
+from hf_splitquant import PackedLinear, SplitQuantConfig, kernels
+from hf_splitquant.spec import LayerSpec
+
+
+def _layer(spec: LayerSpec, seed: int = 0) -> PackedLinear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(spec.out_features, spec.in_features, generator=g) * 0.05
+    w += (torch.rand(w.shape, generator=g) < 0.01) * 0.5
+    return PackedLinear.from_float(w, torch.randn(spec.out_features, generator=g) * 0.1, spec).eval()
+
+
+def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    layer.kernel_mode = "reference"
+    try:
+        return layer(x.float())
+    finally:
+        layer.kernel_mode = None
+
+
+@pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [None, 32, 64, 128])
+@pytest.mark.parametrize(("transform", "shape"), [("rtn", (96, 128)), ("rtn", (100, 200)), ("ocs", (80, 160))])
+def test_int4_path_matches_reference(bits, group_size, transform, shape):
+    out_f, in_f = shape
+    spec = LayerSpec(in_f, out_f, bits, group_size, symmetric=bits == 3, transform=transform, ocs_expand_ratio=0.05)
+    layer = _layer(spec)
+    x = torch.randn(3, 5, in_f).to(torch.bfloat16)
+    assert layer.kernel_for(x[:, :1]) == "int4"
+    with torch.no_grad():
+        fast = layer(x[:, :3])  # 9 tokens: int4 kernel
+        ref = _reference(layer, x[:, :3])
+    assert fast.dtype == torch.bfloat16 and fast.shape == (3, 3, out_f)
+    # bf16 activations, scales and output: about 3 significant digits
+    assert torch.allclose(fast.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_dispatcher_paths_and_fallbacks():
+    rtn4 = _layer(LayerSpec(64, 32, 4, 32))
+    split = _layer(LayerSpec(64, 32, 2, 32, transform="splitquant"))
+    odd_group = _layer(LayerSpec(64, 32, 4, 16))
+    eight = _layer(LayerSpec(64, 32, 8, 32))
+    one = torch.randn(1, 64)
+    assert rtn4.kernel_for(one) == "reference"  # float32 input: exact reference by default
+    assert rtn4.kernel_for(one.bfloat16()) == "int4"
+    assert rtn4.kernel_for(torch.randn(64, 64).bfloat16()) == "dequant-bf16"  # many tokens
+    for layer in (split, odd_group, eight):
+        assert layer.kernel_for(one.bfloat16()) == "dequant-bf16"
+        assert kernels.int4_reason(layer.spec, one.device) is not None
+    kernels.set_kernel_mode("fast")
+    try:
+        assert rtn4.kernel_for(one) == "int4"
+        with torch.no_grad():
+            assert rtn4(one).dtype == torch.float32
+    finally:
+        kernels.set_kernel_mode("auto")
+    kernels.set_kernel_mode("reference")
+    try:
+        assert rtn4.kernel_for(one.bfloat16()) == "reference"
+    finally:
+        kernels.set_kernel_mode("auto")
+    with pytest.raises(ValueError, match="kernel mode"):
+        kernels.set_kernel_mode("turbo")
+    # training keeps the exact differentiable path
+    x = torch.randn(2, 64, dtype=torch.bfloat16, requires_grad=True)
+    assert rtn4.kernel_for(x) == "reference"
+
+
+def test_layout_cache_is_built_once_and_invalidated():
+    layer = _layer(LayerSpec(64, 32, 4, 32))
+    x = torch.randn(1, 64).bfloat16()
+    with torch.no_grad():
+        layer(x)
+        cached = layer._int4
+        layer(x)
+    assert cached is not None and layer._int4 is cached
+    layer.load_state_dict(layer.state_dict())
+    assert layer._int4 is None
+
+
+def test_bf16_model_uses_fast_paths_and_stays_close(float_checkpoints, tmp_path, input_ids):
+    config = SplitQuantConfig(bits=4, group_size=32)
+    packed = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"], quantization_config=config)
+    packed.save_pretrained(tmp_path)
+    fp32 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    layer = bf16.model.layers[0].mlp.down_proj
+    assert layer.kernel_for(torch.zeros(1, 1, 96, dtype=torch.bfloat16)) == "int4"
+    ref = model_output(fp32, input_ids[:, :1])
+    fast = model_output(bf16, input_ids[:, :1]).float()
+    assert torch.allclose(fast, ref, atol=0.05 * ref.abs().max().item())
+    with torch.no_grad():
+        generated = bf16.generate(input_ids[:1, :4], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
