@@ -35,7 +35,6 @@ from ..quant.grid import (
     ElementGrid,
     compute_offset_qparams,
     compute_qparams,
-    dequantize_codes,
     expand_params,
     num_groups,
     quantize_codes,
@@ -215,20 +214,18 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     ids = unpack_clusters(tensors["weight_cluster"], spec)
     if int(ids.max()) >= NUM_CLUSTERS:
         raise ValueError("SplitQuant cluster ids out of range (corrupt `weight_cluster` tensor)")
-    scales = tensors["weight_scale"]
-    zeros = tensors.get("weight_zero")
-    minimums = tensors.get("weight_min")
-    out = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
-    for c in range(NUM_CLUSTERS):
-        part = dequantize_codes(
-            codes,
-            scales[c],
-            None if zeros is None else zeros[c],
-            spec.bits,
-            spec.group_size,
-            minimum=None if minimums is None else minimums[c],
-        )
-        out = torch.where(ids == c, part, out)
-    return out.to(dtype)
-
-
+    # One gather per grid parameter: each element reads its cluster's (scale, offset) for its group.
+    out_f, in_f = codes.shape
+    g = in_f if spec.group_size is None or spec.group_size >= in_f else spec.group_size
+    rows = torch.arange(out_f, device=codes.device).unsqueeze(1)
+    groups = (torch.arange(in_f, device=codes.device) // g).unsqueeze(0)
+    index = (ids.long(), rows, groups)
+    scale = tensors["weight_scale"].float()[index]
+    q = codes.float()
+    if "weight_min" in tensors:
+        w = q * scale + tensors["weight_min"].float()[index]
+    elif "weight_zero" in tensors:
+        w = (q - tensors["weight_zero"].float()[index]) * scale
+    else:
+        w = (q - 2 ** (spec.bits - 1)) * scale
+    return w.to(dtype)
