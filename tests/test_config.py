@@ -65,4 +65,4 @@ def test_registration_is_idempotent() -> None:
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["splitquant"] is hf_splitquant.SplitQuantConfig
     quantizer = AutoHfQuantizer.from_config(SplitQuantConfig(bits=2).to_dict(), pre_quantized=False)
     assert isinstance(quantizer, AUTO_QUANTIZER_MAPPING["splitquant"])
-    assert quantizer.is_serializable() and not quantizer.is_trainable and not quantizer.is_qat_trainable
+    assert quantizer.is_serializable() and quantizer.is_trainable and not quantizer.is_qat_trainable  # adapters only
