@@ -132,7 +132,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self.clip = clip
         self.bit_allocation = bit_allocation
         self.target_bits = target_bits
-        self.mixquant_candidates = list(mixquant_candidates) if mixquant_candidates is not None else [2, 3, 4, 5, 6, 8]
+        self.mixquant_candidates = mixquant_candidates if mixquant_candidates is not None else [2, 3, 4, 5, 6, 8]
         self.mixquant_reference_bits = mixquant_reference_bits
         self.mixquant_qem = mixquant_qem
         self.mixquant_error = mixquant_error
@@ -195,7 +195,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
             if self.bit_allocation is None:
                 raise ValueError("`target_bits` needs `bit_allocation` (e.g. 'mixquant'); set both or neither")
         candidates = self.mixquant_candidates
-        if not candidates or not all(_is_int(b) and b in ALLOWED_BITS for b in candidates) or len(set(candidates)) != len(
+        if not isinstance(candidates, (list, tuple)) or not candidates or not all(_is_int(b) and b in ALLOWED_BITS for b in candidates) or len(set(candidates)) != len(
             candidates
         ):
             raise ValueError(f"`mixquant_candidates` must be distinct bit widths from {ALLOWED_BITS}, got {candidates!r}")
@@ -222,7 +222,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
             raise ValueError(f"`qat_learn_scales` must be True or False, got {self.qat_learn_scales!r}")
         if self.qat and self.rounding is not None:
             raise ValueError("`qat=True` trains the weights itself; it cannot be combined with `rounding`")
-        if self.scale_dtype not in SCALE_DTYPES:
+        if self.scale_dtype not in tuple(SCALE_DTYPES):
             raise ValueError(f"`scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.modules_to_not_convert is not None and (
             not isinstance(self.modules_to_not_convert, (list, tuple))

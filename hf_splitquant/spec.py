@@ -69,7 +69,7 @@ class LayerSpec:
             raise ValueError(f"layer spec field `group_size` must be a positive integer or None, got {self.group_size!r}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"layer spec field `transform` must be one of {TRANSFORMS}, got {self.transform!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
+        if self.scale_dtype not in tuple(SCALE_DTYPES):
             raise ValueError(f"layer spec field `scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.source not in SOURCES:
             raise ValueError(f"layer spec field `source` must be one of {SOURCES}, got {self.source!r}")

@@ -6,6 +6,8 @@ import importlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -66,3 +68,32 @@ def test_registration_is_idempotent() -> None:
     quantizer = AutoHfQuantizer.from_config(SplitQuantConfig(bits=2).to_dict(), pre_quantized=False)
     assert isinstance(quantizer, AUTO_QUANTIZER_MAPPING["splitquant"])
     assert quantizer.is_serializable() and quantizer.is_trainable and not quantizer.is_qat_trainable  # adapters only
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 300) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+field_names = st.sampled_from(sorted(SplitQuantConfig()._field_names()) + ["bogus"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(field_names, json_values, max_size=5))
+def test_fuzzed_configs_raise_only_value_error_and_round_trip(data: dict) -> None:
+    try:
+        cfg = SplitQuantConfig.from_dict(data)
+    except ValueError:
+        return
+    again = SplitQuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), group=st.sampled_from([None, 16, 64]),
+       transform=st.sampled_from([None, "splitquant", "ocs"]), symmetric=st.booleans(),
+       ratio=st.floats(0.0, 0.2), seed=st.integers(0, 10**6))
+def test_valid_configs_round_trip(bits, group, transform, symmetric, ratio, seed) -> None:
+    cfg = SplitQuantConfig(bits=bits, group_size=group, transform=transform, symmetric=symmetric,
+                           ocs_expand_ratio=ratio, seed=seed)
+    assert SplitQuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
