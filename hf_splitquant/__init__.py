@@ -51,8 +51,29 @@ def freeze(model, **kwargs):  # noqa: ANN001, ANN003, ANN201
     return _freeze(model, **kwargs)
 
 
+# Training pieces, imported on first use (they pull in transformers' Trainer machinery).
+_LAZY_EXPORTS = {
+    "R2Regularizer": "hf_splitquant.methods.r2_loss",
+    "R2LossCallback": "hf_splitquant.integrations.trainer",
+    "QATCallback": "hf_splitquant.integrations.trainer",
+    "FakeQuantLinear": "hf_splitquant.nn.fake_quant",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hf_splitquant' has no attribute {name!r}")
+
+
 __all__ = [
     "FORMAT_VERSION",
+    "FakeQuantLinear",
+    "QATCallback",
+    "R2LossCallback",
+    "R2Regularizer",
     "LayerSpec",
     "PackedLinear",
     "QuantizationReport",

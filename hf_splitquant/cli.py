@@ -62,6 +62,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         symmetric=args.symmetric,
         transform=None if args.transform == "rtn" else args.transform,
         splitquant_range=args.splitquant_range,
+        ocs_expand_ratio=args.ocs_expand_ratio,
+        ocs_split=args.ocs_split,
+        clip=args.clip,
+        bit_allocation=args.bit_allocation,
+        target_bits=args.target_bits,
+        mixquant_qem=args.mixquant_qem,
+        rounding=args.rounding,
+        **({"mixquant_candidates": args.mixquant_candidates} if args.mixquant_candidates else {}),
         scale_dtype=args.scale_dtype,
         modules_to_not_convert=args.modules_to_not_convert,
         seed=args.seed,
@@ -72,19 +80,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 2
     cls = model_class(args.model, args.task)
     start = time.perf_counter()
-    model = cls.from_pretrained(args.model, quantization_config=config, dtype=getattr(torch, args.dtype))
+    if args.rounding or args.calibration_data:  # needs data: load in float, then calibrate
+        from .integrations.calibration import quantize_from_file
+
+        model = quantize_from_file(cls, args.model, config, args.calibration_data, num_samples=args.num_samples,
+                                   dtype=getattr(torch, args.dtype))
+    else:
+        model = cls.from_pretrained(args.model, quantization_config=config, dtype=getattr(torch, args.dtype))
     elapsed = time.perf_counter() - start
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError, KeyError) as err:  # a model without a tokenizer is fine
         logger.warning(f"No tokenizer saved with the model: {err}")
         tokenizer = None
-    save_quantized(model, output, tokenizer=tokenizer, overwrite=args.overwrite)
+    if args.push_to_hub or args.model_card:
+        from .integrations.hub import save_with_card
+
+        save_with_card(model, output, tokenizer=tokenizer, base_model=args.base_model, overwrite=args.overwrite,
+                       repo_id=args.push_to_hub)
+    else:
+        save_quantized(model, output, tokenizer=tokenizer, overwrite=args.overwrite)
     report = quantization_report(model)
     print(format_report(report, per_layer=args.per_layer))
     print(f"quantized in {elapsed:.1f} s; saved to {output}")
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    if args.push_to_hub:
+        from .integrations.hub import upload_checkpoint
+
+        try:
+            info = upload_checkpoint(output, args.push_to_hub, private=args.private)
+        except Exception as err:  # HTTP, connection or auth errors of any transport: report, keep the folder
+            print(f"error: the checkpoint is saved in {output} but the upload to {args.push_to_hub} failed: {err}",
+                  file=sys.stderr)
+            return 1
+        print(f"pushed {output} to {args.push_to_hub}: {info.commit_url}")
     return 0
 
 
@@ -129,12 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", "-o", required=True, help="folder to write (atomically)")
     q.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="{2..8}")
     q.add_argument("--group-size", type=_group_size, default=64, help="inputs per scale group, or 'none' (per channel)")
-    q.add_argument("--transform", choices=["rtn", "splitquant"], default="rtn")
+    q.add_argument("--transform", choices=["rtn", "splitquant", "ocs"], default="rtn")
     q.add_argument("--splitquant-range", choices=["cluster", "part"], default="cluster")
+    q.add_argument("--ocs-expand-ratio", type=float, default=0.02, help="OCS: fraction of input channels duplicated")
+    q.add_argument("--ocs-split", choices=["qa", "naive"], default="qa", help="OCS: quantization-aware or plain halves")
+    q.add_argument("--clip", choices=["mse"], default=None, help="search each group's clipping range (RTN, OCS)")
+    q.add_argument("--bit-allocation", choices=["mixquant"], default=None, help="per-layer bit widths (MixQuant)")
+    q.add_argument("--target-bits", type=float, default=None,
+                   help="with --bit-allocation: average bits per weight, overheads included")
+    q.add_argument("--mixquant-qem", type=float, default=300.0, help="MixQuant error multiplier (no --target-bits)")
+    q.add_argument("--mixquant-candidates", type=int, nargs="+", default=None, metavar="BITS")
     q.add_argument("--symmetric", action="store_true")
     q.add_argument("--scale-dtype", choices=["float16", "float32"], default="float16")
     q.add_argument("--modules-to-not-convert", nargs="*", default=None, metavar="NAME")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--rounding", choices=["attention_round"], default=None, help="optimise the codes on calibration data")
+    q.add_argument("--calibration-data", metavar="FILE", default=None,
+                   help="local .txt (a sample per line), .json/.jsonl or .csv (a 'text' column) for --rounding")
+    q.add_argument("--num-samples", type=int, default=1024, help="calibration samples drawn from FILE (seeded)")
     q.add_argument("--task", choices=sorted(TASKS), default="auto",
                    help="model class to load (auto: the checkpoint's architecture)")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
@@ -142,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.add_argument("--per-layer", action="store_true", help="print one line per quantized layer")
     q.add_argument("--json", help="also write the report as JSON to this file")
+    q.add_argument("--model-card", action="store_true", help="also write a README.md model card into the output")
+    q.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="upload the packed checkpoint with its model card to this Hub repo (user/name)")
+    q.add_argument("--base-model", metavar="REPO", default=None,
+                   help="Hub id of the float model, for the card's base_model metadata")
+    q.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     q.set_defaults(func=cmd_quantize)
 
     i = sub.add_parser("inspect", help="print the quantization report of a packed checkpoint (no weights loaded)")
@@ -149,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--summary", action="store_true", help="totals only")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
+
+    from .commands.evaluate import add_evaluate_arguments, cmd_evaluate
+
+    e = sub.add_parser("evaluate", help="evaluate a packed checkpoint (perplexity, embedding fidelity) against float")
+    add_evaluate_arguments(e)
+    e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser("demo", help="quantize the bundled all-MiniLM-L6-v2 with SplitQuant INT2 and RTN INT2")
     d.add_argument("--output-dir", default="out/demo")

@@ -294,7 +294,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> None:
-        if not self.pre_quantized and (self.quantization_config.bit_allocation or self.quantization_config.qat):
+        if self.quantization_config.qat or (not self.pre_quantized and self.quantization_config.bit_allocation):
             # Bit widths (and so shapes) depend on every layer's float weights, and QAT trains float
             # weights: load in float, then act after loading.
             return
@@ -333,7 +333,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
         if self.conversion_errors:
             more = f" (and {len(self.conversion_errors) - 1} more layers)" if len(self.conversion_errors) > 1 else ""
             raise ValueError(self.conversion_errors[0] + more)
-        if not self.pre_quantized and self.quantization_config.qat:
+        if self.quantization_config.qat:
+            # a QAT checkpoint (saved before freeze) holds float weights: rebuild the fake-quant layers
             from ..qat import prepare_qat
 
             prepare_qat(model, self.quantization_config, in_place=True)

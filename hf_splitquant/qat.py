@@ -1,0 +1,211 @@
+"""Quantization-aware training: ``prepare_qat`` swaps layers for :class:`FakeQuantLinear`, the stock
+``transformers.Trainer`` trains them, ``freeze`` packs them into :class:`PackedLinear`.
+
+Lifecycle::
+
+    config = SplitQuantConfig(bits=2, group_size=64, transform="splitquant", qat=True)
+    model = AutoModelForSequenceClassification.from_pretrained(float_dir, quantization_config=config)
+    # (or: model = hf_splitquant.prepare_qat(float_model, config))
+    Trainer(model, args, train_dataset=..., callbacks=[QATCallback(...)]).train()   # float checkpoints
+    hf_splitquant.freeze(model)           # FakeQuantLinear -> PackedLinear, config flipped to qat=False
+    model.save_pretrained("out")          # the packed format; plain from_pretrained("out") reloads it
+
+While training, ``save_pretrained`` (and so every Trainer checkpoint) writes the float weights under
+their float keys (plus ``weight_qat_scale`` / ``weight_qat_min`` with learned scales) and
+``resume_from_checkpoint`` restores them. Such a folder is a training checkpoint, not the packed
+format: load it by building the QAT model again and resuming, or freeze and save the packed form.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+from transformers.utils import logging
+
+from .config import SplitQuantConfig
+from .integrations.transformers import (
+    _float_weight,
+    _set_module,
+    _shape_of,
+    attach_quantizer,
+    dequantize_model,
+    iter_packed_modules,
+    normalise_name,
+    resolve_name,
+    search_bit_widths,
+    select_modules,
+)
+from .nn.fake_quant import FakeQuantLinear
+from .spec import LayerSpec
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "prepare_qat",
+    "freeze",
+    "unprepare_qat",
+    "iter_fake_quant_modules",
+    "set_fake_quant",
+    "freeze_scales",
+    "FakeQuantLinear",
+]
+
+
+def iter_fake_quant_modules(model: nn.Module) -> Iterator[tuple[str, FakeQuantLinear]]:
+    """``(name, module)`` of every :class:`FakeQuantLinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantLinear):
+            yield name, module
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization on or off in every QAT layer (off: the layers compute in float).
+
+    Turning it on for the first time re-initialises learned scales from the current weights.
+    """
+    for _, module in iter_fake_quant_modules(model):
+        if enabled and not module.fake_quant_enabled and module.learn_scales and not getattr(
+                module, "_scales_started", False):
+            module.reset_scales()
+        if enabled:
+            module._scales_started = True
+        module.fake_quant_enabled = bool(enabled)
+
+
+def freeze_scales(model: nn.Module) -> None:
+    """Keep every QAT layer's current grid fixed for the rest of training (see ``freeze_grid``)."""
+    for _, module in iter_fake_quant_modules(model):
+        module.freeze_grid()
+
+
+def _layer_specs(model: nn.Module, config: SplitQuantConfig,
+                 packed_specs: dict[str, LayerSpec]) -> list[tuple[str, nn.Module, LayerSpec]]:
+    """The (name, float module, spec) of every layer to prepare."""
+    chosen: list[tuple[str, nn.Module, LayerSpec]] = []
+    if config.layers:
+        for key, spec in config.layer_specs().items():
+            name = resolve_name(model, key)
+            if name is None:
+                raise ValueError(f"config.layers names module `{key}`, which {type(model).__name__} does not have")
+            module = model.get_submodule(name)
+            in_f, out_f, source = _shape_of(module)
+            if (in_f, out_f, source) != (spec.in_features, spec.out_features, spec.source):
+                raise ValueError(f"config.layers[{key!r}] is {spec.source} {spec.in_features}->{spec.out_features} "
+                                 f"but the model's module is {source} {in_f}->{out_f}")
+            chosen.append((name, module, spec))
+        return chosen
+    if packed_specs:
+        return [(name, model.get_submodule(name), spec) for name, spec in packed_specs.items()]
+    selected = select_modules(model, config)
+    if not selected:
+        raise ValueError("no Linear layer to prepare for QAT: every Linear/Conv1D is listed in "
+                         "`modules_to_not_convert` or tied")
+    bit_widths = search_bit_widths(selected, config, progress=False) if config.bit_allocation else {}
+    for name, module in selected:
+        in_f, out_f, source = _shape_of(module)
+        spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bit_widths.get(name))
+        chosen.append((name, module, spec))
+    return chosen
+
+
+def prepare_qat(model: nn.Module, config: SplitQuantConfig, in_place: bool = True,
+                kmeans_refresh_every: int | None = 100, ste: str = "identity",
+                lsq_grad_scale: bool = True) -> nn.Module:
+    """Swap the layers ``config`` selects for :class:`FakeQuantLinear` and return the model.
+
+    Works on a float model and on a packed one (its packed layers are dequantized first and keep
+    their specs, e.g. MixQuant's per-layer bits). Which layers and specs: ``config.layers`` if set,
+    else the packed model's layers, else the layers ``config`` selects (``bit_allocation`` runs on
+    the float weights for per-layer bits). ``config`` is updated in place: ``qat=True`` and
+    ``layers`` filled; the model is marked as quantized with it, so the stock ``Trainer`` accepts it
+    (``is_qat_trainable``) and ``save_pretrained`` records it.
+
+    Args:
+        model: a transformers model (or any module with Linear / Conv1D layers).
+        config: the quantization to train for (bits, groups, transform, ``qat_learn_scales``).
+        in_place: modify ``model`` (default) or a deep copy of it.
+        kmeans_refresh_every / ste / lsq_grad_scale: see :class:`FakeQuantLinear`.
+    """
+    if not isinstance(config, SplitQuantConfig):
+        raise ValueError(f"`config` must be a SplitQuantConfig, got {type(config).__name__}")
+    if config.rounding is not None:
+        raise ValueError("`rounding` optimises codes after training; it cannot be combined with QAT")
+    if any(True for _ in iter_fake_quant_modules(model)):
+        raise ValueError("this model is already prepared for QAT (it has FakeQuantLinear layers)")
+    if not in_place:
+        model = copy.deepcopy(model)
+    if not config.qat:
+        logger.info("prepare_qat: setting `qat=True` on the config")
+        config.qat = True
+    packed_specs = {name: module.spec for name, module in iter_packed_modules(model)}
+    if packed_specs:
+        logger.info(f"prepare_qat: dequantizing {len(packed_specs)} packed layers before QAT")
+        dequantize_model(model)
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module, spec in _layer_specs(model, config, packed_specs):
+        weight = module.weight.detach()
+        if not _float_weight(module).isfinite().all():
+            raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot prepare it for QAT")
+        new = FakeQuantLinear(spec, weight, module.bias.detach() if module.bias is not None else None,
+                              seed=config.seed, learn_scales=config.qat_learn_scales,
+                              kmeans_refresh_every=kmeans_refresh_every, ste=ste,
+                              lsq_grad_scale=lsq_grad_scale).to(weight.device)
+        _set_module(model, name, new)
+        layers[normalise_name(model, name)] = spec.to_dict()
+    config.layers = layers
+    attach_quantizer(model, config)
+    return model
+
+
+def _model_config(model: nn.Module) -> SplitQuantConfig | None:
+    quantizer = getattr(model, "hf_quantizer", None)
+    config = getattr(quantizer, "quantization_config", None)
+    if isinstance(config, SplitQuantConfig):
+        return config
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    return config if isinstance(config, SplitQuantConfig) else None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Pack every :class:`FakeQuantLinear` into a :class:`PackedLinear` holding the same codes.
+
+    The packed layers compute what the fake-quant layers computed (the same grid and codes), and the
+    model's quantization config is flipped to ``qat=False`` with the per-layer map, so
+    ``save_pretrained`` writes the packed format and plain ``from_pretrained`` reloads it. Call it
+    after training (or let ``QATCallback(freeze_on_train_end=True)`` do it).
+    """
+    modules = list(iter_fake_quant_modules(model))
+    if not modules:
+        raise ValueError("freeze: the model has no FakeQuantLinear layer; call prepare_qat (or load with "
+                         "SplitQuantConfig(qat=True)) and train first")
+    old = _model_config(model)
+    config = SplitQuantConfig.from_dict(old.to_dict()) if old is not None else SplitQuantConfig()
+    layers = dict(config.layers or {})
+    for name, module in modules:
+        _set_module(model, name, module.to_packed())
+        layers[normalise_name(model, name)] = module.spec.to_dict()
+    config.qat = False
+    config.qat_learn_scales = False
+    config.layers = layers
+    attach_quantizer(model, config)
+    return model
+
+
+def unprepare_qat(model: nn.Module) -> nn.Module:
+    """Replace every :class:`FakeQuantLinear` by its float module (current float weights, not
+    quantized) and drop the quantization marks: back to a plain float model."""
+    modules = list(iter_fake_quant_modules(model))
+    if not modules:
+        raise ValueError("unprepare_qat: the model has no FakeQuantLinear layer")
+    for name, module in modules:
+        _set_module(model, name, module.to_float())
+    for attribute in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    model.is_quantized = False
+    if hasattr(getattr(model, "config", None), "quantization_config"):
+        del model.config.quantization_config
+    return model

@@ -1,0 +1,384 @@
+"""Model cards and Hub pushes, offline: a real HTTP server on 127.0.0.1 plays the Hub.
+
+:class:`FakeHub` answers the endpoints that huggingface_hub 2.4 and transformers 5.23 call to
+create a repo, upload a folder (preupload in ``regular`` mode, NDJSON commit with base64 files),
+validate a card's YAML and read files back (``HEAD``/``GET .../resolve/...``, repo info). Uploaded
+files land in a temporary folder, one sub-folder per repo.
+
+huggingface_hub reads ``HF_ENDPOINT`` and ``HF_TOKEN`` when it is imported, so every push runs in
+a subprocess whose environment points at the server (this test process keeps ``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import torch
+from conftest import model_output, tiny_llama
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+
+import hf_splitquant
+from hf_splitquant.integrations import hub
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_fake_token_for_tests"
+_REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+
+
+class FakeHub:
+    """A minimal Hub on 127.0.0.1 (port chosen by the OS), storing files under ``root/<org>/<name>``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
+        self.commits: dict[str, list[str]] = {}  # repo -> commit oids
+        self._lock = threading.Lock()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep pytest output clean
+                pass
+
+            def do_POST(self) -> None:
+                hub._dispatch(self, "POST")
+
+            def do_GET(self) -> None:
+                hub._dispatch(self, "GET")
+
+            def do_HEAD(self) -> None:
+                hub._dispatch(self, "HEAD")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def repo_dir(self, repo: str) -> Path:
+        return self.root / repo
+
+    @staticmethod
+    def _blob_oid(data: bytes) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    def _head_commit(self, repo: str) -> str:
+        return (self.commits.get(repo) or ["0" * 40])[-1]
+
+    @staticmethod
+    def _reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict | None = None,
+               head: bool = False) -> None:
+        handler.send_response(status)
+        for key, value in (headers or {}).items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if not head:
+            handler.wfile.write(body)
+
+    def _json(self, handler: BaseHTTPRequestHandler, status: int, payload: object, head: bool = False,
+              headers: dict | None = None) -> None:
+        self._reply(handler, status, json.dumps(payload).encode(),
+                    {"Content-Type": "application/json", **(headers or {})}, head)
+
+    def _not_found(self, handler: BaseHTTPRequestHandler, code: str, head: bool) -> None:
+        self._json(handler, 404, {"error": code}, head, {"X-Error-Code": code, "X-Error-Message": code})
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def _dispatch(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        path = unquote(urlsplit(handler.path).path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        with self._lock:
+            self.requests.append((method, path, handler.headers.get("Authorization")))
+            head = method == "HEAD"
+            if method == "POST" and path == "/api/repos/create":
+                return self._create_repo(handler, json.loads(body))
+            if method == "POST" and path == "/api/validate-yaml":
+                return self._json(handler, 200, {"errors": [], "warnings": []})
+            match = re.fullmatch(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", path)
+            if method == "POST" and match:
+                return self._preupload(handler, match["repo"], json.loads(body))
+            match = re.fullmatch(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", path)
+            if method == "POST" and match:
+                return self._commit(handler, match["repo"], body)
+            match = re.fullmatch(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?", path)
+            if method in ("GET", "HEAD") and match:
+                return self._repo_info(handler, match["repo"], head)
+            match = re.fullmatch(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+            if method in ("GET", "HEAD") and match:
+                return self._resolve(handler, match["repo"], match["file"], head)
+            return self._json(handler, 404, {"error": f"fake hub: no route for {method} {path}"}, head)
+
+    def _create_repo(self, handler: BaseHTTPRequestHandler, payload: dict) -> None:
+        repo = f"{payload['organization']}/{payload['name']}"
+        if self.repo_dir(repo).exists():
+            return self._json(handler, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo}"})
+        self.repo_dir(repo).mkdir(parents=True)
+        self.commits[repo] = []
+        return self._json(handler, 200, {"url": f"{self.url}/{repo}", "name": repo})
+
+    def _preupload(self, handler: BaseHTTPRequestHandler, repo: str, payload: dict) -> None:
+        if not self.repo_dir(repo).is_dir():
+            return self._not_found(handler, "RepoNotFound", False)
+        files = []
+        for item in payload["files"]:
+            stored = self.repo_dir(repo) / item["path"]
+            oid = self._blob_oid(stored.read_bytes()) if stored.is_file() else None
+            files.append({"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
+        return self._json(handler, 200, {"files": files, "commitOid": self._head_commit(repo)})
+
+    def _commit(self, handler: BaseHTTPRequestHandler, repo: str, body: bytes) -> None:
+        if not self.repo_dir(repo).is_dir():
+            return self._not_found(handler, "RepoNotFound", False)
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0]["key"] != "header":
+            return self._json(handler, 400, {"error": "commit must start with a header line"})
+        for line in lines[1:]:
+            if line["key"] != "file" or line["value"].get("encoding") != "base64":
+                return self._json(handler, 400, {"error": f"fake hub accepts only base64 files, got {line['key']}"})
+            target = self.repo_dir(repo) / line["value"]["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(line["value"]["content"]))
+        oid = hashlib.sha1(body + str(len(self.commits[repo])).encode()).hexdigest()
+        self.commits[repo].append(oid)
+        return self._json(handler, 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid,
+                                         "success": True})
+
+    def _repo_info(self, handler: BaseHTTPRequestHandler, repo: str, head: bool) -> None:
+        folder = self.repo_dir(repo)
+        if not folder.is_dir():
+            return self._not_found(handler, "RepoNotFound", head)
+        siblings = [{"rfilename": p.relative_to(folder).as_posix()} for p in sorted(folder.rglob("*")) if p.is_file()]
+        return self._json(handler, 200, {"id": repo, "modelId": repo, "sha": self._head_commit(repo),
+                                         "private": False, "siblings": siblings, "tags": []}, head)
+
+    def _resolve(self, handler: BaseHTTPRequestHandler, repo: str, file: str, head: bool) -> None:
+        folder = self.repo_dir(repo)
+        if not folder.is_dir():
+            return self._not_found(handler, "RepoNotFound", head)
+        target = folder / file
+        if not target.is_file():
+            return self._not_found(handler, "EntryNotFound", head)
+        data = target.read_bytes()
+        headers = {"ETag": f'"{self._blob_oid(data)}"', "X-Repo-Commit": self._head_commit(repo),
+                   "Content-Type": "application/octet-stream"}
+        return self._reply(handler, 200, data, headers, head)
+
+
+def hub_env(hub_server: FakeHub, home: Path) -> dict[str, str]:
+    """Environment of a subprocess that talks to ``hub_server`` instead of huggingface.co."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    env.update({
+        "HF_ENDPOINT": hub_server.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_PROXY": "127.0.0.1,localhost",
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT / "tests"),
+    })
+    return env
+
+
+def run_python(code: str, env: dict[str, str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+    return result
+
+
+def quantized_tiny_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    return hf_splitquant.quantize(model, hf_splitquant.SplitQuantConfig(bits=3, group_size=16, transform="splitquant"),
+                                  progress=False)
+
+
+EVAL = {"task": "perplexity", "dataset": "a test text", "metrics": {"perplexity": 12.5, "top1_agreement": 0.75},
+        "reference_metrics": {"perplexity": 11.25}}
+
+PUSH_SCRIPT = """
+    import json, sys, torch
+    import hf_splitquant
+    from hf_splitquant.integrations.hub import push_to_hub
+    from test_hub import quantized_tiny_llama, EVAL
+    from conftest import model_output
+
+    model = quantized_tiny_llama()
+    ids = torch.randint(3, 120, (2, 11), generator=torch.Generator().manual_seed(1))
+    torch.save({"input_ids": ids, "logits": model_output(model, ids)}, sys.argv[1] if len(sys.argv) > 1 else "ref.pt")
+    # 1. our push: checkpoint + generated card
+    info = push_to_hub(model, "tester/tiny-llama-sq3", base_model="HuggingFaceTB/SmolLM2-135M", eval_results=EVAL)
+    # 2. transformers' own push to a new repo: carries our tags (push_to_hub above called tag_model)
+    model.push_to_hub("tester/tiny-llama-sq3-transformers")
+    # 3. transformers' push to the repo that holds our card: it keeps the card
+    model.push_to_hub("tester/tiny-llama-sq3", commit_message="second push")
+    # 4. from_pretrained over HTTP from the fake Hub
+    from transformers import AutoModelForCausalLM
+    again = AutoModelForCausalLM.from_pretrained("tester/tiny-llama-sq3")
+    same = torch.equal(model_output(again, ids), model_output(model, ids))
+    print(json.dumps({"commit_url": info.commit_url, "http_reload_equal": same}))
+"""
+
+
+@pytest.fixture(scope="module")
+def pushed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run the pushes once in a subprocess against a fresh fake Hub."""
+    root = tmp_path_factory.mktemp("fakehub")
+    work = tmp_path_factory.mktemp("push")
+    with FakeHub(root / "storage") as server:
+        result = run_python(PUSH_SCRIPT.replace('"ref.pt"', repr(str(work / "ref.pt"))), hub_env(server, work / "hf"),
+                            work)
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        return {"hub": server, "summary": summary, "ref": torch.load(work / "ref.pt"), "storage": root / "storage"}
+
+
+def test_push_then_reload_bit_exact(pushed: dict) -> None:
+    folder = pushed["storage"] / "tester" / "tiny-llama-sq3"
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, hf_splitquant.PackedLinear)
+    assert torch.equal(model_output(reloaded, pushed["ref"]["input_ids"]), pushed["ref"]["logits"])
+    assert pushed["summary"]["http_reload_equal"] is True  # from_pretrained("tester/...") through the server
+
+
+def test_push_sends_token_and_expected_endpoints(pushed: dict) -> None:
+    requests = pushed["hub"].requests
+    writes = [r for r in requests if r[0] == "POST"]
+    assert writes and all(auth == f"Bearer {TOKEN}" for _, _, auth in writes)
+    paths = {path for _, path, _ in writes}
+    assert "/api/repos/create" in paths
+    assert "/api/models/tester/tiny-llama-sq3/preupload/main" in paths
+    assert "/api/models/tester/tiny-llama-sq3/commit/main" in paths
+    assert "/api/validate-yaml" in paths  # transformers' create_commit validates the README metadata
+    assert len(pushed["hub"].commits["tester/tiny-llama-sq3"]) >= 1
+    reads = {(method, path) for method, path, _ in requests}
+    # transformers' push looks for a card on the Hub: none on the new repo, ours on the repo we pushed to
+    assert ("HEAD", "/tester/tiny-llama-sq3-transformers/resolve/main/README.md") in reads
+    assert ("GET", "/tester/tiny-llama-sq3/resolve/main/README.md") in reads
+
+
+def test_pushed_card_metadata(pushed: dict) -> None:
+    card = ModelCard.load(pushed["storage"] / "tester" / "tiny-llama-sq3" / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert data["base_model_relation"] == "quantized"
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "text-generation"
+    assert {"splitquant", "hf-splitquant", "int3"} <= set(data["tags"])
+    # the body: quantization table, per-layer summary, evaluation, how to load (transformers kept it on push 3)
+    assert "| splitquant | 3 | 16 | 14 |" in card.text
+    assert "| perplexity | 12.5000 | 11.2500 |" in card.text
+    assert "pip install hf-splitquant" in card.text and "import hf_splitquant" in card.text
+    assert 'from_pretrained("tester/tiny-llama-sq3")' in card.text
+
+
+def test_transformers_push_carries_tags_not_body(pushed: dict) -> None:
+    folder = pushed["storage"] / "tester" / "tiny-llama-sq3-transformers"
+    card = ModelCard.load(folder / "README.md")
+    assert {"splitquant", "int3"} <= set(card.data.tags)
+    assert card.data.library_name == "transformers"
+    assert "Per-layer bits" not in card.text  # transformers writes its generic template body
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert torch.equal(model_output(reloaded, pushed["ref"]["input_ids"]), pushed["ref"]["logits"])
+
+
+def test_cli_quantize_push_to_hub(tmp_path: Path, float_checkpoints: dict[str, str]) -> None:
+    with FakeHub(tmp_path / "storage") as server:
+        env = hub_env(server, tmp_path / "hf")
+        cli = Path(sys.executable).with_name("hf-splitquant")
+        result = subprocess.run(
+            [str(cli), "quantize", float_checkpoints["gpt2"], "-o", str(tmp_path / "out"), "--bits", "4",
+             "--group-size", "16", "--push-to-hub", "tester/cli-gpt2", "--base-model", "openai-community/gpt2"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "tester/cli-gpt2" in result.stdout
+    folder = tmp_path / "storage" / "tester" / "cli-gpt2"
+    local = tmp_path / "out"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in local.iterdir())
+    for name in ("model.safetensors", "config.json", "README.md"):
+        assert (folder / name).read_bytes() == (local / name).read_bytes()
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "openai-community/gpt2" and "int4" in card.data.tags and "rtn" in card.data.tags
+    ids = torch.randint(3, 120, (2, 9), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model_output(AutoModelForCausalLM.from_pretrained(folder), ids),
+                       model_output(AutoModelForCausalLM.from_pretrained(local), ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# Cards without a server
+# ------------------------------------------------------------------------------------------------
+
+
+def test_card_template_copies_are_identical() -> None:
+    assert hub.template_path().read_bytes() == (REPO_ROOT / "model_cards" / "splitquant_model_card.md").read_bytes()
+
+
+def test_card_tags_and_mixed_bits() -> None:
+    model = quantized_tiny_llama()
+    tags = hub.model_card_tags(model)
+    assert tags[:2] == ["splitquant", "hf-splitquant"] and "int3" in tags and "int4" not in tags
+    rtn = hf_splitquant.quantize(tiny_llama().eval(), hf_splitquant.SplitQuantConfig(bits=2, group_size=32),
+                                 progress=False)
+    assert {"rtn", "int2"} <= set(hub.model_card_tags(rtn))
+    card = hub.build_model_card(rtn, base_model=None)
+    assert card.data.base_model is None and card.data.to_dict().get("base_model_relation") is None
+    assert "| rtn | 2 | 32 | 14 |" in card.text
+    assert "integer zero points" in card.text and "per-cluster" not in card.text
+    assert "per-cluster min-max" in hub.build_model_card(model).text
+
+
+def test_card_parses_and_reports_bits(tmp_path: Path) -> None:
+    model = quantized_tiny_llama()
+    report = hf_splitquant.quantization_report(model)
+    folder = hub.save_with_card(model, tmp_path / "ckpt", base_model="org/base", eval_results=[EVAL, {"accuracy": 0.5}])
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "org/base" and card.data.to_dict()["base_model_relation"] == "quantized"
+    assert f"{report.bits_per_weight:.3f} bits per quantized weight" in card.text
+    assert "| accuracy | 0.5000 |" in card.text
+    assert "safetensors on disk" in card.text
+    assert "splitquant" in model.model_tags  # transformers' push_to_hub picks these up
+    # the same card from the folder alone (config.json, no weights loaded)
+    card2 = hub.build_model_card(folder, base_model="org/base")
+    assert card2.data.tags == card.data.tags
+    assert f"{report.bits_per_weight:.3f} bits per quantized weight" in card2.text
+
+
+def test_save_with_card_is_atomic(tmp_path: Path) -> None:
+    model = quantized_tiny_llama()
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    with pytest.raises(FileExistsError):
+        hub.save_with_card(model, target)
+    with pytest.raises(TypeError):  # a bad eval_results entry fails inside the save: nothing changes
+        hub.save_with_card(model, target, eval_results=[1], overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_card_refuses_float_model() -> None:
+    with pytest.raises(ValueError, match="no hf_splitquant packed layers"):
+        hub.build_model_card(tiny_llama())
