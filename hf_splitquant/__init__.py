@@ -57,6 +57,9 @@ _LAZY_EXPORTS = {
     "R2LossCallback": "hf_splitquant.integrations.trainer",
     "QATCallback": "hf_splitquant.integrations.trainer",
     "FakeQuantLinear": "hf_splitquant.nn.fake_quant",
+    "push_to_hub": "hf_splitquant.integrations.hub",
+    "build_model_card": "hf_splitquant.integrations.hub",
+    "save_with_card": "hf_splitquant.integrations.hub",
 }
 
 
@@ -71,6 +74,9 @@ def __getattr__(name: str):  # noqa: ANN202
 __all__ = [
     "FORMAT_VERSION",
     "FakeQuantLinear",
+    "build_model_card",
+    "push_to_hub",
+    "save_with_card",
     "QATCallback",
     "R2LossCallback",
     "R2Regularizer",

@@ -351,6 +351,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
             if self.pre_quantized:
                 check_values(name, module.spec, tensors)
         model.config.quantization_config = self.quantization_config
+        _tag(model)
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
@@ -416,12 +417,21 @@ def register() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _tag(model: nn.Module) -> None:
+    """Hub tags (splitquant, the method, intN) so transformers' own push_to_hub carries them."""
+    if any(True for _ in iter_packed_modules(model)):
+        from .hub import tag_model
+
+        tag_model(model)
+
+
 def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:
     """Mark ``model`` as quantized with ``config`` so ``save_pretrained`` writes the packed format."""
     quantizer = SplitQuantHfQuantizer(config, pre_quantized=True)
     model.hf_quantizer = quantizer
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    _tag(model)
     if hasattr(model, "config"):
         model.config.quantization_config = config
         for module in model.modules():
