@@ -417,7 +417,7 @@ def own_cpu_seconds() -> float:
 
 
 def memory_selection(mode: str, configs: list[tuple[str, int, int | None]]) -> list[tuple[str, int, int | None]]:
-    """The configurations that get a peak-memory subprocess (the float load is measured whenever any is)."""
+    """The configurations that get a peak-memory subprocess (the float load too, except with --quick)."""
     if mode == "all":
         return list(configs)
     if mode == "subset":
@@ -440,12 +440,13 @@ def bench_model(info: ModelInfo, args: argparse.Namespace) -> dict[str, Any]:
     memory: dict[tuple[str, int, int | None], dict[str, Any]] = {}
     float_memory = None
     selected = memory_selection(args.memory, configs)
-    if selected:
+    if selected and args.memory != "quick":  # --quick skips the float child (each child costs ~7 s of imports)
         log("   memory: float load")
         float_memory = run_memory_child(info.key, FLOAT, None, None, args.threads)
-        for transform, bits, group in selected:
-            log(f"   memory: {transform} int{bits} g{group_label(group)}")
-            memory[(transform, bits, group)] = mem = run_memory_child(info.key, transform, bits, group, args.threads)
+    for transform, bits, group in selected:
+        log(f"   memory: {transform} int{bits} g{group_label(group)}")
+        memory[(transform, bits, group)] = mem = run_memory_child(info.key, transform, bits, group, args.threads)
+        if float_memory is not None:
             add_memory_ratios(mem, float_memory)
 
     evaluator = Evaluator(info, args)
@@ -668,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="inputs per group; 'none' = per output channel (default: none 128 64)")
     parser.add_argument("--transforms", nargs="+", default=["rtn", "splitquant"], choices=["rtn", "splitquant"])
     parser.add_argument("--quick", action="store_true",
-                        help="CI smoke run: minilm only, 32 sentences, bits 2 4, group 64, memory of float + "
+                        help="CI smoke run (< 60 s): minilm only, 32 sentences, bits 2 4, group 64, peak memory of "
                              "the first configuration only")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"JSON file for the raw numbers (default {DEFAULT_OUTPUT.relative_to(HERE.parent)}; "
