@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="RTN vs Attention Round (vs coding-length allocation) on SmolLM2-135M")
     parser.add_argument("--quick", action="store_true", help="smoke run: INT3 only, tiny data, 2 steps")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--methods", nargs="+", choices=["rtn", "ar", "rtn+cl", "ar+cl"],
+                        default=["rtn", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--cal-samples", type=int, default=8, help="calibration blocks (default 8)")
     parser.add_argument("--cal-len", type=int, default=256, help="tokens per calibration block (default 256)")
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(RESULT_MARKER + json.dumps(run_one(json.loads(args.child))), flush=True)
         return 0
+    if any(m.endswith("+cl") for m in args.methods) and "rtn" not in args.methods:
+        parser.error("the +cl variants take the bits per weight of the rtn variant: keep rtn in --methods")
     if args.quick:
         args.bits, args.cal_samples, args.cal_len, args.iterations = [3], 2, 64, 2
         args.eval_blocks, args.eval_len = 1, 128
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"float: perplexity {rows[0]['perplexity']:.3f}")
     for bits in args.bits:
         uniform_bpw = None
-        for variant in ["rtn", "ar"] + (["rtn+cl", "ar+cl"] if bits > 2 else []):
+        for variant in [m for m in args.methods if bits > 2 or not m.endswith("+cl")]:
             row = run_child({**common, "method": variant, "bits": bits, "target_bits": uniform_bpw})
             if variant == "rtn":
                 uniform_bpw = row["bits_per_weight"]

@@ -6,11 +6,11 @@ across processes, so the packed checkpoint is bit-identical to a one-process run
 
 Launch (2 CPU processes, gloo)::
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 torchrun --nproc_per_node 2 examples/calibrate_multiprocess.py \\
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node 2 examples/calibrate_multiprocess.py \\
         --output out/smollm2-ar-int3 --bits 3
 
     # seconds-long check on a tiny Llama (SmolLM2's tokenizer, random weights)
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 torchrun --nproc_per_node 2 examples/calibrate_multiprocess.py \\
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 torchrun --standalone --nproc_per_node 2 examples/calibrate_multiprocess.py \\
         --smoke --output out/smoke-ar
 
 (``accelerate launch --cpu --num_processes 2`` silently starts one process; use ``torchrun``.) Without

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ocs-expand-ratio", type=float, default=0.02, help="OCS: fraction of input channels duplicated")
     q.add_argument("--ocs-split", choices=["qa", "naive"], default="qa", help="OCS: quantization-aware or plain halves")
     q.add_argument("--clip", choices=["mse"], default=None, help="search each group's clipping range (RTN, OCS)")
-    q.add_argument("--bit-allocation", choices=["mixquant"], default=None, help="per-layer bit widths (MixQuant)")
+    q.add_argument("--bit-allocation", choices=["mixquant", "coding_length"], default=None, help="per-layer bit widths (MixQuant)")
     q.add_argument("--target-bits", type=float, default=None,
                    help="with --bit-allocation: average bits per weight, overheads included")
     q.add_argument("--mixquant-qem", type=float, default=300.0, help="MixQuant error multiplier (no --target-bits)")
