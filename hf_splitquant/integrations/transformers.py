@@ -441,39 +441,44 @@ def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:
 
 def search_bit_widths(selected: list[tuple[str, nn.Module]], config: SplitQuantConfig,
                       progress: bool = True) -> dict[str, int]:
-    """Per-layer bit widths by MixQuant (``config.bit_allocation == "mixquant"``), keyed by module name."""
+    """Per-layer bit widths for ``config.bit_allocation`` (MixQuant or coding length), by module name."""
     from ..methods.mixquant import allocate_by_budget, allocate_by_qem, roundoff_error, spec_bits
 
-    widths = sorted(set(config.mixquant_candidates) | {config.mixquant_reference_bits})
+    # Round-off errors are only needed by MixQuant; coding length needs only the stored costs.
+    measure = config.bit_allocation == "mixquant"
+    widths = sorted(set(config.mixquant_candidates) | ({config.mixquant_reference_bits} if measure else set()))
     errors: dict[str, dict[int, float]] = {}
+    relative: dict[str, dict[int, float]] = {}
     reference: dict[str, float] = {}
     costs: dict[str, dict[int, int]] = {}
     sizes: dict[str, int] = {}
-    for name, module in tqdm(selected, desc="MixQuant bit search", unit="layer", disable=not progress or not logging.is_progress_bar_enabled()):
+    for name, module in tqdm(selected, desc="Bit-width search", unit="layer",
+                             disable=not progress or not logging.is_progress_bar_enabled()):
         in_f, out_f, source = _shape_of(module)
         weight = _float_weight(module).float()
         if not torch.isfinite(weight).all():
             raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
+        sizes[name] = in_f * out_f
         cache: dict = {}
         by_bits = {}
         for bits in widths:
             spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bits)
-            by_bits[bits] = roundoff_error(weight, spec, config.mixquant_error, config.seed, cache)
             if bits in config.mixquant_candidates:
                 costs.setdefault(name, {})[bits] = spec_bits(spec)
-        reference[name] = by_bits[config.mixquant_reference_bits]
-        errors[name] = {b: e for b, e in by_bits.items() if b in config.mixquant_candidates}
-        sizes[name] = in_f * out_f
-        scale = float(weight.pow(2).mean() if config.mixquant_error == "mse" else weight.abs().mean())
-        errors[name + "\0relative"] = {b: e / max(scale, 1e-30) for b, e in errors[name].items()}
+            if measure:
+                by_bits[bits] = roundoff_error(weight, spec, config.mixquant_error, config.seed, cache)
+        if measure:
+            reference[name] = by_bits[config.mixquant_reference_bits]
+            errors[name] = {b: e for b, e in by_bits.items() if b in config.mixquant_candidates}
+            scale = float(weight.pow(2).mean() if config.mixquant_error == "mse" else weight.abs().mean())
+            relative[name] = {b: e / max(scale, 1e-30) for b, e in errors[name].items()}
     if config.bit_allocation == "coding_length":
         from ..methods.coding_length import allocate_by_coding_length
 
         weights = {name: _float_weight(module) for name, module in selected}
         return allocate_by_coding_length(weights, costs, sizes, config.target_bits, config.coding_length_eps)
     if config.target_bits is None:
-        return allocate_by_qem({n: errors[n] for n in reference}, reference, config.mixquant_qem)
-    relative = {n: errors[n + "\0relative"] for n in reference}
+        return allocate_by_qem(errors, reference, config.mixquant_qem)
     return allocate_by_budget(relative, costs, sizes, config.target_bits)
 
 
