@@ -27,34 +27,46 @@ def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
         layer.kernel_mode = None
 
 
+FAST_CASES = [(t, b) for t in ("rtn", "ocs") for b in (2, 3, 4, 5, 8)] + [("splitquant", b) for b in (2, 3, 4)]
+SHAPES = {"rtn": [(96, 128), (100, 200)], "ocs": [(80, 160)], "splitquant": [(100, 200)]}
+
+
 @pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")
-@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 32, 64, 128])
-@pytest.mark.parametrize(("transform", "shape"), [("rtn", (96, 128)), ("rtn", (100, 200)), ("ocs", (80, 160))])
-def test_int4_path_matches_reference(bits, group_size, transform, shape):
+@pytest.mark.parametrize(("transform", "bits", "shape"), [(t, b, s) for t, b in FAST_CASES for s in SHAPES[t]])
+def test_int4_path_matches_reference(transform, bits, shape, group_size):
     out_f, in_f = shape
-    spec = LayerSpec(in_f, out_f, bits, group_size, symmetric=bits == 3, transform=transform, ocs_expand_ratio=0.05)
+    spec = LayerSpec(in_f, out_f, bits, group_size, symmetric=bits == 3, transform=transform, ocs_expand_ratio=0.05,
+                     splitquant_range="part" if bits == 4 else "cluster")
     layer = _layer(spec)
-    x = torch.randn(3, 5, in_f).to(torch.bfloat16)
-    assert layer.kernel_for(x[:, :1]) == "int4"
+    tokens = min(5, kernels.int4_max_tokens(spec))
+    x = torch.randn(1, tokens, in_f).to(torch.bfloat16)
+    assert layer.kernel_for(x) == "int4"
     with torch.no_grad():
-        fast = layer(x[:, :3])  # 9 tokens: int4 kernel
-        ref = _reference(layer, x[:, :3])
-    assert fast.dtype == torch.bfloat16 and fast.shape == (3, 3, out_f)
-    # bf16 activations, scales and output: about 3 significant digits
+        fast = layer(x[:, :tokens])  # int4 terms
+        ref = _reference(layer, x[:, :tokens])
+    assert len(layer._int4.terms) == kernels.int4_terms(spec)
+    assert fast.dtype == torch.bfloat16 and fast.shape == (1, tokens, out_f)
+    # bf16 activations, grid parameters and output: about 3 significant digits
     assert torch.allclose(fast.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 def test_dispatcher_paths_and_fallbacks():
     rtn4 = _layer(LayerSpec(64, 32, 4, 32))
     split = _layer(LayerSpec(64, 32, 2, 32, transform="splitquant"))
+    split5 = _layer(LayerSpec(64, 32, 5, 32, transform="splitquant"))
     odd_group = _layer(LayerSpec(64, 32, 4, 16))
     eight = _layer(LayerSpec(64, 32, 8, 32))
     one = torch.randn(1, 64)
     assert rtn4.kernel_for(one) == "reference"  # float32 input: exact reference by default
     assert rtn4.kernel_for(one.bfloat16()) == "int4"
     assert rtn4.kernel_for(torch.randn(64, 64).bfloat16()) == "dequant-bf16"  # many tokens
-    for layer in (split, odd_group, eight):
+    # multi-term layouts hand over to dequantize + bf16 matmul at fewer tokens
+    assert split.kernel_for(one.bfloat16()) == eight.kernel_for(one.bfloat16()) == "int4"
+    tokens = kernels.int4_max_tokens(split.spec) + 1
+    assert tokens <= kernels.INT4_MAX_TOKENS
+    assert split.kernel_for(torch.randn(tokens, 64).bfloat16()) == "dequant-bf16"
+    for layer in (split5, odd_group):
         assert layer.kernel_for(one.bfloat16()) == "dequant-bf16"
         assert kernels.int4_reason(layer.spec, one.device) is not None
     kernels.set_kernel_mode("fast")
@@ -102,3 +114,25 @@ def test_bf16_model_uses_fast_paths_and_stays_close(float_checkpoints, tmp_path,
     with torch.no_grad():
         generated = bf16.generate(input_ids[:1, :4], max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
+
+
+def test_casting_a_packed_model_keeps_its_stored_grid():
+    layer = _layer(LayerSpec(64, 32, 4, 32))
+    before = {k: v.clone() for k, v in layer.packed_tensors().items()}
+    layer.to(torch.bfloat16)
+    assert layer.bias.dtype == torch.bfloat16
+    for name, tensor in layer.packed_tensors().items():
+        assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name])
+
+
+def test_torch_compile_runs_packed_model_without_graph_breaks(float_checkpoints, input_ids):
+    config = SplitQuantConfig(bits=4, group_size=32)
+    model = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"], quantization_config=config,
+                                                 dtype=torch.bfloat16).eval()
+    ids = input_ids[:1, :3]
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits.float()
+        explained = torch._dynamo.explain(model)(input_ids=ids)
+        compiled = torch.compile(model)(input_ids=ids).logits.float()
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert torch.allclose(compiled, eager, atol=0.02 * eager.abs().max().item())

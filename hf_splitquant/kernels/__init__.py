@@ -2,14 +2,27 @@
 
 * ``"reference"``: dequantize the packed weight to the input's dtype and call ``F.linear``. Exact
   with respect to the stored format; the fallback for everything.
-* ``"int4"`` (CPU): torch's int4 kernel ``aten._weight_int4pack_mm_for_cpu``. Any RTN or OCS layer
-  of 2, 3 or 4 bits fits its grid exactly (codes ``0..2^b-1`` are int4 codes, our integer zero
-  point becomes the kernel's float zero ``(8 - zero) * scale``), so int2 and int3 stay compact on
-  disk and run on the int4 kernel. The converted layout is built once per layer and cached (it
-  is not part of the state dict). It computes in bfloat16 (activations, scales and output), which
-  is its documented rounding; fp32 inputs are cast.
-* For many tokens per call (``tokens > INT4_MAX_TOKENS``) the int4 kernel is slower than a bf16
-  matmul, so ``"auto"`` dequantizes once per call to bf16 and uses the bf16 matmul.
+* ``"int4"`` (CPU): torch's int4 kernel ``aten._weight_int4pack_mm_for_cpu``, which computes
+  ``x @ ((q - 8) * scale + zero)^T`` for codes ``q`` in 0..15 with one bf16 (scale, zero) per row
+  and kernel group. A layer becomes one or more such *terms* whose outputs add up to its output,
+  exactly (each weight is represented exactly, given bf16 grid parameters):
+
+  - RTN / OCS, 2-4 bits: one term. Codes ``0..2^b-1`` are int4 codes, shifted so the kernel's
+    zero (code 8) is our integer zero point (or ``zero = (8 - zero_point) * scale`` when a 4-bit
+    group does not allow the shift), so int2 and int3 stay compact on disk and run as fast as int4.
+  - RTN / OCS, 5-8 bits: two terms, the high and the low nibble of the code offset (``16 * scale``
+    and ``scale``), so int8 runs at about twice the int4 cost instead of dequantizing per call.
+  - SplitQuant, 2-4 bits: six terms. The clusters partition the weights, so per cluster one term
+    holds its codes (other weights at the kernel's zero) and one holds its grid offset as a 0/1
+    mask: cheaper than a dense per-call dequantize of three grids.
+  - OCS gathers the duplicated input features before the call (``[x, x[..., index]]``).
+
+  The terms are built once per layer and cached (not part of the state dict; reset on ``.to()``
+  and ``load_state_dict``). They compute in bfloat16 (activations, scales and output; several
+  terms are summed in float32), which is the kernel's documented rounding; fp32 inputs are cast.
+* For many tokens per call (more than ``INT4_MAX_TOKENS`` divided by the number of terms) the
+  kernel is slower than a bf16 matmul, so ``"auto"`` dequantizes once per call to bf16 and uses
+  the bf16 matmul (``"dequant-bf16"``).
 
 Modes (:func:`set_kernel_mode`, the environment variable ``HF_SPLITQUANT_KERNEL``, or per layer
 ``PackedLinear.kernel_mode``):
@@ -41,6 +54,9 @@ __all__ = [
     "int4_available",
     "int4_reason",
     "Int4Layout",
+    "Int4Term",
+    "int4_terms",
+    "int4_max_tokens",
     "build_int4_layout",
     "int4_linear",
 ]
@@ -64,10 +80,13 @@ def get_kernel_mode() -> str:
     return _mode
 
 
+_INT4_AVAILABLE = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+)
+
+
 def int4_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
-    )
+    return _INT4_AVAILABLE
 
 
 def _kernel_group(spec: LayerSpec) -> int | None:
@@ -76,27 +95,44 @@ def _kernel_group(spec: LayerSpec) -> int | None:
     return spec.group_size if spec.group_size in _KERNEL_GROUPS else None
 
 
+def int4_terms(spec: LayerSpec) -> int:
+    """How many int4-kernel calls one forward of this layer takes (see the module docstring)."""
+    if spec.transform == "splitquant":
+        return 6
+    return 1 if spec.bits <= 4 else 2
+
+
 def int4_reason(spec: LayerSpec, device: torch.device) -> str | None:
     """Why the int4 kernel cannot run this layer, or ``None`` if it can."""
     if device.type != "cpu":
         return f"no int4 kernel for {device.type} here"
     if not int4_available():
         return "this torch has no int4 CPU kernel"
-    if spec.transform not in ("rtn", "ocs"):
-        return f"{spec.transform} uses one grid per cluster, not a single affine grid"
-    if spec.bits > 4:
-        return f"{spec.bits}-bit codes do not fit int4"
+    if spec.transform == "splitquant" and spec.bits > 4:
+        return f"{spec.bits}-bit SplitQuant would take 12 kernel calls; the dequantize path is faster"
     if _kernel_group(spec) is None:
         return f"group size {spec.group_size} is not one of the kernel's {_KERNEL_GROUPS}"
     return None
 
 
+def int4_max_tokens(spec: LayerSpec) -> int:
+    """Above this many tokens per call, dequantize + bf16 matmul beats this layer's int4 terms."""
+    return max(1, INT4_MAX_TOKENS // int4_terms(spec))
+
+
+@dataclass
+class Int4Term:
+    """One call of the int4 kernel: packed codes and their ``[K_pad / group, N_pad, 2]`` bf16 grid."""
+
+    weight: torch.Tensor
+    scales_and_zeros: torch.Tensor
+
+
 @dataclass
 class Int4Layout:
-    """A packed layer converted once into the int4 kernel's layout."""
+    """A packed layer converted once into int4-kernel terms whose outputs sum to the layer's output."""
 
-    weight: torch.Tensor  # kernel-packed uint8
-    scales_and_zeros: torch.Tensor  # [K_pad / group, N_pad, 2] bfloat16
+    terms: list[Int4Term]
     group: int
     in_columns: int  # K: columns of the (OCS-expanded) weight
     padded_columns: int
@@ -104,53 +140,124 @@ class Int4Layout:
     padded_rows: int
     input_index: torch.Tensor | None
 
+    def nbytes(self) -> int:
+        return sum(t.weight.numel() * t.weight.element_size() + t.scales_and_zeros.numel() * 2 for t in self.terms)
 
-def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4Layout:
-    """Convert stored codes and grid parameters into the int4 kernel's layout (exact)."""
-    group = _kernel_group(spec)
-    cols = spec.in_features + spec.num_duplicated
-    rows = spec.out_features
-    codes = unpack_codes(tensors["weight"].reshape(rows, packed_row_bytes(cols, spec.bits)), spec.bits, cols)
-    scale = expand_params(tensors["weight_scale"].float(), cols, spec.group_size)
-    zero = tensors.get("weight_zero")
-    origin = expand_params(zero.float(), cols, spec.group_size) if zero is not None else torch.full_like(
-        scale, float(2 ** (spec.bits - 1)))
-    if spec.bits <= 3 or zero is None:
-        # Shift the codes so the kernel's own zero (code 8) is ours: q - zero + 8 stays in 0..15 and
-        # the float offset is exactly 0 (no bf16 cancellation between (q - 8) * s and the offset).
-        codes = (codes.float() - origin + 8).to(torch.uint8)
-        offset = torch.zeros_like(scale)
-    else:
-        offset = (8.0 - origin) * scale  # kernel: w = (q - 8) * s + offset  ==  (q - zero) * s
+
+def _term(codes: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, group: int, rows: int, cols: int) -> Int4Term:
+    """Pack one term: element ``(r, c)`` is ``(codes - 8) * step + zero``; codes in 0..15, and ``step``
+    and ``zero`` constant over each kernel group (they are read from its first column)."""
     padded_cols = math.ceil(cols / group) * group
     padded_rows = math.ceil(rows / 16) * 16
     q = torch.full((padded_rows, padded_cols), 8, dtype=torch.int32)
     q[:rows, :cols] = codes.to(torch.int32)
-    # Each kernel group takes its parameters from its first column (groups never straddle ours).
     s = torch.zeros(padded_rows, padded_cols)
-    o = torch.zeros(padded_rows, padded_cols)
-    s[:rows, :cols], o[:rows, :cols] = scale, offset
-    sz = torch.stack([s[:, ::group], o[:, ::group]], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    z = torch.zeros(padded_rows, padded_cols)
+    s[:rows, :cols], z[:rows, :cols] = step, zero
+    sz = torch.stack([s[:, ::group], z[:, ::group]], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return Int4Term(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz)
+
+
+def _group_offsets(d: torch.Tensor, group: int, low: int, high: int) -> torch.Tensor:
+    """Per kernel group, the integer ``e`` closest to 0 with ``low <= d - e <= high`` for all its
+    elements (feasible: a group's ``d`` spans at most ``high - low``), repeated over its columns."""
+    rows, cols = d.shape
+    pad = math.ceil(cols / group) * group - cols
+    dg = F.pad(d, (0, pad), value=0.0).reshape(rows, -1, group)
+    e = torch.clamp(dg.amax(-1) - high, min=0) + torch.clamp(dg.amin(-1) - low, max=0)
+    return e.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def _affine_terms(codes: torch.Tensor, scale: torch.Tensor, origin: torch.Tensor, bits: int,
+                  group: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(codes, step, zero) of the terms of ``w = (q - origin) * scale`` (integer ``origin``).
+
+    With ``d = q - origin`` and a per-group integer ``e`` (0 whenever the group allows, which is
+    always the case up to 3 bits and for centred grids), the kernel's zero (code 8) is ours and the
+    only float offset is ``e * scale``: no bf16 cancellation between codes and offsets."""
+    d = codes.float() - origin  # integer, |d| <= 2^bits - 1
+    if bits <= 4:
+        e = _group_offsets(d, group, -8, 7)
+        return [((d - e + 8).to(torch.uint8), scale, e * scale)]
+    # 5..8 bits: d - e = 16 (hi - 8) + (lo - 8) with t = d - e + 136 in 0..255
+    e = _group_offsets(d, group, -136, 119)
+    t = (d - e + 136).to(torch.int32)
+    return [(t // 16, 16 * scale, torch.zeros_like(scale)), (t % 16, scale, e * scale)]
+
+
+def _splitquant_terms(tensors: dict[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor):  # noqa: ANN202
+    """Six terms: per cluster, its codes (others at the kernel's zero) and its grid offset (a 0/1 mask).
+
+    A member of cluster ``c`` is ``q * s_c + o_c``; written ``(q - h) * s_c + (o_c + h * s_c)`` with
+    ``h = 2^(bits-1)`` the code term stays centred and the mask term carries the cluster's centre.
+    """
+    from ..methods.splitquant import NUM_CLUSTERS, unpack_clusters
+
+    cols = spec.in_features
+    ids = unpack_clusters(tensors["weight_cluster"], spec)
+    h = 2 ** (spec.bits - 1)
+    terms = []
+    for c in range(NUM_CLUSTERS):
+        member = ids == c
+        scale = expand_params(tensors["weight_scale"][c].float(), cols, spec.group_size)
+        if "weight_min" in tensors:
+            offset = expand_params(tensors["weight_min"][c].float(), cols, spec.group_size)
+        elif "weight_zero" in tensors:
+            offset = -expand_params(tensors["weight_zero"][c].float(), cols, spec.group_size) * scale
+        else:
+            offset = -h * scale
+        zeros = torch.zeros_like(scale)
+        code = torch.where(member, codes.to(torch.int32) - h + 8, 8)
+        terms.append((code, scale, zeros))
+        terms.append((torch.where(member, 9, 8), offset + h * scale, zeros))
+    return terms
+
+
+def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4Layout:
+    """Convert stored codes and grid parameters into int4-kernel terms (exact up to bf16 grids)."""
+    group = _kernel_group(spec)
+    cols = spec.in_features + spec.num_duplicated
+    rows = spec.out_features
+    codes = unpack_codes(tensors["weight"].reshape(rows, packed_row_bytes(cols, spec.bits)), spec.bits, cols)
+    if spec.transform == "splitquant":
+        parts = _splitquant_terms(tensors, spec, codes)
+    else:
+        scale = expand_params(tensors["weight_scale"].float(), cols, spec.group_size)
+        zero = tensors.get("weight_zero")
+        origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
+                  else torch.full_like(scale, float(2 ** (spec.bits - 1))))
+        parts = _affine_terms(codes, scale, origin, spec.bits, group)
+    terms = [_term(c, s, z, group, rows, cols) for c, s, z in parts]
     index = tensors.get("weight_dup_index")
-    return Int4Layout(packed, sz, group, cols, padded_cols, rows, padded_rows,
+    return Int4Layout(terms, group, cols, math.ceil(cols / group) * group, rows, math.ceil(rows / 16) * 16,
                       index.long() if index is not None and index.numel() else None)
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W^T + b`` on the int4 kernel (bf16 compute), returned in ``x``'s dtype."""
-    shape = x.shape[:-1]
-    h = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    h = x.reshape(-1, x.shape[-1])
+    if h.dtype != torch.bfloat16:
+        h = h.to(torch.bfloat16)
     if layout.input_index is not None:
         h = torch.cat([h, h.index_select(-1, layout.input_index)], dim=-1)
     if layout.padded_columns != layout.in_columns:
         h = F.pad(h, (0, layout.padded_columns - layout.in_columns))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(h.contiguous(), layout.weight, layout.group,
-                                                   layout.scales_and_zeros)
-    y = y[:, : layout.out_features].to(x.dtype)
+    elif not h.is_contiguous():
+        h = h.contiguous()
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    first, *rest = layout.terms
+    y = mm(h, first.weight, layout.group, first.scales_and_zeros)
+    if rest:
+        y = y.float()
+        for term in rest:
+            y += mm(h, term.weight, layout.group, term.scales_and_zeros)
+    if layout.padded_rows != layout.out_features:
+        y = y[:, : layout.out_features]
     if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*shape, layout.out_features)
+        y = y + bias
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.reshape(*x.shape[:-1], layout.out_features)
 
 
 def tokens_of(x: torch.Tensor) -> int:

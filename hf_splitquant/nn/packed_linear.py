@@ -47,6 +47,7 @@ class PackedLinear(nn.Module):
         self.kernel_mode: str | None = None
         self._cached: torch.Tensor | None = None
         self._int4: kernels.Int4Layout | None = None
+        self._int4_ok: tuple[torch.device, bool, int] | None = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec,
@@ -90,23 +91,35 @@ class PackedLinear(nn.Module):
         # moving or casting the module invalidates derived layouts
         self._cached = None
         self._int4 = None
-        return super()._apply(fn, recurse)
+        self._int4_ok = None
+        stored = self.packed_tensors()
+        result = super()._apply(fn, recurse)
+        # `model.to(torch.bfloat16)` / `.half()` cast the bias, but the packed grid parameters keep
+        # the dtype the format stores (a lossy cast would change the weights); devices do follow
+        for name, old in stored.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return result
 
     def kernel_for(self, x: torch.Tensor) -> str:
         """The path this input takes: ``"int4"``, ``"dequant-bf16"`` or ``"reference"``."""
         mode = self.kernel_mode or kernels.get_kernel_mode()
         if not kernels.wants_fast_path(mode, x):
             return "reference"
-        if kernels.tokens_of(x) <= kernels.INT4_MAX_TOKENS and kernels.int4_reason(self.spec, x.device) is None:
-            return "int4"
-        return "dequant-bf16"
+        if self._int4_ok is None or self._int4_ok[0] != x.device:  # the spec's answer, once per device
+            self._int4_ok = (x.device, kernels.int4_reason(self.spec, x.device) is None,
+                             kernels.int4_max_tokens(self.spec))
+        _, ok, max_tokens = self._int4_ok
+        return "int4" if ok and kernels.tokens_of(x) <= max_tokens else "dequant-bf16"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel_for(x)
         if path == "int4":
-            if self._int4 is None:
-                self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
-            return kernels.int4_linear(x, self._int4, self.bias)
+            layout = self._int4
+            if layout is None:
+                layout = self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
+            return kernels.int4_linear(x, layout, self.bias)
         if path == "dequant-bf16":
             weight = self._dequantized(torch.bfloat16, x.device)
             bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
