@@ -37,6 +37,7 @@ from ..checkpoint import (
     verify_digests,
 )
 from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
+from ..memory import release_freed_memory
 from ..methods import tensor_shapes
 from ..nn.packed_linear import PackedLinear
 from ..spec import LayerSpec
@@ -256,6 +257,8 @@ class SplitQuantQuantize(ConversionOps):
             # transformers logs conversion errors and goes on loading; keep it to raise after loading.
             self.hf_quantizer.conversion_errors.append(str(err))
             raise
+        del weight, value, input_dict
+        release_freed_memory()  # the float temporaries just freed (keeps the load's peak near the packed size)
         return {f"{module_name}.{suffix}": tensor for suffix, tensor in packed.items()}
 
 
@@ -352,6 +355,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 check_values(name, module.spec, tensors)
         model.config.quantization_config = self.quantization_config
         _tag(model)
+        release_freed_memory()
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
@@ -499,6 +503,7 @@ def _quantize_in_place(model: nn.Module, config: SplitQuantConfig, progress: boo
         spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bit_widths.get(name))
         weight = _float_weight(module)
         packed = module_quantize(weight, spec, config.seed, name)
+        release_freed_memory()
         new = PackedLinear(spec, device=weight.device, dtype=module.bias.dtype if module.bias is not None else None)
         new.load_packed(packed)
         if module.bias is not None:

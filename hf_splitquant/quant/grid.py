@@ -266,14 +266,17 @@ def quantize_codes(
 
     With ``minimum`` (from :func:`compute_offset_qparams`) the grid is ``code * scale + minimum``.
     """
-    in_f = weight.shape[1]
-    s = expand_params(scale.float(), in_f, group_size)
+    # Work on the [out, groups, group] view with broadcast grid parameters and in-place ops: one
+    # float temporary of the layer's size (this bounds the peak memory of quantize-on-load).
+    out_f, in_f = weight.shape
+    w = group_view(weight.float(), group_size)
     if minimum is not None:
-        m = expand_params(minimum.float(), in_f, group_size)
-        return torch.round((weight.float() - m) / s).clamp_(0, 2**bits - 1).to(torch.uint8)
-    offset = expand_params(zero.float(), in_f, group_size) if zero is not None else 2 ** (bits - 1)
-    codes = torch.round(weight.float() / s) + offset
-    return codes.clamp_(0, 2**bits - 1).to(torch.uint8)
+        codes = (w - minimum.float().unsqueeze(-1)).div_(scale.float().unsqueeze(-1)).round_()
+    else:
+        codes = torch.div(w, scale.float().unsqueeze(-1)).round_()
+        codes.add_(zero.float().unsqueeze(-1) if zero is not None else float(2 ** (bits - 1)))
+    codes = codes.clamp_(0, 2**bits - 1).to(torch.uint8)
+    return codes.reshape(out_f, -1)[:, :in_f]
 
 
 def dequantize_codes(

@@ -48,9 +48,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         pad = nbytes * per - n
         if pad:
             c = torch.cat([c, c.new_zeros(rows, pad)], dim=1)
-        c = c.reshape(rows, nbytes, per).to(torch.int32)
-        shifts = torch.arange(per, dtype=torch.int32, device=c.device) * bits
-        return (c << shifts).sum(dim=-1).to(torch.uint8)
+        c = c.reshape(rows, nbytes, per)
+        packed = c[..., 0].clone()  # uint8 throughout: no wide temporaries
+        for k in range(1, per):
+            packed |= c[..., k] << (k * bits)
+        return packed
     # General widths: expand to a bit stream, then regroup by bytes.
     bit_idx = torch.arange(bits, dtype=torch.uint8, device=c.device)
     stream = ((c.unsqueeze(-1) >> bit_idx) & 1).reshape(rows, n * bits)
