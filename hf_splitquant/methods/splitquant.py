@@ -214,18 +214,20 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     ids = unpack_clusters(tensors["weight_cluster"], spec)
     if int(ids.max()) >= NUM_CLUSTERS:
         raise ValueError("SplitQuant cluster ids out of range (corrupt `weight_cluster` tensor)")
-    # One gather per grid parameter: each element reads its cluster's (scale, offset) for its group.
+    # One flat gather per grid parameter: element (r, c) reads entry (cluster, group) of row r.
     out_f, in_f = codes.shape
     g = in_f if spec.group_size is None or spec.group_size >= in_f else spec.group_size
-    rows = torch.arange(out_f, device=codes.device).unsqueeze(1)
-    groups = (torch.arange(in_f, device=codes.device) // g).unsqueeze(0)
-    index = (ids.long(), rows, groups)
-    scale = tensors["weight_scale"].float()[index]
+    groups = tensors["weight_scale"].shape[-1]
+    index = ids.long() * groups + (torch.arange(in_f, device=codes.device) // g)
+
+    def per_element(params: torch.Tensor) -> torch.Tensor:  # [3, out, groups] -> [out, in]
+        return torch.gather(params.float().permute(1, 0, 2).reshape(out_f, -1), 1, index)
+
     q = codes.float()
     if "weight_min" in tensors:
-        w = q * scale + tensors["weight_min"].float()[index]
+        w = q.mul_(per_element(tensors["weight_scale"])).add_(per_element(tensors["weight_min"]))
     elif "weight_zero" in tensors:
-        w = (q - tensors["weight_zero"].float()[index]) * scale
+        w = q.sub_(per_element(tensors["weight_zero"])).mul_(per_element(tensors["weight_scale"]))
     else:
-        w = (q - 2 ** (spec.bits - 1)) * scale
+        w = q.sub_(2 ** (spec.bits - 1)).mul_(per_element(tensors["weight_scale"]))
     return w.to(dtype)

@@ -79,12 +79,23 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.uint8, device=p.device) * bits
-        return ((p.unsqueeze(-1) >> shifts) & mask).reshape(rows, nbytes * per)[:, :n].contiguous()
-    bit_idx = torch.arange(8, dtype=torch.uint8, device=p.device)
-    stream = ((p.unsqueeze(-1) >> bit_idx) & 1).reshape(rows, nbytes * 8)[:, : n * bits]
-    weights = (1 << torch.arange(bits, dtype=torch.int32, device=p.device))
-    return (stream.reshape(rows, n, bits).to(torch.int32) * weights).sum(dim=-1).to(torch.uint8)
+        out = torch.empty(rows, nbytes, per, dtype=torch.uint8, device=p.device)
+        for k in range(per):
+            torch.bitwise_and(p >> (k * bits), mask, out=out[..., k])
+        return out.reshape(rows, nbytes * per)[:, :n].contiguous()
+    # Other widths: ``bits`` bytes hold exactly 8 codes. Read each such chunk as one little-endian
+    # integer and shift the 8 codes out of it (no per-bit expansion).
+    chunks = math.ceil(nbytes / bits)
+    if chunks * bits != nbytes:
+        p = torch.cat([p, p.new_zeros(rows, chunks * bits - nbytes)], dim=1)
+    byte_chunks = p.reshape(rows, chunks, bits).to(torch.int64)
+    word = byte_chunks[..., 0].clone()
+    for k in range(1, bits):
+        word |= byte_chunks[..., k] << (8 * k)
+    out = torch.empty(rows, chunks, 8, dtype=torch.uint8, device=p.device)
+    for k in range(8):
+        out[..., k] = (word >> (k * bits)) & mask
+    return out.reshape(rows, chunks * 8)[:, :n].contiguous()
 
 
 def trit_row_bytes(n: int) -> int:
