@@ -58,9 +58,9 @@ def test_dispatcher_paths_and_fallbacks():
     odd_group = _layer(LayerSpec(64, 32, 4, 16))
     eight = _layer(LayerSpec(64, 32, 8, 32))
     one = torch.randn(1, 64)
-    assert rtn4.kernel_for(one) == "reference"  # float32 input: exact reference by default
-    assert rtn4.kernel_for(one.bfloat16()) == "int4"
+    assert rtn4.kernel_for(one) == rtn4.kernel_for(one.bfloat16()) == "int4"  # few tokens: any dtype
     assert rtn4.kernel_for(torch.randn(64, 64).bfloat16()) == "dequant-bf16"  # many tokens
+    assert rtn4.kernel_for(torch.randn(64, 64)) == "reference"  # many float32 tokens: exact
     # multi-term layouts hand over to dequantize + bf16 matmul at fewer tokens
     assert split.kernel_for(one.bfloat16()) == eight.kernel_for(one.bfloat16()) == "int4"
     tokens = kernels.int4_max_tokens(split.spec) + 1
@@ -69,11 +69,12 @@ def test_dispatcher_paths_and_fallbacks():
     for layer in (split5, odd_group):
         assert layer.kernel_for(one.bfloat16()) == "dequant-bf16"
         assert kernels.int4_reason(layer.spec, one.device) is not None
+        assert layer.kernel_for(one) == "reference"  # float32 without a kernel: exact
+    with torch.no_grad():
+        assert rtn4(one).dtype == torch.float32
     kernels.set_kernel_mode("fast")
     try:
-        assert rtn4.kernel_for(one) == "int4"
-        with torch.no_grad():
-            assert rtn4(one).dtype == torch.float32
+        assert rtn4.kernel_for(torch.randn(64, 64)) == "dequant-bf16"
     finally:
         kernels.set_kernel_mode("auto")
     kernels.set_kernel_mode("reference")

@@ -475,7 +475,9 @@ def search_bit_widths(selected: list[tuple[str, nn.Module]], config: SplitQuantC
             reference[name] = by_bits[config.mixquant_reference_bits]
             errors[name] = {b: e for b, e in by_bits.items() if b in config.mixquant_candidates}
             scale = float(weight.pow(2).mean() if config.mixquant_error == "mse" else weight.abs().mean())
-            relative[name] = {b: e / max(scale, 1e-30) for b, e in errors[name].items()}
+            # error relative to the layer's own scale, times its weights: layers of any scale and size
+            # compare, and a bit spent anywhere buys the same kind of error reduction
+            relative[name] = {b: sizes[name] * e / max(scale, 1e-30) for b, e in errors[name].items()}
     if config.bit_allocation == "coding_length":
         from ..methods.coding_length import allocate_by_coding_length
 

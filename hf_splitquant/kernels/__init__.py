@@ -27,10 +27,13 @@
 Modes (:func:`set_kernel_mode`, the environment variable ``HF_SPLITQUANT_KERNEL``, or per layer
 ``PackedLinear.kernel_mode``):
 
-* ``"auto"`` (default): fast paths for bfloat16 / float16 inputs (a model loaded with
-  ``dtype=torch.bfloat16``); float32 inputs take the exact reference path.
+* ``"auto"`` (default): the int4 terms for few tokens whatever the input dtype (float32 inputs are
+  cast to bf16 for the kernel and the output back: decoding a float32 model must not pay a
+  dequantize per token); for many tokens, bf16/fp16 inputs take dequantize + bf16 matmul and
+  float32 inputs the exact reference path (a float32 model keeps float32 numerics where the
+  kernel would not save time).
 * ``"fast"``: fast paths for every input, float32 ones computed in bfloat16.
-* ``"reference"``: always the reference path.
+* ``"reference"``: always the exact reference path (also used whenever gradients flow).
 """
 
 from __future__ import annotations

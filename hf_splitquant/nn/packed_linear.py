@@ -105,13 +105,15 @@ class PackedLinear(nn.Module):
     def kernel_for(self, x: torch.Tensor) -> str:
         """The path this input takes: ``"int4"``, ``"dequant-bf16"`` or ``"reference"``."""
         mode = self.kernel_mode or kernels.get_kernel_mode()
-        if not kernels.wants_fast_path(mode, x):
+        if mode == "reference" or (x.requires_grad and torch.is_grad_enabled()):
             return "reference"
         if self._int4_ok is None or self._int4_ok[0] != x.device:  # the spec's answer, once per device
             self._int4_ok = (x.device, kernels.int4_reason(self.spec, x.device) is None,
                              kernels.int4_max_tokens(self.spec))
         _, ok, max_tokens = self._int4_ok
-        return "int4" if ok and kernels.tokens_of(x) <= max_tokens else "dequant-bf16"
+        if ok and kernels.tokens_of(x) <= max_tokens:
+            return "int4"
+        return "dequant-bf16" if kernels.wants_fast_path(mode, x) else "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self.kernel_for(x)
