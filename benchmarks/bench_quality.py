@@ -296,12 +296,15 @@ def run_memory_child(model_key: str, transform: str, bits: int | None, group: in
 
 
 def enable_dequantized_cache(model: torch.nn.Module) -> None:
-    """Dequantize each packed weight once instead of at every forward (same numbers, faster)."""
+    """Dequantize each packed weight once instead of at every forward (same numbers, faster), on the
+    exact reference path: quality is the format's, whatever the batch shape (few-token calls would
+    otherwise take the bf16 int4 kernel)."""
     from hf_splitquant import PackedLinear
 
     for module in model.modules():
         if isinstance(module, PackedLinear):
             module.cache_dequantized = True
+            module.kernel_mode = "reference"
 
 
 def embeddings(model: torch.nn.Module, tokenizer: Any, sentences: list[str]) -> torch.Tensor:

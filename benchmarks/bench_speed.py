@@ -4,11 +4,11 @@
     python benchmarks/bench_speed.py --quick              # a CI-sized smoke run
 
 Every throughput is also given as a ratio against the fp32 model timed in the same run (and against
-the bf16 model). Packed models are reloaded as a user would, with ``dtype="auto"`` (the checkpoint's
-own dtype: bfloat16 for SmolLM2, float32 for MiniLM; ``--packed-dtype`` overrides it). bf16/fp16
-activations take the fast paths of :mod:`hf_splitquant.kernels` (int4-kernel terms at few tokens,
-bf16 dequantize + matmul at many); fp32 activations take the exact path (dequantize once per call to
-fp32 + fp32 matmul). The path and number of kernel terms of each model's layers are printed.
+the bf16 model). Packed models are reloaded with ``dtype=torch.bfloat16`` (``--packed-dtype float32``
+for float32 activations). Few tokens per call take the int4-kernel terms of
+:mod:`hf_splitquant.kernels` whatever the dtype; many tokens take bf16 dequantize + matmul (bf16
+activations) or the exact path, dequantize once per call to fp32 + fp32 matmul (fp32 activations).
+The path and number of kernel terms of each model's layers are printed.
 
 Per packed model it also gives:
 
@@ -18,7 +18,9 @@ Per packed model it also gives:
   it built while running (what the model holds in memory), next to the packed checkpoint's
   tensors (``packed MB``) and the float model's tensors.
 
-Timing: the median of ``--repeats`` runs after a warm-up. Leave ``OMP_WAIT_POLICY`` at its default
+Timing: every model is loaded first, warmed up once, then timed in ``--repeats`` interleaved
+rounds (one run of each model per round, so slow drifts of the machine hit all alike); the median
+round counts. Leave ``OMP_WAIT_POLICY`` at its default
 on a quiet machine: with ``PASSIVE`` every small kernel call pays a thread wake-up (the int4 kernel
 on a 576x576 layer: 79 us instead of 16 us).
 """
@@ -57,14 +59,19 @@ CONFIGS = {
 MB = 1e6
 
 
-def _timeit(fn, repeats: int) -> float:  # noqa: ANN001
-    fn()  # warm-up (builds the cached kernel layouts)
-    times = []
+def _interleaved_throughput(models: list[torch.nn.Module], run, units: int, repeats: int) -> list[float]:  # noqa: ANN001
+    """Units per second of ``run(model)`` for each model: one warm-up each (builds the kernel layouts),
+    then ``repeats`` rounds that time every model once, so that drifts of the machine's speed hit
+    all models alike; the median round counts."""
+    for model in models:
+        run(model)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            run(model)
+            times[i].append(time.perf_counter() - start)
+    return [units / statistics.median(t) for t in times]
 
 
 def _packed_layers(model: torch.nn.Module) -> list[hf_splitquant.PackedLinear]:
@@ -102,44 +109,43 @@ def _resident_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _float_rows(load, measure, model_name: str, unit_key: str) -> list[dict]:  # noqa: ANN001
-    rows, base = [], None
+def _load_float(load, model_name: str) -> tuple[list[dict], list[torch.nn.Module]]:  # noqa: ANN001
+    rows, models = [], []
     for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
         start = time.perf_counter()
         model = load(dtype)
-        load_s = time.perf_counter() - start
-        value = measure(model)
-        base = base or value
-        rows.append({"model": model_name, "config": name, unit_key: value, "vs_fp32": value / base,
-                     "bits_per_weight": 32.0 if name == "fp32" else 16.0, "kernels": "-", "load_s": load_s,
-                     "resident_bytes": _resident_bytes(model)})
-        print(f"{model_name} {name}: {value:.2f}", flush=True)
+        rows.append({"model": model_name, "config": name, "bits_per_weight": 32.0 if name == "fp32" else 16.0,
+                     "kernels": "-", "load_s": time.perf_counter() - start})
+        models.append(model)
+    return rows, models
+
+
+def _load_packed(args: argparse.Namespace, path: Path, auto, probe: torch.Tensor, model_name: str,  # noqa: ANN001
+                 float_load_s: float, tmp: str) -> tuple[list[dict], list[torch.nn.Module]]:
+    rows, models = [], []
+    for name in args.configs:
+        start = time.perf_counter()
+        model = auto.from_pretrained(path, quantization_config=SplitQuantConfig(**CONFIGS[name]), dtype=torch.float32)
+        quantize_s = time.perf_counter() - start - float_load_s
+        report = quantization_report(model)
+        model.save_pretrained(Path(tmp) / name)
         del model
-    return rows
+        model = auto.from_pretrained(Path(tmp) / name, dtype=args.packed_dtype).eval()
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        rows.append({"model": model_name, "config": name, "bits_per_weight": report.bits_per_weight,
+                     "dtype": str(dtype).replace("torch.", ""), "quantize_s": quantize_s,
+                     "quantize_s_per_million": quantize_s / (report.num_weights / 1e6),
+                     "packed_bytes": report.packed_bytes, "kernels": _kernels(model, probe.to(dtype))})
+        models.append(model)
+        print(f"{model_name} {name}: loaded", flush=True)
+    return rows, models
 
 
-def _packed_rows(args: argparse.Namespace, path: Path, auto, measure, probe: torch.Tensor,  # noqa: ANN001
-                 model_name: str, unit_key: str, float_load_s: float) -> list[dict]:
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.configs:
-            start = time.perf_counter()
-            model = auto.from_pretrained(path, quantization_config=SplitQuantConfig(**CONFIGS[name]),
-                                         dtype=torch.float32)
-            quantize_s = time.perf_counter() - start - float_load_s
-            report = quantization_report(model)
-            model.save_pretrained(Path(tmp) / name)
-            del model
-            model = auto.from_pretrained(Path(tmp) / name, dtype=args.packed_dtype).eval()
-            dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-            value = measure(model)
-            rows.append({"model": model_name, "config": name, unit_key: value, "bits_per_weight": report.bits_per_weight,
-                         "dtype": str(dtype).replace("torch.", ""),
-                         "quantize_s": quantize_s, "quantize_s_per_million": quantize_s / (report.num_weights / 1e6),
-                         "packed_bytes": report.packed_bytes, "resident_bytes": _resident_bytes(model),
-                         "kernels": _kernels(model, probe.to(dtype))})
-            print(f"{model_name} {name}: {value:.2f}", flush=True)
-            del model
+def _measure(rows: list[dict], models: list[torch.nn.Module], run, units: int, repeats: int) -> list[dict]:  # noqa: ANN001
+    for row, value, model in zip(rows, _interleaved_throughput(models, run, units, repeats), models):
+        row["throughput"] = value
+        row["vs_fp32"] = value / rows[0]["throughput"] if "throughput" in rows[0] else 1.0
+        row["resident_bytes"] = _resident_bytes(model)  # after running: kernel layouts included
     return rows
 
 
@@ -148,18 +154,15 @@ def decode_benchmark(args: argparse.Namespace) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     prompt = tokenizer(assets.wikipedia_split("eval")[0][:200], return_tensors="pt").input_ids[:, :32]
 
-    def tokens_per_second(model: torch.nn.Module) -> float:
-        def run() -> None:
-            with torch.inference_mode():
-                model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                               do_sample=False)
-        return args.new_tokens / _timeit(run, args.repeats)
+    def run(model: torch.nn.Module) -> None:
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
-    rows = _float_rows(lambda dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(),
-                       tokens_per_second, "smollm2", "throughput")
+    rows, models = _load_float(lambda dtype: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), "smollm2")
     probe = torch.zeros(1, 1, 576, dtype=torch.bfloat16)
-    return rows + _packed_rows(args, path, AutoModelForCausalLM, tokens_per_second, probe, "smollm2", "throughput",
-                               rows[0]["load_s"])
+    with tempfile.TemporaryDirectory() as tmp:
+        packed_rows, packed = _load_packed(args, path, AutoModelForCausalLM, probe, "smollm2", rows[0]["load_s"], tmp)
+        return _measure(rows + packed_rows, models + packed, run, args.new_tokens, args.repeats)
 
 
 def encode_benchmark(args: argparse.Namespace) -> list[dict]:
@@ -168,17 +171,15 @@ def encode_benchmark(args: argparse.Namespace) -> list[dict]:
     sentences = assets.embedding_sentences(args.batch)
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
 
-    def sentences_per_second(model: torch.nn.Module) -> float:
-        def run() -> None:
-            with torch.inference_mode():
-                model(**batch)
-        return args.batch / _timeit(run, args.repeats)
+    def run(model: torch.nn.Module) -> None:
+        with torch.inference_mode():
+            model(**batch)
 
-    rows = _float_rows(lambda dtype: AutoModel.from_pretrained(path, dtype=dtype).eval(),
-                       sentences_per_second, "minilm", "throughput")
+    rows, models = _load_float(lambda dtype: AutoModel.from_pretrained(path, dtype=dtype).eval(), "minilm")
     probe = torch.zeros(args.batch, batch["input_ids"].shape[1], 384, dtype=torch.bfloat16)
-    return rows + _packed_rows(args, path, AutoModel, sentences_per_second, probe, "minilm", "throughput",
-                               rows[0]["load_s"])
+    with tempfile.TemporaryDirectory() as tmp:
+        packed_rows, packed = _load_packed(args, path, AutoModel, probe, "minilm", rows[0]["load_s"], tmp)
+        return _measure(rows + packed_rows, models + packed, run, args.batch, args.repeats)
 
 
 def table(rows: list[dict], batch: int) -> str:
@@ -208,10 +209,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--packed-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                        help="dtype of the reloaded packed models (auto = the checkpoint's own)")
+    parser.add_argument("--packed-dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"],
+                        help="dtype of the reloaded packed models' activations (auto = the checkpoint's own)")
     parser.add_argument("--quick", action="store_true", help="MiniLM only, two configs, one repeat")
     parser.add_argument("--output", default=None, help="write the rows as JSON")
     args = parser.parse_args()

@@ -45,7 +45,7 @@ def test_int4_path_matches_reference(transform, bits, shape, group_size):
     with torch.no_grad():
         fast = layer(x[:, :tokens])  # int4 terms
         ref = _reference(layer, x[:, :tokens])
-    assert len(layer._int4.terms) == kernels.int4_terms(spec)
+    assert layer._int4.terms == kernels.int4_terms(spec)
     assert fast.dtype == torch.bfloat16 and fast.shape == (1, tokens, out_f)
     # bf16 activations, grid parameters and output: about 3 significant digits
     assert torch.allclose(fast.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
@@ -59,8 +59,8 @@ def test_dispatcher_paths_and_fallbacks():
     eight = _layer(LayerSpec(64, 32, 8, 32))
     one = torch.randn(1, 64)
     assert rtn4.kernel_for(one) == rtn4.kernel_for(one.bfloat16()) == "int4"  # few tokens: any dtype
-    assert rtn4.kernel_for(torch.randn(64, 64).bfloat16()) == "dequant-bf16"  # many tokens
-    assert rtn4.kernel_for(torch.randn(64, 64)) == "reference"  # many float32 tokens: exact
+    assert rtn4.kernel_for(torch.randn(kernels.INT4_MAX_TOKENS + 1, 64).bfloat16()) == "dequant-bf16"  # many tokens
+    assert rtn4.kernel_for(torch.randn(kernels.INT4_MAX_TOKENS + 1, 64)) == "reference"  # many float32 tokens: exact
     # multi-term layouts hand over to dequantize + bf16 matmul at fewer tokens
     assert split.kernel_for(one.bfloat16()) == eight.kernel_for(one.bfloat16()) == "int4"
     tokens = kernels.int4_max_tokens(split.spec) + 1
@@ -74,7 +74,7 @@ def test_dispatcher_paths_and_fallbacks():
         assert rtn4(one).dtype == torch.float32
     kernels.set_kernel_mode("fast")
     try:
-        assert rtn4.kernel_for(torch.randn(64, 64)) == "dequant-bf16"
+        assert rtn4.kernel_for(torch.randn(kernels.INT4_MAX_TOKENS + 1, 64)) == "dequant-bf16"
     finally:
         kernels.set_kernel_mode("auto")
     kernels.set_kernel_mode("reference")

@@ -57,7 +57,6 @@ __all__ = [
     "int4_available",
     "int4_reason",
     "Int4Layout",
-    "Int4Term",
     "int4_terms",
     "int4_max_tokens",
     "build_int4_layout",
@@ -65,8 +64,10 @@ __all__ = [
 ]
 
 KERNEL_MODES = ("auto", "fast", "reference")
-#: Above this many tokens per call, "auto" uses dequantize + bf16 matmul instead of the int4 kernel.
-INT4_MAX_TOKENS = 16
+#: Above this many tokens per call (divided by the layout's number of terms), dequantize + matmul
+#: beats the int4 kernel. Measured on 2 cores: the kernel's cost grows with the tokens (576x1536:
+#: 0.04 ms at 1 token, 1.6 ms at 128, 6.6 ms at 512) while dequantizing costs ~1-2 ms once per call.
+INT4_MAX_TOKENS = 128
 _KERNEL_GROUPS = (256, 128, 64, 32)
 _mode = os.environ.get("HF_SPLITQUANT_KERNEL", "auto")
 
@@ -124,41 +125,45 @@ def int4_max_tokens(spec: LayerSpec) -> int:
 
 
 @dataclass
-class Int4Term:
-    """One call of the int4 kernel: packed codes and their ``[K_pad / group, N_pad, 2]`` bf16 grid."""
-
-    weight: torch.Tensor
-    scales_and_zeros: torch.Tensor
-
-
-@dataclass
 class Int4Layout:
-    """A packed layer converted once into int4-kernel terms whose outputs sum to the layer's output."""
+    """A packed layer converted once into the int4 kernel's layout.
 
-    terms: list[Int4Term]
+    Its ``terms`` are stacked along the output rows (row ``t * out_features + r`` is row ``r`` of
+    term ``t``), so one kernel call computes all of them and their outputs are summed after.
+    """
+
+    weight: torch.Tensor  # kernel-packed uint8
+    scales_and_zeros: torch.Tensor  # [K_pad / group, rows_pad, 2] bfloat16
+    terms: int
     group: int
     in_columns: int  # K: columns of the (OCS-expanded) weight
     padded_columns: int
     out_features: int
-    padded_rows: int
+    padded_rows: int  # of all the stacked terms
     input_index: torch.Tensor | None
 
     def nbytes(self) -> int:
-        return sum(t.weight.numel() * t.weight.element_size() + t.scales_and_zeros.numel() * 2 for t in self.terms)
+        return self.weight.numel() * self.weight.element_size() + self.scales_and_zeros.numel() * 2
 
 
-def _term(codes: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, group: int, rows: int, cols: int) -> Int4Term:
-    """Pack one term: element ``(r, c)`` is ``(codes - 8) * step + zero``; codes in 0..15, and ``step``
-    and ``zero`` constant over each kernel group (they are read from its first column)."""
+def _pack_terms(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group: int, rows: int,
+                cols: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the terms' ``(codes, step, zero)`` along the rows and convert them in one layout.
+
+    Element ``(r, c)`` of a term is ``(codes - 8) * step + zero``, codes in 0..15, ``step`` and ``zero``
+    constant over each kernel group (they are read from its first column).
+    """
+    total = rows * len(parts)
     padded_cols = math.ceil(cols / group) * group
-    padded_rows = math.ceil(rows / 16) * 16
+    padded_rows = math.ceil(total / 16) * 16
     q = torch.full((padded_rows, padded_cols), 8, dtype=torch.int32)
-    q[:rows, :cols] = codes.to(torch.int32)
     s = torch.zeros(padded_rows, padded_cols)
     z = torch.zeros(padded_rows, padded_cols)
-    s[:rows, :cols], z[:rows, :cols] = step, zero
+    for t, (codes, step, zero) in enumerate(parts):
+        block = slice(t * rows, (t + 1) * rows)
+        q[block, :cols], s[block, :cols], z[block, :cols] = codes.to(torch.int32), step, zero
     sz = torch.stack([s[:, ::group], z[:, ::group]], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    return Int4Term(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz, padded_rows
 
 
 def _group_offsets(d: torch.Tensor, group: int, low: int, high: int) -> torch.Tensor:
@@ -230,10 +235,10 @@ def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4
         origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
                   else torch.full_like(scale, float(2 ** (spec.bits - 1))))
         parts = _affine_terms(codes, scale, origin, spec.bits, group)
-    terms = [_term(c, s, z, group, rows, cols) for c, s, z in parts]
+    weight, scales_and_zeros, padded_rows = _pack_terms(parts, group, rows, cols)
     index = tensors.get("weight_dup_index")
-    return Int4Layout(terms, group, cols, math.ceil(cols / group) * group, rows, math.ceil(rows / 16) * 16,
-                      index.long() if index is not None and index.numel() else None)
+    return Int4Layout(weight, scales_and_zeros, len(parts), group, cols, math.ceil(cols / group) * group, rows,
+                      padded_rows, index.long() if index is not None and index.numel() else None)
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:
@@ -247,15 +252,12 @@ def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) 
         h = F.pad(h, (0, layout.padded_columns - layout.in_columns))
     elif not h.is_contiguous():
         h = h.contiguous()
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    first, *rest = layout.terms
-    y = mm(h, first.weight, layout.group, first.scales_and_zeros)
-    if rest:
-        y = y.float()
-        for term in rest:
-            y += mm(h, term.weight, layout.group, term.scales_and_zeros)
-    if layout.padded_rows != layout.out_features:
-        y = y[:, : layout.out_features]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, layout.weight, layout.group, layout.scales_and_zeros)
+    rows = layout.out_features
+    if layout.terms > 1:
+        y = y[:, : layout.terms * rows].unflatten(1, (layout.terms, rows)).sum(1, dtype=torch.float32)
+    elif layout.padded_rows != rows:
+        y = y[:, :rows]
     if bias is not None:
         y = y + bias
     if y.dtype != x.dtype:
