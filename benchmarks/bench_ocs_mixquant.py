@@ -20,6 +20,7 @@ Usage::
     HF_HUB_OFFLINE=1 python benchmarks/bench_ocs_mixquant.py --model all \\
         --output benchmarks/results/ocs_mixquant.json > benchmarks/results/ocs_mixquant.md
     HF_HUB_OFFLINE=1 python benchmarks/bench_ocs_mixquant.py --quick     # MiniLM, 3 configs, ~1 min
+    python benchmarks/bench_ocs_mixquant.py --report-from a.json b.json  # merged tables, measures nothing
 
 Progress goes to stderr, the markdown tables to stdout, the raw numbers to ``--output``.
 """
@@ -60,6 +61,7 @@ def group_name(group: int | None) -> str:
 
 def build_cases(args: argparse.Namespace) -> list[Case]:
     cases: list[Case] = []
+    split_label = "" if args.ocs_split == "qa" else f" ({args.ocs_split} split)"
     for group in (None, 64):
         for bits in args.bits:
             cases.append(Case("rtn", f"rtn int{bits} {group_name(group)}", dict(bits=bits, group_size=group)))
@@ -69,10 +71,12 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
     for ratio in args.ocs_ratios:
         for group in (None, 64):
             for bits in args.bits:
-                cases.append(Case("ocs", f"ocs r={ratio} int{bits} {group_name(group)}",
-                                  dict(bits=bits, group_size=group, transform="ocs", ocs_expand_ratio=ratio)))
-    mix = [("rtn", None, {}), ("rtn", 64, {}), ("ocs", None, {"transform": "ocs"}),
-           ("ocs", 64, {"transform": "ocs"}), ("splitquant", None, {"transform": "splitquant"})]
+                cases.append(Case("ocs", f"ocs r={ratio} int{bits} {group_name(group)}{split_label}",
+                                  dict(bits=bits, group_size=group, transform="ocs", ocs_expand_ratio=ratio,
+                                       ocs_split=args.ocs_split)))
+    ocs = {"transform": "ocs", "ocs_split": args.ocs_split}
+    mix = [("rtn", None, {}), ("rtn", 64, {}), ("ocs" + split_label, None, ocs), ("ocs" + split_label, 64, ocs),
+           ("splitquant", None, {"transform": "splitquant"})]
     for budget in args.budgets:
         for name, group, extra in mix:
             cases.append(Case("mixquant", f"mixquant {name} {group_name(group)} <= {budget:g} bpw",
@@ -171,11 +175,26 @@ def markdown(result: dict[str, Any], budgets: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """Per model, the rows of every file in order; a later row replaces an earlier one of the same label."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for result in json.loads(path.read_text())["results"]:
+            target = merged.setdefault(result["model"], {**result, "rows": []})
+            labels = {row["label"] for row in result["rows"]}
+            target["rows"] = [r for r in target["rows"] if r["label"] not in labels] + result["rows"]
+    order = {"rtn": 0, "splitquant": 1, "ocs": 2, "mixquant": 3}
+    for result in merged.values():
+        result["rows"].sort(key=lambda r: order[r["family"]])  # stable: each family keeps its run order
+    return list(merged.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["all"], choices=["minilm", "smollm2", "all"])
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--ocs-ratios", nargs="+", type=float, default=[0.01, 0.02, 0.05])
+    parser.add_argument("--ocs-split", default="qa", choices=["qa", "naive"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 4.0])
     parser.add_argument("--families", nargs="+", default=["rtn", "splitquant", "ocs", "mixquant"],
                         choices=["rtn", "splitquant", "ocs", "mixquant"])
@@ -185,7 +204,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="MiniLM, 32 sentences, 3 configurations")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--report-from", nargs="+", default=None, metavar="JSON",
+                        help="measure nothing: merge these results (later files replace rows of the same label) "
+                             "and print the tables")
     args = parser.parse_args()
+    if args.report_from:
+        for result in merge_results([Path(p) for p in args.report_from]):
+            print(markdown(result, args.budgets), flush=True)
+        return
     torch.set_num_threads(args.threads)
     bq.quiet_transformers()
     if args.quick:
