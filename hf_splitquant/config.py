@@ -50,7 +50,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
             (each dense part's grid also spans the zeros around it).
         ocs_expand_ratio: with ``transform="ocs"``: fraction of input channels duplicated per layer
             (``ceil(r * in_features)``), 0..1.
-        ocs_split: with ``transform="ocs"``: ``"qa"`` quantization-aware halves (default) or ``"naive"``.
+        ocs_split: with ``transform="ocs"``: ``"auto"`` (default), ``"qa"`` quantization-aware halves or
+            ``"naive"`` plain halves. ``"auto"`` quantizes each layer both ways and keeps the split with
+            the smaller weight error: the QA split assumes both halves are rounded on one grid, which
+            holds per channel but not with groups, where the appended copy lands in another group
+            (SmolLM2 int3: per channel QA 453 against naive 2255 perplexity; g64 QA 124, naive 75).
         clip: ``None`` or ``"mse"``: search each group's clipping range for the least squared error
             (RTN and OCS grids; as the OCS paper's "OCS + clipping").
         bit_allocation: ``None`` (every layer at ``bits``) or ``"mixquant"``: per-layer bit widths from
@@ -95,7 +99,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         transform: str | None = None,
         splitquant_range: str = "cluster",
         ocs_expand_ratio: float = 0.02,
-        ocs_split: str = "qa",
+        ocs_split: str = "auto",
         clip: str | None = None,
         bit_allocation: str | None = None,
         target_bits: float | None = None,

@@ -18,7 +18,7 @@ SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": tor
 TRANSFORMS = ("rtn", "splitquant", "ocs")
 SOURCES = ("Linear", "Conv1D")
 SPLITQUANT_RANGES = ("cluster", "part")
-OCS_SPLITS = ("qa", "naive")
+OCS_SPLITS = ("auto", "qa", "naive")
 CLIPS = (None, "mse")
 
 
@@ -38,7 +38,8 @@ class LayerSpec:
         splitquant_range: ``"cluster"`` (each cluster's grid spans its own members) or ``"part"``
             (the paper's numerics: each dense part's grid spans its values and the zeros around them).
         ocs_expand_ratio: OCS only: duplicated input channels = ``ceil(ratio * in_features)``.
-        ocs_split: OCS only: ``"qa"`` (quantization-aware halves) or ``"naive"`` (plain halves).
+        ocs_split: OCS only: ``"qa"`` (quantization-aware halves), ``"naive"`` (plain halves) or
+            ``"auto"`` (whichever of the two gives the smaller weight error for this layer).
         clip: ``None`` or ``"mse"`` (per-group MSE search of the clipping range; RTN and OCS grids).
     """
 

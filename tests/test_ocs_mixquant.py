@@ -150,3 +150,19 @@ def test_cli_flags_for_ocs_and_mixquant(float_checkpoints, tmp_path, capsys):
     assert main(["inspect", str(out), "--json"]) == 0
     inspected = json.loads(capsys.readouterr().out)
     assert inspected["method"] == "ocs" and inspected["bits_per_weight"] <= 3.4
+
+
+def test_ocs_split_auto_keeps_the_better_split_per_layer():
+    from hf_splitquant.methods import dequantize_weight, quantize_weight
+    from hf_splitquant.spec import LayerSpec
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 256, generator=g) * 0.05
+    w[:, 7] *= 20  # an outlier channel
+    for group in (None, 64):
+        errors = {}
+        for split in ("qa", "naive", "auto"):
+            spec = LayerSpec(256, 48, 3, group, transform="ocs", ocs_expand_ratio=0.05, ocs_split=split)
+            restored = dequantize_weight(quantize_weight(w, spec), spec, torch.float32)
+            errors[split] = float((restored - w).pow(2).sum())
+        assert errors["auto"] == min(errors["qa"], errors["naive"])

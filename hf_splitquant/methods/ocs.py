@@ -117,13 +117,27 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
 
 
 def _split(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
-    """Split outlier channels, fit the grid on the split weight, then (``"qa"``) re-split on that grid."""
+    """Split outlier channels, fit the grid on the split weight, then (``"qa"``) re-split on that grid.
+
+    ``"auto"`` builds both and keeps the one whose quantized, folded-back weight is closer to ``weight``.
+    """
     n = spec.num_duplicated
     expanded, index, chosen = split_channels(weight, n, "naive")
     scale, zero = rtn.grid_params(expanded, spec)
-    if spec.ocs_split == "qa" and n:
-        expanded, index, _ = split_channels(weight, n, "qa", delta=scale, group_size=spec.group_size, order=chosen)
+    if spec.ocs_split == "naive" or not n:
+        return expanded, index, scale, zero
+    qa, qa_index, _ = split_channels(weight, n, "qa", delta=scale, group_size=spec.group_size, order=chosen)
+    if spec.ocs_split == "qa" or _split_error(qa, qa_index, scale, zero, weight, spec) <= _split_error(
+            expanded, index, scale, zero, weight, spec):
+        return qa, qa_index, scale, zero
     return expanded, index, scale, zero
+
+
+def _split_error(expanded: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 weight: torch.Tensor, spec: LayerSpec) -> float:
+    codes = quantize_codes(expanded, scale, zero, spec.bits, spec.group_size)
+    restored = fold_back(dequantize_codes(codes, scale, zero, spec.bits, spec.group_size), index, spec.in_features)
+    return float((restored - weight.float()).pow(2).sum())
 
 
 def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
