@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--transform", choices=["rtn", "splitquant", "ocs"], default="rtn")
     q.add_argument("--splitquant-range", choices=["cluster", "part"], default="cluster")
     q.add_argument("--ocs-expand-ratio", type=float, default=0.05, help="OCS: fraction of input channels duplicated")
-    q.add_argument("--ocs-split", choices=["auto", "qa", "naive"], default="auto",
+    q.add_argument("--ocs-split", choices=["auto", "qa", "naive"], default="qa",
                    help="OCS: quantization-aware or plain halves (auto: per layer, the one with the smaller error)")
     q.add_argument("--clip", choices=["mse"], default=None, help="search each group's clipping range (RTN, OCS)")
     q.add_argument("--bit-allocation", choices=["mixquant", "coding_length"], default=None, help="per-layer bit widths (MixQuant)")

@@ -52,11 +52,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
             (``ceil(r * in_features)``), 0..1. Default 0.05, the best of the paper's range 0.01-0.05 in
             ``benchmarks/bench_ocs_mixquant.py`` (quality rose with r on MiniLM and SmolLM2 at 3 and 4
             bits per channel, for about 5% more bits per weight).
-        ocs_split: with ``transform="ocs"``: ``"auto"`` (default), ``"qa"`` quantization-aware halves or
-            ``"naive"`` plain halves. ``"auto"`` quantizes each layer both ways and keeps the split with
-            the smaller weight error: the QA split assumes both halves are rounded on one grid, which
-            holds per channel but not with groups, where the appended copy lands in another group
-            (SmolLM2 int3: per channel QA 453 against naive 2255 perplexity; g64 QA 124, naive 75).
+        ocs_split: with ``transform="ocs"``: ``"qa"`` quantization-aware halves (default), ``"naive"``
+            plain halves, or ``"auto"`` (per layer, the split with the smaller weight error). QA assumes
+            both halves are rounded on one grid, which holds per channel (SmolLM2 int3: QA 453 against
+            naive 2255 perplexity) but not with groups, where the appended copy lands in another group:
+            there naive measured better (int3 g64: naive 75, QA 124, auto 121; use ``"naive"``).
         clip: ``None`` or ``"mse"``: search each group's clipping range for the least squared error
             (RTN and OCS grids; as the OCS paper's "OCS + clipping").
         bit_allocation: ``None`` (every layer at ``bits``) or ``"mixquant"``: per-layer bit widths from
@@ -101,7 +101,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         transform: str | None = None,
         splitquant_range: str = "cluster",
         ocs_expand_ratio: float = 0.05,
-        ocs_split: str = "auto",
+        ocs_split: str = "qa",
         clip: str | None = None,
         bit_allocation: str | None = None,
         target_bits: float | None = None,
