@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["all"], choices=["minilm", "smollm2", "all"])
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--ocs-ratios", nargs="+", type=float, default=[0.01, 0.02, 0.05])
-    parser.add_argument("--ocs-split", default="auto", choices=["auto", "qa", "naive"])
+    parser.add_argument("--ocs-split", default="qa", choices=["auto", "qa", "naive"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 4.0])
     parser.add_argument("--families", nargs="+", default=["rtn", "splitquant", "ocs", "mixquant"],
                         choices=["rtn", "splitquant", "ocs", "mixquant"])
