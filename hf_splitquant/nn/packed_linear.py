@@ -3,8 +3,9 @@
 The packed tensors are persistent buffers named after the float weight (``weight``,
 ``weight_scale``, ...), so ``save_pretrained`` writes them under the float layer's keys and
 ``from_pretrained`` routes them back. The forward pass goes through :mod:`hf_splitquant.kernels`: the int4
-CPU kernel for 2-4 bit RTN/OCS layers with few tokens, else dequantize (to bf16 on the fast path,
-to the input's dtype on the reference path) and ``F.linear``. The dequantized weight can also be
+CPU kernel (as one or more terms) for RTN/OCS and 2-4 bit SplitQuant layers at up to 128 tokens per
+call, else dequantize (to bf16 on the fast path, to the input's dtype on the reference path) and
+``F.linear``. The dequantized weight can also be
 cached (``cache_dequantized``) to trade memory for speed.
 """
 
