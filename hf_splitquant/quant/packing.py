@@ -88,7 +88,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     chunks = math.ceil(nbytes / bits)
     if chunks * bits != nbytes:
         p = torch.cat([p, p.new_zeros(rows, chunks * bits - nbytes)], dim=1)
-    byte_chunks = p.reshape(rows, chunks, bits).to(torch.int64)
+    # one little-endian word per chunk: int32 holds 3 bytes (3-bit codes), wider codes need int64
+    byte_chunks = p.reshape(rows, chunks, bits).to(torch.int32 if bits <= 3 else torch.int64)
     word = byte_chunks[..., 0].clone()
     for k in range(1, bits):
         word |= byte_chunks[..., k] << (8 * k)
