@@ -11,7 +11,9 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .spec import CLIPS, OCS_SPLITS, SCALE_DTYPES, SPLITQUANT_RANGES, LayerSpec
+from .methods import format_names, get_format
+from .methods.attention_round import AttentionRoundOptions
+from .spec import LayerSpec
 
 __all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
 
@@ -19,10 +21,17 @@ QUANT_METHOD = "splitquant"
 #: Version of the packed storage format this library writes and reads.
 FORMAT_VERSION = 1
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
-ALLOWED_TRANSFORMS = (None, "splitquant", "ocs")
+#: ``None`` and ``"rtn"`` both mean plain round-to-nearest
+ALLOWED_TRANSFORMS = (None, *format_names())
 ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length")
-ALLOWED_ROUNDINGS = (None, "attention_round")
+#: rounding method -> the class validating its ``rounding_options``
+ROUNDING_OPTIONS: dict[str, Any] = {"attention_round": AttentionRoundOptions}
+ALLOWED_ROUNDINGS = (None, *ROUNDING_OPTIONS)
 ALLOWED_ERRORS = ("mse", "mae")
+
+
+#: config fields that are copied into the layer specs of the formats that read them
+_FORMAT_FIELDS = ("splitquant_range", "ocs_expand_ratio", "ocs_split")
 
 
 def _is_int(value: Any) -> bool:
@@ -174,23 +183,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
                 f"hf_splitquant reads versions up to {FORMAT_VERSION}: upgrade hf_splitquant "
                 "(`pip install -U hf-splitquant`)"
             )
-        if self.bits not in ALLOWED_BITS or not _is_int(self.bits):
-            raise ValueError(f"`bits` must be one of {ALLOWED_BITS}, got {self.bits!r}")
-        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
-            raise ValueError(f"`group_size` must be a positive integer or None (per channel), got {self.group_size!r}")
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"`symmetric` must be True or False, got {self.symmetric!r}")
         if self.transform not in ALLOWED_TRANSFORMS:
             raise ValueError(f"`transform` must be one of {ALLOWED_TRANSFORMS}, got {self.transform!r}")
-        if self.splitquant_range not in SPLITQUANT_RANGES:
-            raise ValueError(f"`splitquant_range` must be one of {SPLITQUANT_RANGES}, got {self.splitquant_range!r}")
-        ratio = self.ocs_expand_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"`ocs_expand_ratio` must be a number in [0, 1] (paper: 0.01-0.05), got {ratio!r}")
-        if self.ocs_split not in OCS_SPLITS:
-            raise ValueError(f"`ocs_split` must be one of {OCS_SPLITS}, got {self.ocs_split!r}")
-        if self.clip not in CLIPS:
-            raise ValueError(f"`clip` must be one of {CLIPS}, got {self.clip!r}")
+        self._check_layer_fields()
         if self.bit_allocation not in ALLOWED_BIT_ALLOCATIONS:
             raise ValueError(f"`bit_allocation` must be one of {ALLOWED_BIT_ALLOCATIONS}, got {self.bit_allocation!r}")
         if self.target_bits is not None:
@@ -220,16 +215,20 @@ class SplitQuantConfig(QuantizationConfigMixin):
             raise ValueError("`bit_allocation='coding_length'` needs `target_bits` (average bits per weight)")
         if self.rounding not in ALLOWED_ROUNDINGS:
             raise ValueError(f"`rounding` must be one of {ALLOWED_ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding_options is not None and not isinstance(self.rounding_options, dict):
-            raise ValueError(f"`rounding_options` must be a dict or None, got {type(self.rounding_options).__name__}")
+        if self.rounding_options is not None:
+            if not isinstance(self.rounding_options, dict):
+                raise ValueError(f"`rounding_options` must be a dict or None, got {type(self.rounding_options).__name__}")
+            if self.rounding is None and self.rounding_options:
+                raise ValueError("`rounding_options` are given but `rounding` is None; set `rounding` "
+                                 f"(one of {ALLOWED_ROUNDINGS[1:]}) or drop the options")
+            if self.rounding is not None:
+                ROUNDING_OPTIONS[self.rounding].from_dict(self.rounding_options)  # raises on unknown keys / bad values
         if not isinstance(self.qat, bool):
             raise ValueError(f"`qat` must be True or False, got {self.qat!r}")
         if not isinstance(self.qat_learn_scales, bool):
             raise ValueError(f"`qat_learn_scales` must be True or False, got {self.qat_learn_scales!r}")
         if self.qat and self.rounding is not None:
             raise ValueError("`qat=True` trains the weights itself; it cannot be combined with `rounding`")
-        if self.scale_dtype not in tuple(SCALE_DTYPES):
-            raise ValueError(f"`scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.modules_to_not_convert is not None and (
             not isinstance(self.modules_to_not_convert, (list, tuple))
             or not all(isinstance(m, str) for m in self.modules_to_not_convert)
@@ -248,9 +247,23 @@ class SplitQuantConfig(QuantizationConfigMixin):
                 if not isinstance(name, str) or not name:
                     raise ValueError(f"`layers` keys must be module paths, got {name!r}")
                 try:
-                    LayerSpec.from_dict(spec)
+                    get_format(LayerSpec.from_dict(spec))
                 except (TypeError, ValueError) as err:
                     raise ValueError(f"`layers[{name!r}]` is invalid: {err}") from None
+
+    def _check_layer_fields(self) -> None:
+        """The fields every layer spec copies are checked by :class:`LayerSpec` itself (one set of rules)."""
+        try:
+            LayerSpec(in_features=1, out_features=1, **(self._layer_fields(self.bits)
+                                                        | {name: getattr(self, name) for name in _FORMAT_FIELDS}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(str(err).replace("layer spec field ", "")) from None
+
+    def _layer_fields(self, bits: int) -> dict[str, Any]:
+        fields = {"bits": bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                  "transform": self.transform_name, "scale_dtype": self.scale_dtype, "clip": self.clip}
+        # format-specific fields only where the format reads them (others keep the spec's defaults)
+        return fields | {name: getattr(self, name) for name in get_format(self.transform_name).spec_fields}
 
     @property
     def transform_name(self) -> str:
@@ -264,21 +277,8 @@ class SplitQuantConfig(QuantizationConfigMixin):
     def spec_for(self, in_features: int, out_features: int, has_bias: bool, source: str = "Linear",
                  bits: int | None = None) -> LayerSpec:
         """The spec this config gives a layer of that shape (at ``bits``, default ``self.bits``)."""
-        return LayerSpec(
-            in_features=in_features,
-            out_features=out_features,
-            bits=self.bits if bits is None else bits,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            transform=self.transform_name,
-            scale_dtype=self.scale_dtype,
-            source=source,
-            has_bias=has_bias,
-            splitquant_range=self.splitquant_range,
-            ocs_expand_ratio=float(self.ocs_expand_ratio) if self.transform == "ocs" else 0.0,
-            ocs_split=self.ocs_split,
-            clip=self.clip,
-        )
+        return LayerSpec(in_features=in_features, out_features=out_features, source=source, has_bias=has_bias,
+                         **self._layer_fields(self.bits if bits is None else bits))
 
     def to_dict(self) -> dict[str, Any]:
         return {name: copy.deepcopy(getattr(self, name)) for name in self._field_names()}

@@ -3,14 +3,13 @@ scales, zero points or minimums, cluster ids)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .methods import tensor_shapes
+from .methods import get_format
 from .nn.packed_linear import PackedLinear
 from .spec import LayerSpec
 
@@ -108,10 +107,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _layer_report(name: str, spec: LayerSpec) -> LayerReport:
-    by_role = {
-        _ROLE.get(k, k): math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        for k, (shape, dtype) in tensor_shapes(spec).items()
-    }
+    by_role = {_ROLE.get(k, k): nbytes for k, nbytes in get_format(spec).tensor_bytes(spec).items()}
     return LayerReport(
         name,
         spec.transform,

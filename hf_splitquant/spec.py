@@ -6,16 +6,14 @@ quantized module, so a packed checkpoint is rebuilt exactly from its own descrip
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
-__all__ = ["LayerSpec", "SCALE_DTYPES", "TRANSFORMS"]
+__all__ = ["LayerSpec", "SCALE_DTYPES"]
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
-TRANSFORMS = ("rtn", "splitquant", "ocs")
 SOURCES = ("Linear", "Conv1D")
 SPLITQUANT_RANGES = ("cluster", "part")
 OCS_SPLITS = ("auto", "qa", "naive")
@@ -31,7 +29,8 @@ class LayerSpec:
         bits: code width (2..8).
         group_size: inputs per scale group, ``None`` for one group per output channel.
         symmetric: symmetric grid without zero points, else asymmetric with integer zero points.
-        transform: ``"rtn"`` (plain round-to-nearest) or ``"splitquant"``.
+        transform: the packed format's name (``"rtn"``, ``"splitquant"``, ``"ocs"``; see
+            :func:`hf_splitquant.methods.get_format`).
         scale_dtype: ``"float16"`` or ``"float32"``.
         source: the float module type, ``"Linear"`` or GPT-2's ``"Conv1D"`` (weight stored ``[in, out]``).
         has_bias: whether the layer has a (float) bias.
@@ -68,8 +67,12 @@ class LayerSpec:
             not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1
         ):
             raise ValueError(f"layer spec field `group_size` must be a positive integer or None, got {self.group_size!r}")
-        if self.transform not in TRANSFORMS:
-            raise ValueError(f"layer spec field `transform` must be one of {TRANSFORMS}, got {self.transform!r}")
+        for name in ("symmetric", "has_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"layer spec field `{name}` must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.transform, str) or not self.transform:
+            # which names exist is the format registry's business (hf_splitquant.methods.get_format)
+            raise ValueError(f"layer spec field `transform` must be a format name, got {self.transform!r}")
         if self.scale_dtype not in tuple(SCALE_DTYPES):
             raise ValueError(f"layer spec field `scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.source not in SOURCES:
@@ -86,14 +89,6 @@ class LayerSpec:
             raise ValueError(f"layer spec field `ocs_split` must be one of {OCS_SPLITS}, got {self.ocs_split!r}")
         if self.clip not in CLIPS:
             raise ValueError(f"layer spec field `clip` must be one of {CLIPS}, got {self.clip!r}")
-
-    @property
-    def num_duplicated(self) -> int:
-        """Input channels OCS duplicates (0 for other transforms)."""
-        if self.transform != "ocs":
-            return 0
-        # round first so that e.g. 0.05 * 100 counts 5 channels, not 6
-        return math.ceil(round(self.ocs_expand_ratio * self.in_features, 6))
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

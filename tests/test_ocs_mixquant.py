@@ -15,7 +15,7 @@ import hf_splitquant
 from hf_splitquant import SplitQuantConfig, quantization_report
 from hf_splitquant.cli import main
 from hf_splitquant.integrations.transformers import iter_packed_modules
-from hf_splitquant.methods import dequantize_weight, mixquant, ocs, quantize_weight
+from hf_splitquant.methods import dequantize_weight, get_format, mixquant, ocs, quantize_weight
 from hf_splitquant.spec import LayerSpec
 
 
@@ -76,7 +76,7 @@ def test_ocs_reduces_error_as_ratio_grows() -> None:
 def test_ocs_duplicated_columns_count_in_bits_per_weight() -> None:
     plain = LayerSpec(100, 10, 4, None, transform="ocs", ocs_expand_ratio=0.0)
     split = LayerSpec(100, 10, 4, None, transform="ocs", ocs_expand_ratio=0.05)
-    assert split.num_duplicated == 5
+    assert ocs.num_duplicated(split) == 5 and get_format(split).columns(split) == 105
     assert mixquant.spec_bits(split) > mixquant.spec_bits(plain) + 5 * 10 * 4
 
 

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..config import SplitQuantConfig
-from ..methods import element_grid, pack_grid_codes
+from ..methods import element_grid, get_format, pack_grid_codes
 from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian
 from ..nn.packed_linear import PackedLinear
 from .transformers import (
@@ -758,7 +758,7 @@ def _assign_owners(names: Sequence[str], specs: Mapping[str, Any], world: int) -
     per-iteration product of Attention Round), deterministically."""
     def cost(name: str) -> int:
         spec = specs[name]
-        cols = spec.in_features + spec.num_duplicated
+        cols = get_format(spec).columns(spec)
         return spec.out_features * cols * (cols + 64)
 
     load = [0] * world

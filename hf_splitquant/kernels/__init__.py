@@ -38,14 +38,17 @@ Modes (:func:`set_kernel_mode`, the environment variable ``HF_SPLITQUANT_KERNEL`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..quant.grid import expand_params
+from ..methods import get_format
+from ..quant.int4 import Int4Term
 from ..quant.packing import packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 
@@ -53,6 +56,7 @@ __all__ = [
     "KERNEL_MODES",
     "INT4_MAX_TOKENS",
     "set_kernel_mode",
+    "kernel_mode",
     "get_kernel_mode",
     "int4_available",
     "int4_reason",
@@ -81,7 +85,19 @@ def set_kernel_mode(mode: str) -> None:
 
 
 def get_kernel_mode() -> str:
+    """The process-wide kernel mode (see :func:`kernel_mode` to change it for a block of code)."""
     return _mode
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """Run a block with another kernel mode, e.g. ``with kernel_mode("reference"): model(**batch)``."""
+    previous = get_kernel_mode()
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(previous)
 
 
 _INT4_AVAILABLE = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
@@ -101,9 +117,7 @@ def _kernel_group(spec: LayerSpec) -> int | None:
 
 def int4_terms(spec: LayerSpec) -> int:
     """How many int4-kernel calls one forward of this layer takes (see the module docstring)."""
-    if spec.transform == "splitquant":
-        return 6
-    return 1 if spec.bits <= 4 else 2
+    return get_format(spec).int4_terms(spec)
 
 
 def int4_reason(spec: LayerSpec, device: torch.device) -> str | None:
@@ -112,8 +126,9 @@ def int4_reason(spec: LayerSpec, device: torch.device) -> str | None:
         return f"no int4 kernel for {device.type} here"
     if not int4_available():
         return "this torch has no int4 CPU kernel"
-    if spec.transform == "splitquant" and spec.bits > 4:
-        return f"{spec.bits}-bit SplitQuant would take 12 kernel calls; the dequantize path is faster"
+    reason = get_format(spec).int4_unsupported(spec)
+    if reason is not None:
+        return reason
     if _kernel_group(spec) is None:
         return f"group size {spec.group_size} is not one of the kernel's {_KERNEL_GROUPS}"
     return None
@@ -146,7 +161,7 @@ class Int4Layout:
         return self.weight.numel() * self.weight.element_size() + self.scales_and_zeros.numel() * 2
 
 
-def _pack_terms(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group: int, rows: int,
+def _pack_terms(parts: list[Int4Term], group: int, rows: int,
                 cols: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stack the terms' ``(codes, step, zero)`` along the rows and convert them in one layout.
 
@@ -166,79 +181,17 @@ def _pack_terms(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], gr
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz, padded_rows
 
 
-def _group_offsets(d: torch.Tensor, group: int, low: int, high: int) -> torch.Tensor:
-    """Per kernel group, the integer ``e`` closest to 0 with ``low <= d - e <= high`` for all its
-    elements (feasible: a group's ``d`` spans at most ``high - low``), repeated over its columns."""
-    rows, cols = d.shape
-    pad = math.ceil(cols / group) * group - cols
-    dg = F.pad(d, (0, pad), value=0.0).reshape(rows, -1, group)
-    e = torch.clamp(dg.amax(-1) - high, min=0) + torch.clamp(dg.amin(-1) - low, max=0)
-    return e.repeat_interleave(group, dim=1)[:, :cols]
-
-
-def _affine_terms(codes: torch.Tensor, scale: torch.Tensor, origin: torch.Tensor, bits: int,
-                  group: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(codes, step, zero) of the terms of ``w = (q - origin) * scale`` (integer ``origin``).
-
-    With ``d = q - origin`` and a per-group integer ``e`` (0 whenever the group allows, which is
-    always the case up to 3 bits and for centred grids), the kernel's zero (code 8) is ours and the
-    only float offset is ``e * scale``: no bf16 cancellation between codes and offsets."""
-    d = codes.float() - origin  # integer, |d| <= 2^bits - 1
-    if bits <= 4:
-        e = _group_offsets(d, group, -8, 7)
-        return [((d - e + 8).to(torch.uint8), scale, e * scale)]
-    # 5..8 bits: d - e = 16 (hi - 8) + (lo - 8) with t = d - e + 136 in 0..255
-    e = _group_offsets(d, group, -136, 119)
-    t = (d - e + 136).to(torch.int32)
-    return [(t // 16, 16 * scale, torch.zeros_like(scale)), (t % 16, scale, e * scale)]
-
-
-def _splitquant_terms(tensors: dict[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor):  # noqa: ANN202
-    """Six terms: per cluster, its codes (others at the kernel's zero) and its grid offset (a 0/1 mask).
-
-    A member of cluster ``c`` is ``q * s_c + o_c``; written ``(q - h) * s_c + (o_c + h * s_c)`` with
-    ``h = 2^(bits-1)`` the code term stays centred and the mask term carries the cluster's centre.
-    """
-    from ..methods.splitquant import NUM_CLUSTERS, unpack_clusters
-
-    cols = spec.in_features
-    ids = unpack_clusters(tensors["weight_cluster"], spec)
-    h = 2 ** (spec.bits - 1)
-    terms = []
-    for c in range(NUM_CLUSTERS):
-        member = ids == c
-        scale = expand_params(tensors["weight_scale"][c].float(), cols, spec.group_size)
-        if "weight_min" in tensors:
-            offset = expand_params(tensors["weight_min"][c].float(), cols, spec.group_size)
-        elif "weight_zero" in tensors:
-            offset = -expand_params(tensors["weight_zero"][c].float(), cols, spec.group_size) * scale
-        else:
-            offset = -h * scale
-        zeros = torch.zeros_like(scale)
-        code = torch.where(member, codes.to(torch.int32) - h + 8, 8)
-        terms.append((code, scale, zeros))
-        terms.append((torch.where(member, 9, 8), offset + h * scale, zeros))
-    return terms
-
-
 def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4Layout:
     """Convert stored codes and grid parameters into int4-kernel terms (exact up to bf16 grids)."""
+    fmt = get_format(spec)
     group = _kernel_group(spec)
-    cols = spec.in_features + spec.num_duplicated
+    cols = fmt.columns(spec)
     rows = spec.out_features
     codes = unpack_codes(tensors["weight"].reshape(rows, packed_row_bytes(cols, spec.bits)), spec.bits, cols)
-    if spec.transform == "splitquant":
-        parts = _splitquant_terms(tensors, spec, codes)
-    else:
-        scale = expand_params(tensors["weight_scale"].float(), cols, spec.group_size)
-        zero = tensors.get("weight_zero")
-        origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
-                  else torch.full_like(scale, float(2 ** (spec.bits - 1))))
-        parts = _affine_terms(codes, scale, origin, spec.bits, group)
+    parts = fmt.int4_parts(tensors, spec, codes, group)
     weight, scales_and_zeros, padded_rows = _pack_terms(parts, group, rows, cols)
-    index = tensors.get("weight_dup_index")
     return Int4Layout(weight, scales_and_zeros, len(parts), group, cols, math.ceil(cols / group) * group, rows,
-                      padded_rows, index.long() if index is not None and index.numel() else None)
+                      padded_rows, fmt.input_index(tensors))
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:

@@ -1,29 +1,73 @@
-"""One module per method; each maps a float weight and a :class:`~hf_splitquant.spec.LayerSpec`
-to the stored tensors and back. This registry is the only place that dispatches on the name."""
+"""The format registry: one module per method, one :class:`~hf_splitquant.methods.base.QuantFormat`
+per packed format. This is the only place that maps a format's name to its implementation; the rest
+of the library asks the format (:func:`get_format`) instead of branching on names.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import ModuleType
 
 import torch
 
 from ..quant.grid import ElementGrid
 from ..spec import LayerSpec
-from . import ocs, rtn, splitquant
+from .base import QuantFormat, TensorShapes
+from .ocs import OCSFormat
+from .rtn import RTNFormat
+from .splitquant import SplitQuantFormat
 
-__all__ = ["method_module", "tensor_shapes", "quantize_weight", "dequantize_weight", "element_grid", "pack_grid_codes"]
+__all__ = [
+    "QuantFormat",
+    "register_format",
+    "get_format",
+    "format_names",
+    "tensor_shapes",
+    "stored_bytes",
+    "quantize_weight",
+    "dequantize_weight",
+    "element_grid",
+    "pack_grid_codes",
+]
 
-_METHODS: dict[str, ModuleType] = {"rtn": rtn, "splitquant": splitquant, "ocs": ocs}
+_FORMATS: dict[str, QuantFormat] = {}
 
 
-def method_module(spec: LayerSpec) -> ModuleType:
-    return _METHODS[spec.transform]
+def register_format(fmt: QuantFormat) -> QuantFormat:
+    """Add a format to the registry under ``fmt.name`` (refuses a second format with the same name)."""
+    if not isinstance(fmt, QuantFormat) or not fmt.name:
+        raise ValueError(f"a format must be a named QuantFormat instance, got {fmt!r}")
+    if fmt.name in _FORMATS and type(_FORMATS[fmt.name]) is not type(fmt):
+        raise ValueError(f"a format named {fmt.name!r} is already registered ({_FORMATS[fmt.name]!r})")
+    _FORMATS[fmt.name] = fmt
+    return fmt
 
 
-def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+for _format in (RTNFormat(), SplitQuantFormat(), OCSFormat()):
+    register_format(_format)
+
+
+def format_names() -> tuple[str, ...]:
+    """Names of the registered formats (the accepted values of ``transform``)."""
+    return tuple(_FORMATS)
+
+
+def get_format(spec_or_name: LayerSpec | str) -> QuantFormat:
+    """The format of a layer spec (or of a format name)."""
+    name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.transform
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown packed format {name!r}; known formats: {format_names()}") from None
+
+
+def tensor_shapes(spec: LayerSpec) -> TensorShapes:
     """Names (state-dict suffixes), shapes and dtypes of a packed layer's stored tensors."""
-    return method_module(spec).tensor_shapes(spec)
+    return get_format(spec).tensor_shapes(spec)
+
+
+def stored_bytes(spec: LayerSpec) -> int:
+    """Bytes one packed layer stores (codes with row padding, grids, cluster ids, duplicate indices)."""
+    return get_format(spec).stored_bytes(spec)
 
 
 def quantize_weight(
@@ -39,17 +83,17 @@ def quantize_weight(
         raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says {expected}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values")
-    return method_module(spec).quantize(weight, spec, seed=seed, cache=cache)
+    return get_format(spec).quantize(weight, spec, seed=seed, cache=cache)
 
 
 def dequantize_weight(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
     """Stored tensors -> float ``[out, in]`` weight in ``dtype``."""
-    return method_module(spec).dequantize(tensors, spec, dtype)
+    return get_format(spec).dequantize(tensors, spec, dtype)
 
 
 def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
     """The grid each element of ``weight`` is rounded on under ``spec`` (see :class:`ElementGrid`)."""
-    return method_module(spec).element_grid(weight, spec, seed=seed, cache=cache)
+    return get_format(spec).element_grid(weight, spec, seed=seed, cache=cache)
 
 
 def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
@@ -58,4 +102,4 @@ def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> 
         raise ValueError(f"codes have shape {tuple(codes.shape)}, the grid {tuple(grid.weight.shape)}")
     if codes.is_floating_point() or int(codes.min()) < 0 or int(codes.max()) > grid.max_code:
         raise ValueError(f"codes must be integers in 0..{grid.max_code}")
-    return method_module(spec).pack_grid_codes(grid, codes.to(torch.uint8), spec)
+    return get_format(spec).pack_grid_codes(grid, codes.to(torch.uint8), spec)

@@ -15,7 +15,6 @@ The error of a layer at a bit width is measured with the quantizer that will rea
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -37,10 +36,9 @@ def roundoff_error(weight: torch.Tensor, spec: LayerSpec, metric: str = "mse", s
 
 def spec_bits(spec: LayerSpec) -> int:
     """Stored bits of a layer with this spec (codes, scales, zero points, cluster ids, indices)."""
-    from . import tensor_shapes
+    from . import stored_bytes
 
-    return sum(8 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-               for shape, dtype in tensor_shapes(spec).values())
+    return 8 * stored_bytes(spec)
 
 
 def allocate_by_qem(errors: Mapping[str, Mapping[int, float]], reference: Mapping[str, float],

@@ -20,6 +20,7 @@ Stored tensors:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -28,9 +29,16 @@ from ..quant.grid import ElementGrid, dequantize_codes, num_groups, quantize_cod
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 from . import rtn
+from .base import QuantFormat
 
-__all__ = ["split_channels", "fold_back", "gather_inputs", "tensor_shapes", "quantize", "dequantize", "element_grid",
+__all__ = ["OCSFormat", "num_duplicated", "split_channels", "fold_back", "gather_inputs", "tensor_shapes", "quantize", "dequantize", "element_grid",
            "pack_grid_codes"]
+
+
+def num_duplicated(spec: LayerSpec) -> int:
+    """Input channels OCS duplicates in a layer: ``ceil(ocs_expand_ratio * in_features)``."""
+    # round first so that e.g. 0.05 * 100 counts 5 channels, not 6
+    return math.ceil(round(spec.ocs_expand_ratio * spec.in_features, 6))
 
 
 def _group_of(columns: int, group_size: int | None, column: int) -> int:
@@ -104,7 +112,7 @@ def gather_inputs(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    total = spec.in_features + spec.num_duplicated
+    total = spec.in_features + num_duplicated(spec)
     groups = num_groups(total, spec.group_size)
     shapes = {
         "weight": ((spec.out_features * packed_row_bytes(total, spec.bits),), torch.uint8),
@@ -112,7 +120,7 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
     }
     if not spec.symmetric:
         shapes["weight_zero"] = ((spec.out_features, groups), torch.uint8)
-    shapes["weight_dup_index"] = ((spec.num_duplicated,), torch.int32)
+    shapes["weight_dup_index"] = ((num_duplicated(spec),), torch.int32)
     return shapes
 
 
@@ -121,7 +129,7 @@ def _split(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
 
     ``"auto"`` builds both and keeps the one whose quantized, folded-back weight is closer to ``weight``.
     """
-    n = spec.num_duplicated
+    n = num_duplicated(spec)
     expanded, index, chosen = split_channels(weight, n, "naive")
     scale, zero = rtn.grid_params(expanded, spec)
     if spec.ocs_split == "naive" or not n:
@@ -165,7 +173,7 @@ def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict |
 
 
 def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
-    total = spec.in_features + spec.num_duplicated
+    total = spec.in_features + num_duplicated(spec)
     codes = unpack_codes(tensors["weight"].reshape(spec.out_features, packed_row_bytes(total, spec.bits)), spec.bits,
                          total)
     index = tensors["weight_dup_index"]
@@ -174,3 +182,67 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     expanded = dequantize_codes(codes, tensors["weight_scale"], tensors.get("weight_zero"), spec.bits,
                                 spec.group_size)
     return fold_back(expanded, index, spec.in_features).to(dtype)
+
+
+def expand_differentiable(weight: torch.Tensor, spec: LayerSpec, scale: torch.Tensor | None,
+                          order: list[int] | None) -> torch.Tensor:
+    """The expanded ``[out, in + n]`` weight of ``weight`` with the fixed channel choices ``order``.
+
+    The split is linear in ``weight`` (plus constant ``-+ delta / 4`` offsets for the "qa" halves), so
+    the result is differentiable: each copy's gradient reaches its source column scaled by its
+    halving factor, and fold-back sums the copies (fake quantization trains through it).
+    """
+    n = num_duplicated(spec)
+    split = spec.ocs_split if n else "naive"
+    with torch.no_grad():
+        expanded, index, _ = split_channels(weight.detach().float(), n, split, delta=scale,
+                                            group_size=spec.group_size, order=order)
+        ones = torch.ones(1, weight.shape[1], device=weight.device)
+        factor = split_channels(ones, n, "naive", order=order)[0]
+        source = torch.cat([torch.arange(weight.shape[1], device=weight.device), index.long()])
+    linear = weight.float()[:, source] * factor
+    return expanded + (linear - linear.detach())
+
+
+class OCSFormat(QuantFormat):
+    """Outlier channel splitting: an affine grid over the expanded weight, duplicated inputs gathered."""
+
+    name = "ocs"
+    spec_fields = ("ocs_expand_ratio", "ocs_split")
+    supports_clipped_ste = False  # a weight's copies sit on different grid positions
+
+    def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return tensor_shapes(spec)
+
+    def columns(self, spec: LayerSpec) -> int:
+        return spec.in_features + num_duplicated(spec)
+
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                 cache: dict | None = None) -> dict[str, torch.Tensor]:
+        return quantize(weight, spec, seed, cache)
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(tensors, spec, dtype)
+
+    def element_grid(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                     cache: dict | None = None) -> ElementGrid:
+        return element_grid(weight, spec, seed, cache)
+
+    def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+        return pack_grid_codes(grid, codes, spec)
+
+    def input_index(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        index = tensors.get("weight_dup_index")
+        return index.long() if index is not None and index.numel() else None
+
+    def channel_order(self, weight: torch.Tensor, spec: LayerSpec) -> list[int] | None:
+        return split_channels(weight, num_duplicated(spec), "naive")[2]
+
+    def expand_weight(self, weight: torch.Tensor, spec: LayerSpec, scale: torch.Tensor | None,
+                      order: list[int] | None) -> torch.Tensor:
+        return expand_differentiable(weight, spec, scale, order)
+
+    def fold_weight(self, expanded: torch.Tensor, input_index: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:
+        if input_index is None:
+            return expanded[:, : spec.in_features]
+        return fold_back(expanded, input_index, spec.in_features)

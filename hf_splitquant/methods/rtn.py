@@ -23,8 +23,10 @@ from ..quant.grid import (
 )
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
+from .base import QuantFormat
 
-__all__ = ["tensor_shapes", "quantize", "dequantize", "pack", "unpack", "element_grid", "pack_grid_codes"]
+__all__ = ["RTNFormat", "tensor_shapes", "quantize", "dequantize", "pack", "unpack", "element_grid",
+           "pack_grid_codes"]
 
 
 def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -89,3 +91,26 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     return dequantize_codes(
         codes, tensors["weight_scale"], tensors.get("weight_zero"), spec.bits, spec.group_size, dtype
     )
+
+
+class RTNFormat(QuantFormat):
+    """Plain round-to-nearest on an affine grid per output channel or group (``transform="rtn"``)."""
+
+    name = "rtn"
+
+    def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return tensor_shapes(spec)
+
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                 cache: dict | None = None) -> dict[str, torch.Tensor]:
+        return quantize(weight, spec, seed, cache)
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(tensors, spec, dtype)
+
+    def element_grid(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                     cache: dict | None = None) -> ElementGrid:
+        return element_grid(weight, spec, seed, cache)
+
+    def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+        return pack_grid_codes(grid, codes, spec)

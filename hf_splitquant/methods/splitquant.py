@@ -39,12 +39,15 @@ from ..quant.grid import (
     num_groups,
     quantize_codes,
 )
+from ..quant.int4 import Int4Term
 from ..quant.kmeans import assign_clusters, kmeans_1d, split_boundaries
 from ..quant.packing import pack_trits, trit_row_bytes, unpack_trits
 from ..spec import LayerSpec
 from . import rtn
+from .base import QuantFormat
 
 __all__ = [
+    "SplitQuantFormat",
     "split_tensor",
     "SplitLinear",
     "split_linear",
@@ -231,3 +234,72 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     else:
         w = q.sub_(2 ** (spec.bits - 1)).mul_(per_element(tensors["weight_scale"]))
     return w.to(dtype)
+
+
+def int4_parts(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor) -> list[Int4Term]:
+    """Six int4-kernel terms: per cluster, its codes (others at the kernel's zero) and its grid offset
+    (a 0/1 mask).
+
+    A member of cluster ``c`` is ``q * s_c + o_c``; written ``(q - h) * s_c + (o_c + h * s_c)`` with
+    ``h = 2^(bits-1)`` the code term stays centred and the mask term carries the cluster's centre.
+    """
+    cols = spec.in_features
+    ids = unpack_clusters(tensors["weight_cluster"], spec)
+    h = 2 ** (spec.bits - 1)
+    terms = []
+    for c in range(NUM_CLUSTERS):
+        member = ids == c
+        scale = expand_params(tensors["weight_scale"][c].float(), cols, spec.group_size)
+        if "weight_min" in tensors:
+            offset = expand_params(tensors["weight_min"][c].float(), cols, spec.group_size)
+        elif "weight_zero" in tensors:
+            offset = -expand_params(tensors["weight_zero"][c].float(), cols, spec.group_size) * scale
+        else:
+            offset = -h * scale
+        zeros = torch.zeros_like(scale)
+        code = torch.where(member, codes.to(torch.int32) - h + 8, 8)
+        terms.append((code, scale, zeros))
+        terms.append((torch.where(member, 9, 8), offset + h * scale, zeros))
+    return terms
+
+
+class SplitQuantFormat(QuantFormat):
+    """SplitQuant: per-weight cluster ids and one grid per cluster (lower / middle / upper)."""
+
+    name = "splitquant"
+    spec_fields = ("splitquant_range",)
+    refits_clusters = True
+
+    def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return tensor_shapes(spec)
+
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                 cache: dict | None = None) -> dict[str, torch.Tensor]:
+        return quantize(weight, spec, seed, cache)
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(tensors, spec, dtype)
+
+    def element_grid(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                     cache: dict | None = None) -> ElementGrid:
+        return element_grid(weight, spec, seed, cache)
+
+    def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+        return pack_grid_codes(grid, codes, spec)
+
+    def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec,
+                            group_index: torch.Tensor) -> torch.Tensor:
+        ids = unpack_trits(state["weight_cluster"].reshape(spec.out_features, -1), spec.in_features).long()
+        return ids * (spec.out_features * num_groups(spec.in_features, spec.group_size)) + group_index
+
+    def int4_terms(self, spec: LayerSpec) -> int:
+        return 2 * NUM_CLUSTERS
+
+    def int4_unsupported(self, spec: LayerSpec) -> str | None:
+        if spec.bits > 4:
+            return f"{spec.bits}-bit SplitQuant would take 12 kernel calls; the dequantize path is faster"
+        return None
+
+    def int4_parts(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor,
+                   group: int) -> list[Int4Term]:
+        return int4_parts(tensors, spec, codes)

@@ -35,10 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods import element_grid, pack_grid_codes
-from ..methods.ocs import fold_back, split_channels
+from ..methods import element_grid, get_format, pack_grid_codes
 from ..quant.grid import ElementGrid, num_groups
-from ..quant.packing import unpack_trits
 from ..spec import LayerSpec
 
 __all__ = ["FakeQuantLinear", "STE_MODES"]
@@ -86,9 +84,10 @@ class FakeQuantLinear(nn.Module):
             raise ValueError(f"weight has shape {tuple(weight.shape)}, the spec ({spec.source}) needs {expected}")
         if ste not in STE_MODES:
             raise ValueError(f"`ste` must be one of {STE_MODES}, got {ste!r}")
-        if ste == "clipped" and spec.transform == "ocs":
-            raise ValueError("ste='clipped' is not available for OCS (a weight's copies sit on different grid "
-                             "positions); use ste='identity'")
+        self.format = get_format(spec)
+        if ste == "clipped" and not self.format.supports_clipped_ste:
+            raise ValueError(f"ste='clipped' is not available for {spec.transform} (a weight's copies sit on "
+                             "different grid positions); use ste='identity'")
         if kmeans_refresh_every is not None and (not isinstance(kmeans_refresh_every, int) or kmeans_refresh_every < 1):
             raise ValueError(f"`kmeans_refresh_every` must be a positive integer or None, got {kmeans_refresh_every!r}")
         if bool(spec.has_bias) != (bias is not None):
@@ -144,7 +143,7 @@ class FakeQuantLinear(nn.Module):
         """
         if self._grid is not None and self.grid_frozen:
             return self._grid
-        if (self.spec.transform == "splitquant" and self.kmeans_refresh_every is not None
+        if (self.format.refits_clusters and self.kmeans_refresh_every is not None
                 and self._updates - self._kmeans_update >= self.kmeans_refresh_every):
             self._cache.clear()
             self._kmeans_update = self._updates
@@ -157,34 +156,15 @@ class FakeQuantLinear(nn.Module):
         if self.learn_scales:
             return  # learned scales are already independent of the weights
         self.current_grid()
-        if self.spec.transform == "ocs":
-            self._ocs_order = self._choose_ocs_order(self.float_weight().detach().float())
+        self._ocs_order = self.format.channel_order(self.float_weight().detach().float(), self.spec)
         self.grid_frozen = True
 
     def unfreeze_grid(self) -> None:
         self.grid_frozen = False
 
-    def _choose_ocs_order(self, w: torch.Tensor) -> list[int]:
-        return split_channels(w, self.spec.num_duplicated, "naive")[2]
-
     def _expanded(self, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """OCS: the expanded ``[out, in + n]`` weight of ``w`` with the fixed channel choices.
-
-        The split is linear in ``w`` (plus constant ``-+ delta / 4`` offsets for the "qa" halves), so
-        the result is differentiable: each copy's gradient reaches its source column scaled by its
-        halving factor, and fold-back sums the copies.
-        """
-        n = self.spec.num_duplicated
-        order = self._ocs_order
-        split = self.spec.ocs_split if n else "naive"
-        with torch.no_grad():
-            expanded, index, _ = split_channels(w.detach().float(), n, split, delta=scale,
-                                                group_size=self.spec.group_size, order=order)
-            ones = torch.ones(1, w.shape[1], device=w.device)
-            factor = split_channels(ones, n, "naive", order=order)[0]
-            source = torch.cat([torch.arange(w.shape[1], device=w.device), index.long()])
-        linear = w.float()[:, source] * factor
-        return expanded + (linear - linear.detach())
+        """The weight the codes describe with the fixed channel choices (differentiable in ``w``)."""
+        return self.format.expand_weight(w, self.spec, scale, self._ocs_order)
 
     # ----------------------------------------------------------------------------------------
     # learned scales (LSQ)
@@ -197,8 +177,7 @@ class FakeQuantLinear(nn.Module):
         w = self.float_weight().detach().float()
         spec = self.spec
         self._cache.clear()
-        if spec.transform == "ocs":
-            self._ocs_order = self._choose_ocs_order(w)
+        self._ocs_order = self.format.channel_order(w, spec)
         grid = element_grid(w, spec, seed=self.seed, cache=self._cache)
         state = grid.state
         scale = state["weight_scale"].float()
@@ -207,10 +186,8 @@ class FakeQuantLinear(nn.Module):
         gsize = cols if spec.group_size is None or spec.group_size >= cols else spec.group_size
         rows = torch.arange(spec.out_features, device=w.device).unsqueeze(1)
         group_of = (torch.arange(cols, device=w.device) // gsize).unsqueeze(0)
-        index = rows * groups + group_of  # [out, cols] into [out, groups]
-        if spec.transform == "splitquant":
-            ids = unpack_trits(state["weight_cluster"].reshape(spec.out_features, -1), spec.in_features).long()
-            index = ids * (spec.out_features * groups) + index
+        # each element's entry in the flattened grid parameters ([out, groups], or per plane)
+        index = self.format.element_param_index(state, spec, rows * groups + group_of)
         zero = state.get("weight_zero")
         offset_codes = None
         if zero is not None:
@@ -256,9 +233,7 @@ class FakeQuantLinear(nn.Module):
         if self.weight_qat_min is not None:
             m = _cast_ste(self.weight_qat_min.float(), dtype)
             m_e = m.reshape(-1)[index]
-        w = w.float()
-        if spec.transform == "ocs":
-            w = self._expanded(w, s.detach())
+        w = self._expanded(w.float(), s.detach())
         if m_e is not None:
             v = (w - m_e) / s_e
         else:
@@ -266,8 +241,8 @@ class FakeQuantLinear(nn.Module):
         codes = torch.clamp(torch.round(v.detach()), 0, max_code)
         q = codes if hard else torch.clamp(_round_ste(v), 0, max_code)
         w_q = q * s_e + m_e if m_e is not None else (q - offset_codes) * s_e
-        if spec.transform == "ocs":
-            w_q = fold_back(w_q, lsq["input_index"].to(w_q.device), spec.in_features)
+        index = lsq["input_index"]
+        w_q = self.format.fold_weight(w_q, index.to(w_q.device) if index is not None else None, spec)
         state = dict(lsq["fixed"])
         state["weight_scale"] = s.detach().to(dtype)
         if m_e is not None:
@@ -285,11 +260,9 @@ class FakeQuantLinear(nn.Module):
             return self._lsq_quantize(w)[0]
         grid = self.current_grid()
         wf = w.float()
-        if self.spec.transform == "ocs":
-            expanded = self._expanded(wf, grid.state["weight_scale"]) if self.grid_frozen else grid.weight
-            deq = fold_back(grid.values(grid.nearest_codes(expanded.detach())), grid.input_index, self.in_features)
-        else:
-            deq = grid.values(grid.nearest_codes(wf.detach()))
+        expanded = self._expanded(wf, grid.state["weight_scale"]) if self.grid_frozen else grid.weight
+        deq = self.format.fold_weight(grid.values(grid.nearest_codes(expanded.detach())), grid.input_index,
+                                      self.spec)
         if self.ste == "clipped":
             low = grid.offset - grid.scale / 2
             high = grid.offset + grid.scale * (grid.max_code + 0.5)
@@ -314,10 +287,7 @@ class FakeQuantLinear(nn.Module):
                                torch.zeros(codes.shape), 2**self.spec.bits - 1, self._lsq["input_index"], state)
             return pack_grid_codes(grid, codes, self.spec)
         grid = self.current_grid()
-        if self.spec.transform == "ocs":
-            values = self._expanded(w, grid.state["weight_scale"]) if self.grid_frozen else grid.weight
-        else:
-            values = w
+        values = self._expanded(w, grid.state["weight_scale"]) if self.grid_frozen else grid.weight
         return pack_grid_codes(grid, grid.nearest_codes(values), self.spec)
 
     def to_packed(self) -> nn.Module:

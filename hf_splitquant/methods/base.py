@@ -1,0 +1,140 @@
+"""The contract every packed weight format implements (RTN, SplitQuant, OCS, ...).
+
+A format maps a float ``[out, in]`` weight and a :class:`~hf_splitquant.spec.LayerSpec` to the
+tensors stored in a checkpoint and back, and answers every question the rest of the library asks
+about those tensors: their names and shapes (checkpoint validation, skeletons), their size in bytes
+(bits per weight), the grid each element is rounded on (rounding optimisers and fake quantization),
+how they become int4-kernel terms (CPU kernels), and how OCS-like formats expand and fold input
+channels. Nothing outside :mod:`hf_splitquant.methods` branches on a format's name: it asks the
+format returned by :func:`hf_splitquant.methods.get_format`.
+
+Adding a format: one module in ``hf_splitquant/methods/`` with a :class:`QuantFormat` subclass,
+registered with :func:`hf_splitquant.methods.register_format`, plus one row in the test matrix of
+``tests/test_formats.py``. The stored layout must be described in ``docs/format.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+
+from ..quant.grid import ElementGrid, expand_params
+from ..quant.int4 import Int4Term, affine_terms
+from ..spec import LayerSpec
+
+__all__ = ["QuantFormat", "TensorShapes"]
+
+#: state-dict suffix -> (shape, dtype) of a packed layer's stored tensors
+TensorShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class QuantFormat:
+    """Base class of the packed formats. Subclasses set :attr:`name` and implement the abstract methods.
+
+    The defaults describe a plain affine format (codes ``weight``, ``weight_scale`` and an optional
+    integer ``weight_zero`` per group over ``columns(spec)`` columns), so a format only overrides
+    what differs.
+    """
+
+    #: the value of ``LayerSpec.transform`` (and ``SplitQuantConfig.transform``) naming this format
+    name: ClassVar[str] = ""
+    #: ``LayerSpec`` fields (besides the common ones) that this format reads; the config fills only these
+    spec_fields: ClassVar[tuple[str, ...]] = ()
+    #: whether the element grids depend on a clustering that fake quantization may re-fit while training
+    refits_clusters: ClassVar[bool] = False
+    #: whether the clipped straight-through estimator is meaningful (each weight has one grid position)
+    supports_clipped_ste: ClassVar[bool] = True
+
+    # ---------------------------------------------------------------- stored tensors
+
+    def tensor_shapes(self, spec: LayerSpec) -> TensorShapes:
+        """Names (state-dict suffixes), shapes and dtypes of the stored tensors; they follow from ``spec`` alone."""
+        raise NotImplementedError
+
+    def tensor_bytes(self, spec: LayerSpec) -> dict[str, int]:
+        """Bytes of each stored tensor of one layer, by state-dict suffix."""
+        return {name: math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                for name, (shape, dtype) in self.tensor_shapes(spec).items()}
+
+    def stored_bytes(self, spec: LayerSpec) -> int:
+        """Bytes of every stored tensor of one layer (codes with row padding, grids, ids, indices)."""
+        return sum(self.tensor_bytes(spec).values())
+
+    def columns(self, spec: LayerSpec) -> int:
+        """Columns of the weight the codes describe (OCS: the input features plus their duplicates)."""
+        return spec.in_features
+
+    # ---------------------------------------------------------------- quantize / dequantize
+
+    def quantize(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                 cache: dict | None = None) -> dict[str, torch.Tensor]:
+        """Float ``[out, in]`` weight -> stored tensors (round to nearest on the format's grid)."""
+        grid = self.element_grid(weight, spec, seed=seed, cache=cache)
+        return self.pack_grid_codes(grid, grid.nearest_codes(), spec)
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+        """Stored tensors -> float ``[out, in]`` weight in ``dtype``."""
+        raise NotImplementedError
+
+    def element_grid(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
+                     cache: dict | None = None) -> ElementGrid:
+        """The grid every element of ``weight`` (after the format's transform) is rounded on."""
+        raise NotImplementedError
+
+    def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
+        """Stored tensors for integer ``codes`` (uint8 ``[out, columns]``) chosen on ``grid``."""
+        raise NotImplementedError
+
+    def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec,
+                            group_index: torch.Tensor) -> torch.Tensor:
+        """Index of each element's grid parameters in the flattened ``weight_scale`` (learned scales).
+
+        ``group_index`` is ``row * groups + group`` of every element; a format whose parameters have
+        more planes (SplitQuant's clusters) offsets it by the element's plane.
+        """
+        return group_index
+
+    # ---------------------------------------------------------------- input expansion (OCS)
+
+    def input_index(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Input features appended to ``x`` before the matmul (``[x, x[..., index]]``), or ``None``."""
+        return None
+
+    def channel_order(self, weight: torch.Tensor, spec: LayerSpec) -> list[int] | None:
+        """The format's data-dependent channel choices for ``weight`` (fixed when a grid is frozen)."""
+        return None
+
+    def expand_weight(self, weight: torch.Tensor, spec: LayerSpec, scale: torch.Tensor | None,
+                      order: list[int] | None) -> torch.Tensor:
+        """The weight the codes describe, differentiable in ``weight`` (identity unless the format expands)."""
+        return weight
+
+    def fold_weight(self, expanded: torch.Tensor, input_index: torch.Tensor | None, spec: LayerSpec) -> torch.Tensor:
+        """The ``[out, in]`` weight computing what the expanded weight computes (identity unless expanded)."""
+        return expanded
+
+    # ---------------------------------------------------------------- CPU int4 kernel terms
+
+    def int4_terms(self, spec: LayerSpec) -> int:
+        """How many int4-kernel terms one forward of this layer takes."""
+        return 1 if spec.bits <= 4 else 2
+
+    def int4_unsupported(self, spec: LayerSpec) -> str | None:
+        """Why this layer should not run on int4 terms (or ``None``)."""
+        return None
+
+    def int4_parts(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor,
+                   group: int) -> list[Int4Term]:
+        """The terms ``(codes 0..15, step, zero)`` whose kernel outputs add up to the layer's output."""
+        cols = codes.shape[1]
+        scale = expand_params(tensors["weight_scale"].float(), cols, spec.group_size)
+        zero = tensors.get("weight_zero")
+        origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
+                  else torch.full_like(scale, float(2 ** (spec.bits - 1))))
+        return affine_terms(codes, scale, origin, spec.bits, group)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

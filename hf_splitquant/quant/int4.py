@@ -1,0 +1,49 @@
+"""Pure math of the CPU int4 kernel's *terms* (no kernel call here; see :mod:`hf_splitquant.kernels`).
+
+torch's int4 kernel computes ``x @ ((q - 8) * step + zero)^T`` for codes ``q`` in 0..15 with one
+(step, zero) per row and kernel group. A packed layer is written as one or more such terms whose
+outputs add up to the layer's output exactly (given bf16 grid parameters). Formats build their terms
+from the helpers here (:meth:`hf_splitquant.methods.base.QuantFormat.int4_parts`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Int4Term", "group_offsets", "affine_terms"]
+
+#: (codes 0..15 ``[out, cols]``, step ``[out, cols]``, zero ``[out, cols]``); step and zero are
+#: constant over each kernel group (the kernel reads them from the group's first column)
+Int4Term = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def group_offsets(d: torch.Tensor, group: int, low: int, high: int) -> torch.Tensor:
+    """Per kernel group, the integer ``e`` closest to 0 with ``low <= d - e <= high`` for all its
+    elements (feasible: a group's ``d`` spans at most ``high - low``), repeated over its columns."""
+    rows, cols = d.shape
+    pad = math.ceil(cols / group) * group - cols
+    dg = F.pad(d, (0, pad), value=0.0).reshape(rows, -1, group)
+    e = torch.clamp(dg.amax(-1) - high, min=0) + torch.clamp(dg.amin(-1) - low, max=0)
+    return e.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def affine_terms(codes: torch.Tensor, scale: torch.Tensor, origin: torch.Tensor, bits: int,
+                 group: int) -> list[Int4Term]:
+    """The terms of ``w = (q - origin) * scale`` (integer ``origin``, per element).
+
+    With ``d = q - origin`` and a per-group integer ``e`` (0 whenever the group allows, which is
+    always the case up to 3 bits and for centred grids), the kernel's zero (code 8) is ours and the
+    only float offset is ``e * scale``: no bf16 cancellation between codes and offsets. 2-4 bits take
+    one term; 5-8 bits two (the high and low nibble of ``d - e``, steps ``16 * scale`` and ``scale``).
+    """
+    d = codes.float() - origin  # integer, |d| <= 2^bits - 1
+    if bits <= 4:
+        e = group_offsets(d, group, -8, 7)
+        return [((d - e + 8).to(torch.uint8), scale, e * scale)]
+    # 5..8 bits: d - e = 16 (hi - 8) + (lo - 8) with t = d - e + 136 in 0..255
+    e = group_offsets(d, group, -136, 119)
+    t = (d - e + 136).to(torch.int32)
+    return [(t // 16, 16 * scale, torch.zeros_like(scale)), (t % 16, scale, e * scale)]
