@@ -66,7 +66,7 @@ class PeakMemory:
     """
 
     def __init__(self) -> None:
-        from hf_splitquant.integrations.calibration import anonymous_memory
+        from hf_splitquant.calibration import anonymous_memory
 
         self.read = anonymous_memory
         self.start = self.peak = 0

@@ -66,8 +66,8 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import hf_splitquant  # noqa: E402
 from hf_splitquant import SplitQuantConfig, assets  # noqa: E402
 from hf_splitquant.integrations.trainer import QATCallback, R2LossCallback  # noqa: E402
-from hf_splitquant.integrations.transformers import select_modules  # noqa: E402
 from hf_splitquant.methods.r2_loss import R2Regularizer, weight_range  # noqa: E402
+from hf_splitquant.modeling import select_modules  # noqa: E402
 
 VARIANTS = ("plain", "linf", "margin", "soft_min_max")
 #: R2 weight per variant. In the default decoupled mode it is a step size: L-inf and Soft-Min-Max move

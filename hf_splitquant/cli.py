@@ -81,7 +81,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cls = model_class(args.model, args.task)
     start = time.perf_counter()
     if args.rounding or args.calibration_data:  # needs data: load in float, then calibrate
-        from .integrations.calibration import quantize_from_file
+        from .calibration import quantize_from_file
 
         model = quantize_from_file(cls, args.model, config, args.calibration_data, num_samples=args.num_samples,
                                    dtype=getattr(torch, args.dtype))

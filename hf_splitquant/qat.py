@@ -26,17 +26,16 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import SplitQuantConfig
-from .integrations.transformers import (
-    _float_weight,
-    _set_module,
-    _shape_of,
-    attach_quantizer,
+from .modeling import (
     dequantize_model,
+    float_weight,
     iter_packed_modules,
+    module_shape,
     normalise_name,
     resolve_name,
     search_bit_widths,
     select_modules,
+    set_module,
 )
 from .nn.fake_quant import FakeQuantLinear
 from .spec import LayerSpec
@@ -44,8 +43,8 @@ from .spec import LayerSpec
 logger = logging.get_logger(__name__)
 
 __all__ = [
-    "prepare_qat",
-    "freeze",
+    "prepare_fake_quant",
+    "pack_fake_quant",
     "unprepare_qat",
     "iter_fake_quant_modules",
     "set_fake_quant",
@@ -67,12 +66,7 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
     Turning it on for the first time re-initialises learned scales from the current weights.
     """
     for _, module in iter_fake_quant_modules(model):
-        if enabled and not module.fake_quant_enabled and module.learn_scales and not getattr(
-                module, "_scales_started", False):
-            module.reset_scales()
-        if enabled:
-            module._scales_started = True
-        module.fake_quant_enabled = bool(enabled)
+        module.set_fake_quant(enabled)
 
 
 def freeze_scales(model: nn.Module) -> None:
@@ -91,7 +85,7 @@ def _layer_specs(model: nn.Module, config: SplitQuantConfig,
             if name is None:
                 raise ValueError(f"config.layers names module `{key}`, which {type(model).__name__} does not have")
             module = model.get_submodule(name)
-            in_f, out_f, source = _shape_of(module)
+            in_f, out_f, source = module_shape(module)
             if (in_f, out_f, source) != (spec.in_features, spec.out_features, spec.source):
                 raise ValueError(f"config.layers[{key!r}] is {spec.source} {spec.in_features}->{spec.out_features} "
                                  f"but the model's module is {source} {in_f}->{out_f}")
@@ -105,13 +99,13 @@ def _layer_specs(model: nn.Module, config: SplitQuantConfig,
                          "`modules_to_not_convert` or tied")
     bit_widths = search_bit_widths(selected, config, progress=False) if config.bit_allocation else {}
     for name, module in selected:
-        in_f, out_f, source = _shape_of(module)
+        in_f, out_f, source = module_shape(module)
         spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bit_widths.get(name))
         chosen.append((name, module, spec))
     return chosen
 
 
-def prepare_qat(model: nn.Module, config: SplitQuantConfig, in_place: bool = True,
+def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: bool = True,
                 kmeans_refresh_every: int | None = 100, ste: str = "identity",
                 lsq_grad_scale: bool = True) -> nn.Module:
     """Swap the layers ``config`` selects for :class:`FakeQuantLinear` and return the model.
@@ -121,7 +115,8 @@ def prepare_qat(model: nn.Module, config: SplitQuantConfig, in_place: bool = Tru
     else the packed model's layers, else the layers ``config`` selects (``bit_allocation`` runs on
     the float weights for per-layer bits). ``config`` is updated in place: ``qat=True`` and
     ``layers`` filled; the model is marked as quantized with it, so the stock ``Trainer`` accepts it
-    (``is_qat_trainable``) and ``save_pretrained`` records it.
+    (``is_qat_trainable``) and ``save_pretrained`` records it: that marking is done by
+    :func:`hf_splitquant.prepare_qat`, which calls this function.
 
     Args:
         model: a transformers model (or any module with Linear / Conv1D layers).
@@ -147,16 +142,15 @@ def prepare_qat(model: nn.Module, config: SplitQuantConfig, in_place: bool = Tru
     layers: dict[str, dict[str, Any]] = {}
     for name, module, spec in _layer_specs(model, config, packed_specs):
         weight = module.weight.detach()
-        if not _float_weight(module).isfinite().all():
+        if not float_weight(module).isfinite().all():
             raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot prepare it for QAT")
         new = FakeQuantLinear(spec, weight, module.bias.detach() if module.bias is not None else None,
                               seed=config.seed, learn_scales=config.qat_learn_scales,
                               kmeans_refresh_every=kmeans_refresh_every, ste=ste,
                               lsq_grad_scale=lsq_grad_scale).to(weight.device)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         layers[normalise_name(model, name)] = spec.to_dict()
     config.layers = layers
-    attach_quantizer(model, config)
     return model
 
 
@@ -169,13 +163,13 @@ def _model_config(model: nn.Module) -> SplitQuantConfig | None:
     return config if isinstance(config, SplitQuantConfig) else None
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Pack every :class:`FakeQuantLinear` into a :class:`PackedLinear` holding the same codes.
+def pack_fake_quant(model: nn.Module) -> SplitQuantConfig:
+    """Pack every :class:`FakeQuantLinear` into a :class:`PackedLinear` holding the same codes and
+    return the model's quantization config flipped to ``qat=False`` with the per-layer map.
 
-    The packed layers compute what the fake-quant layers computed (the same grid and codes), and the
-    model's quantization config is flipped to ``qat=False`` with the per-layer map, so
-    ``save_pretrained`` writes the packed format and plain ``from_pretrained`` reloads it. Call it
-    after training (or let ``QATCallback(freeze_on_train_end=True)`` do it).
+    The packed layers compute what the fake-quant layers computed (the same grid and codes).
+    :func:`hf_splitquant.freeze` calls this and marks the model with the returned config, so
+    ``save_pretrained`` writes the packed format and plain ``from_pretrained`` reloads it.
     """
     modules = list(iter_fake_quant_modules(model))
     if not modules:
@@ -185,13 +179,12 @@ def freeze(model: nn.Module) -> nn.Module:
     config = SplitQuantConfig.from_dict(old.to_dict()) if old is not None else SplitQuantConfig()
     layers = dict(config.layers or {})
     for name, module in modules:
-        _set_module(model, name, module.to_packed())
+        set_module(model, name, module.to_packed())
         layers[normalise_name(model, name)] = module.spec.to_dict()
     config.qat = False
     config.qat_learn_scales = False
     config.layers = layers
-    attach_quantizer(model, config)
-    return model
+    return config
 
 
 def unprepare_qat(model: nn.Module) -> nn.Module:
@@ -201,7 +194,7 @@ def unprepare_qat(model: nn.Module) -> nn.Module:
     if not modules:
         raise ValueError("unprepare_qat: the model has no FakeQuantLinear layer")
     for name, module in modules:
-        _set_module(model, name, module.to_float())
+        set_module(model, name, module.to_float())
     for attribute in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attribute):
             delattr(model, attribute)

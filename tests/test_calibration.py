@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 import subprocess
@@ -24,7 +26,7 @@ from transformers import (
 
 import hf_splitquant
 from hf_splitquant import SplitQuantConfig, assets, quantization_report
-from hf_splitquant.integrations.calibration import ExactSum, calibrate_and_quantize
+from hf_splitquant.calibration import ExactSum, calibrate_and_quantize
 from hf_splitquant.methods.coding_length import (
     allocate_by_coding_length,
     coding_length,
@@ -177,6 +179,38 @@ def test_attention_round_model_saves_and_reloads_exactly(tmp_path: Path, build, 
     for key, tensor in quantized.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], tensor), key
     assert torch.equal(model_output(reloaded, input_ids), expected)
+
+
+def _mean_square_input(model: torch.nn.Module, name: str, input_ids: torch.Tensor) -> float:
+    """Mean over tokens of |x|^2 of the inputs of module ``name`` on ``input_ids`` (no padding)."""
+    captured = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda module, args, output: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).float()))
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    handle.remove()
+    x = torch.cat(captured)
+    return float(x.pow(2).sum() / x.shape[0])
+
+
+def test_each_layer_is_fitted_on_inputs_from_the_quantized_layers_before_it() -> None:
+    """o_proj of the first block must see the outputs of the already quantized q/k/v, not the float block's."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    float_model = copy.deepcopy(model)
+    samples = token_samples(8, length=12, seed=3)
+    hf_splitquant.quantize(model, ar_config(), calibration_data=samples, batch_size=8, progress=False)
+    ids = torch.tensor(samples)
+    layers = model.calibration_report["layers"]
+    for name in ("layers.0.self_attn.o_proj", "layers.0.mlp.down_proj"):
+        fitted = layers[name]["input_power"]
+        quantized_inputs = _mean_square_input(model, f"model.{name}", ids)
+        float_inputs = _mean_square_input(float_model, f"model.{name}", ids)
+        assert fitted == pytest.approx(quantized_inputs, rel=1e-3), name
+        assert abs(quantized_inputs - float_inputs) > 0.02 * float_inputs, name  # the test can tell them apart
+    # the first stage reads the block's input, which no quantized layer has touched yet
+    first = _mean_square_input(float_model, "model.layers.0.self_attn.q_proj", ids)
+    assert layers["layers.0.self_attn.q_proj"]["input_power"] == pytest.approx(first, rel=1e-4)
 
 
 def test_every_data_form_gives_the_same_model() -> None:

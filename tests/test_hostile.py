@@ -265,7 +265,7 @@ def test_nan_weight_is_an_error_naming_the_layer(float_checkpoints, tmp_path):
         model.model.layers[1].self_attn.k_proj.weight[2, 5] = math.nan
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj.*NaN"):
         hf_splitquant.quantize(model, SplitQuantConfig(bits=4), progress=False)
-    assert not list(hf_splitquant.integrations.transformers.iter_packed_modules(model))  # left untouched
+    assert not list(hf_splitquant.modeling.iter_packed_modules(model))  # left untouched
     model.save_pretrained(tmp_path)
     # while loading, transformers collects the op's error into its load report and refuses the model
     records: list[str] = []

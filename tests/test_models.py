@@ -16,7 +16,8 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_splitquant
 from hf_splitquant import PackedLinear, SplitQuantConfig, kernels
-from hf_splitquant.integrations.transformers import FORMAT_METADATA_KEY, iter_packed_modules
+from hf_splitquant.checkpoint import FORMAT_METADATA_KEY
+from hf_splitquant.modeling import iter_packed_modules
 
 AUTO = {"bert": AutoModelForSequenceClassification, "llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM}
 

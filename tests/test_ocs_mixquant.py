@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import hf_splitquant
 from hf_splitquant import SplitQuantConfig, quantization_report
 from hf_splitquant.cli import main
-from hf_splitquant.integrations.transformers import iter_packed_modules
 from hf_splitquant.methods import dequantize_weight, get_format, mixquant, ocs, quantize_weight
+from hf_splitquant.modeling import iter_packed_modules
 from hf_splitquant.spec import LayerSpec
 
 

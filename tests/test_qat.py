@@ -18,10 +18,10 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 import hf_splitquant
-from hf_splitquant import PackedLinear, SplitQuantConfig
+from hf_splitquant import PackedLinear, SplitQuantConfig, freeze, prepare_qat
 from hf_splitquant.integrations.trainer import QATCallback
 from hf_splitquant.nn.fake_quant import FakeQuantLinear
-from hf_splitquant.qat import freeze, iter_fake_quant_modules, prepare_qat, unprepare_qat
+from hf_splitquant.qat import iter_fake_quant_modules, unprepare_qat
 
 TRANSFORMS = [None, "splitquant", "ocs"]
 

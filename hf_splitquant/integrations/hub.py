@@ -274,7 +274,7 @@ def build_model_card(
     import huggingface_hub
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .. import __version__
+    from ..version import __version__
 
     report, raw, folder = _report_of(model)
     if not report.layers:

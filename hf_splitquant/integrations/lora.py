@@ -138,7 +138,7 @@ def merge_into_float(peft_model: PeftModel, dtype: torch.dtype | None = None) ->
     if getattr(base, "hf_quantizer", None) is not None:
         base.dequantize(dtype=dtype)  # also drops the quantization config
     else:
-        from .transformers import dequantize_model
+        from ..modeling import dequantize_model
 
         dequantize_model(base, dtype)
     return peft_model.merge_and_unload()

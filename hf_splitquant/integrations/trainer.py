@@ -265,7 +265,6 @@ class QATCallback(TrainerCallback):
         for name, module in self._modules(model):
             if name in payload:
                 module.load_qat_state(payload[name])
-                module._scales_started = module.fake_quant_enabled
         return True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -289,7 +288,7 @@ class QATCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         if self.freeze_on_train_end:
-            from ..qat import freeze
+            from .transformers import freeze
 
             freeze(model)
             logger.info("QATCallback: packed the model (freeze_on_train_end=True)")

@@ -6,15 +6,11 @@ Checked against transformers 5.23 (see ``DESIGN.md`` section 4 for the load orde
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.core_model_loading import ConversionOps
-from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -22,7 +18,6 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
-from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from ..checkpoint import (
@@ -39,134 +34,35 @@ from ..checkpoint import (
 from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
 from ..memory import release_freed_memory
 from ..methods import tensor_shapes
+from ..modeling import (
+    QUANTIZABLE,
+    base_prefix,
+    dequantize_model,
+    has_base_prefix_module,
+    iter_packed_modules,
+    module_shape,
+    normalise_name,
+    quantize_layer,
+    quantize_modules,
+    resolve_name,
+    select_modules,
+    set_module,
+)
 from ..nn.packed_linear import PackedLinear
-from ..spec import LayerSpec
+from ..qat import pack_fake_quant, prepare_fake_quant
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "SplitQuantHfQuantizer",
     "register",
+    "attach_quantizer",
     "quantize_model",
-    "iter_packed_modules",
+    "prepare_qat",
+    "freeze",
     "FORMAT_METADATA_KEY",
 ]
 
-_QUANTIZABLE = (nn.Linear, Conv1D)
-
-
-# --------------------------------------------------------------------------------------------
-# Module selection and naming
-# --------------------------------------------------------------------------------------------
-
-
-def _base_prefix(model: nn.Module) -> str:
-    return getattr(model, "base_model_prefix", "") or ""
-
-
-def _has_prefix_module(model: nn.Module) -> bool:
-    prefix = _base_prefix(model)
-    return bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module) and getattr(model, prefix) is not model
-
-
-def normalise_name(model: nn.Module, name: str) -> str:
-    """Module path relative to the base model, so a head model and its base model share keys."""
-    prefix = _base_prefix(model)
-    if prefix and _has_prefix_module(model) and name.startswith(prefix + "."):
-        return name[len(prefix) + 1 :]
-    return name
-
-
-def resolve_name(model: nn.Module, key: str) -> str | None:
-    """The module path in ``model`` for a normalised key, or ``None`` if the model has no such module."""
-    candidates = [key]
-    if _has_prefix_module(model):
-        candidates.insert(0, f"{_base_prefix(model)}.{key}")
-    for candidate in candidates:
-        try:
-            model.get_submodule(candidate)
-        except AttributeError:
-            continue
-        return candidate
-    return None
-
-
-def default_modules_to_not_convert(model: nn.Module) -> list[str]:
-    """Output embeddings and the module owning the model's last parameter (its task head).
-
-    transformers' own helper returns the last *parameter* name (e.g. ``classifier.bias``), which then
-    matches no module; we strip the parameter name so the head really stays in float.
-    """
-    skip: set[str] = set()
-    params = list(model.named_parameters())
-    if params:
-        skip.add(params[-1][0].rpartition(".")[0])
-    get_out = getattr(model, "get_output_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    if out_emb is not None:
-        skip.update(name for name, module in model.named_modules() if module is out_emb)
-    return sorted(s for s in skip if s)
-
-
-def _tied_module_names(model: nn.Module) -> set[str]:
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    names = set(tied.keys()) | set(tied.values())
-    return {n.rpartition(".")[0] for n in names}
-
-
-def is_skipped(name: str, patterns: list[str]) -> bool:
-    """Whether ``name`` matches a ``modules_to_not_convert`` pattern.
-
-    transformers' rules (a prefix up to a module boundary, a regex with that boundary, or a suffix),
-    plus a whole run of path components anywhere: ``"intermediate"`` skips
-    ``bert.encoder.layer.0.intermediate.dense`` and ``"layer.1"`` does not skip ``layer.11``.
-    """
-    if not should_convert_module(name, patterns):
-        return True
-    return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns)
-
-
-def select_modules(model: nn.Module, config: SplitQuantConfig) -> list[tuple[str, nn.Module]]:
-    """The Linear / Conv1D modules that ``config`` quantizes, in model order."""
-    skip = list(config.modules_to_not_convert) if config.modules_to_not_convert is not None else (
-        default_modules_to_not_convert(model)
-    )
-    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    tied = _tied_module_names(model)
-    selected = []
-    for name, module in model.named_modules():
-        if not isinstance(module, _QUANTIZABLE) or name in tied:
-            continue
-        if is_skipped(name, skip):
-            continue
-        selected.append((name, module))
-    return selected
-
-
-def _shape_of(module: nn.Module) -> tuple[int, int, str]:
-    """(in_features, out_features, source) of a float Linear-like module."""
-    if isinstance(module, Conv1D):
-        in_f, out_f = module.weight.shape
-        return int(in_f), int(out_f), "Conv1D"
-    return int(module.in_features), int(module.out_features), "Linear"
-
-
-def _float_weight(module: nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` float weight of a Linear or Conv1D."""
-    w = module.weight.detach()
-    return w.t() if isinstance(module, Conv1D) else w
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def iter_packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear]]:
-    for name, module in model.named_modules():
-        if isinstance(module, PackedLinear):
-            yield name, module
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,7 +86,7 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
         for key, spec in specs.items():
             name = resolve_name(model, key)
             if name is None:
-                if _has_prefix_module(model) or not _base_prefix(model):
+                if has_base_prefix_module(model) or not base_prefix(model):
                     raise ValueError(
                         f"the checkpoint's quantization map names module `{key}`, which this "
                         f"{type(model).__name__} does not have: the checkpoint belongs to another architecture"
@@ -198,10 +94,10 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
                 logger.warning(f"Quantized module `{key}` is not part of {type(model).__name__} (a task head?); skipped.")
                 continue
             old = model.get_submodule(name)
-            if not isinstance(old, _QUANTIZABLE + (PackedLinear,)):
+            if not isinstance(old, QUANTIZABLE + (PackedLinear,)):
                 raise ValueError(f"the checkpoint's quantization map names `{key}`, which is a {type(old).__name__}, "
                                  "not a Linear layer")
-            in_f, out_f, source = _shape_of(old) if isinstance(old, _QUANTIZABLE) else (
+            in_f, out_f, source = module_shape(old) if isinstance(old, QUANTIZABLE) else (
                 old.in_features, old.out_features, old.spec.source)
             if (in_f, out_f, source) != (spec.in_features, spec.out_features, spec.source):
                 raise ValueError(
@@ -209,16 +105,16 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
                     f"says {spec.source} {spec.in_features}->{spec.out_features}"
                 )
             dtype = old.bias.dtype if getattr(old, "bias", None) is not None else None
-            _set_module(model, name, PackedLinear(spec, device="meta", dtype=dtype))
+            set_module(model, name, PackedLinear(spec, device="meta", dtype=dtype))
             resolved[key] = name
         return resolved
 
     layers: dict[str, dict[str, Any]] = {}
     for name, module in select_modules(model, config):
-        in_f, out_f, source = _shape_of(module)
+        in_f, out_f, source = module_shape(module)
         spec = config.spec_for(in_f, out_f, module.bias is not None, source)
         dtype = module.weight.dtype
-        _set_module(model, name, PackedLinear(spec, device="meta", dtype=dtype))
+        set_module(model, name, PackedLinear(spec, device="meta", dtype=dtype))
         layers[normalise_name(model, name)] = spec.to_dict()
     config.layers = layers
     return resolved
@@ -226,7 +122,7 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
 
 def _stored_prefixes(model: nn.Module, key: str, name: str) -> list[str]:
     """Key prefixes a layer may be stored under: with or without the base-model prefix."""
-    prefix = _base_prefix(model)
+    prefix = base_prefix(model)
     candidates = [name, key] + ([f"{prefix}.{key}"] if prefix else [])
     return list(dict.fromkeys(candidates))
 
@@ -252,7 +148,7 @@ class SplitQuantQuantize(ConversionOps):
         spec = module.spec
         weight = value.t() if spec.source == "Conv1D" else value
         try:
-            packed = module_quantize(weight, spec, self.hf_quantizer.quantization_config.seed, module_name)
+            packed = quantize_layer(weight, spec, self.hf_quantizer.quantization_config.seed, module_name)
         except ValueError as err:
             # transformers logs conversion errors and goes on loading; keep it to raise after loading.
             self.hf_quantizer.conversion_errors.append(str(err))
@@ -260,15 +156,6 @@ class SplitQuantQuantize(ConversionOps):
         del weight, value, input_dict
         release_freed_memory()  # the float temporaries just freed (keeps the load's peak near the packed size)
         return {f"{module_name}.{suffix}": tensor for suffix, tensor in packed.items()}
-
-
-def module_quantize(weight: torch.Tensor, spec: LayerSpec, seed: int, name: str) -> dict[str, torch.Tensor]:
-    from ..methods import quantize_weight
-
-    try:
-        return quantize_weight(weight, spec, seed=seed)
-    except ValueError as err:
-        raise ValueError(f"cannot quantize layer `{name}`: {err}") from None
 
 
 class SplitQuantHfQuantizer(HfQuantizer):
@@ -338,11 +225,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
             raise ValueError(self.conversion_errors[0] + more)
         if self.quantization_config.qat:
             # a QAT checkpoint (saved before freeze) holds float weights: rebuild the fake-quant layers
-            from ..qat import prepare_qat
-
-            prepare_qat(model, self.quantization_config, in_place=True)
+            prepare_fake_quant(model, self.quantization_config, in_place=True)
         elif not self.pre_quantized and self.quantization_config.bit_allocation:
-            _quantize_in_place(model, self.quantization_config, progress=True)
+            quantize_modules(model, self.quantization_config, progress=True)
         for name, module in iter_packed_modules(model):
             tensors = module.packed_tensors()
             for suffix, tensor in tensors.items():
@@ -387,25 +272,6 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return True
 
 
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every ``PackedLinear`` by the float module it came from (``nn.Linear`` or ``Conv1D``)."""
-    for name, module in list(iter_packed_modules(model)):
-        spec = module.spec
-        w_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
-        weight = module.dequantize_weight(w_dtype)
-        device = weight.device
-        if spec.source == "Conv1D":
-            new: nn.Module = Conv1D(spec.out_features, spec.in_features)
-            new.weight = nn.Parameter(weight.t().contiguous())
-        else:
-            new = nn.Linear(spec.in_features, spec.out_features, bias=spec.has_bias, device=device, dtype=w_dtype)
-            new.weight = nn.Parameter(weight)
-        if spec.has_bias:
-            new.bias = nn.Parameter(module.bias.detach().to(w_dtype).clone())
-        _set_module(model, name, new.to(device))
-    return model
-
-
 def register() -> None:
     """Register ``"splitquant"`` with transformers (idempotent)."""
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not SplitQuantConfig:
@@ -443,86 +309,28 @@ def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:
                 module.config._is_quantized = True
 
 
-def search_bit_widths(selected: list[tuple[str, nn.Module]], config: SplitQuantConfig,
-                      progress: bool = True) -> dict[str, int]:
-    """Per-layer bit widths for ``config.bit_allocation`` (MixQuant or coding length), by module name."""
-    from ..methods.mixquant import allocate_by_budget, allocate_by_qem, roundoff_error, spec_bits
-
-    # Round-off errors are only needed by MixQuant; coding length needs only the stored costs.
-    measure = config.bit_allocation == "mixquant"
-    widths = sorted(set(config.mixquant_candidates) | ({config.mixquant_reference_bits} if measure else set()))
-    errors: dict[str, dict[int, float]] = {}
-    relative: dict[str, dict[int, float]] = {}
-    reference: dict[str, float] = {}
-    costs: dict[str, dict[int, int]] = {}
-    sizes: dict[str, int] = {}
-    for name, module in tqdm(selected, desc="Bit-width search", unit="layer",
-                             disable=not progress or not logging.is_progress_bar_enabled()):
-        in_f, out_f, source = _shape_of(module)
-        weight = _float_weight(module).float()
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
-        sizes[name] = in_f * out_f
-        cache: dict = {}
-        by_bits = {}
-        for bits in widths:
-            spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bits)
-            if bits in config.mixquant_candidates:
-                costs.setdefault(name, {})[bits] = spec_bits(spec)
-            if measure:
-                by_bits[bits] = roundoff_error(weight, spec, config.mixquant_error, config.seed, cache)
-        if measure:
-            reference[name] = by_bits[config.mixquant_reference_bits]
-            errors[name] = {b: e for b, e in by_bits.items() if b in config.mixquant_candidates}
-            scale = float(weight.pow(2).mean() if config.mixquant_error == "mse" else weight.abs().mean())
-            # error relative to the layer's own scale, times its weights: layers of any scale and size
-            # compare, and a bit spent anywhere buys the same kind of error reduction
-            relative[name] = {b: sizes[name] * e / max(scale, 1e-30) for b, e in errors[name].items()}
-    if config.bit_allocation == "coding_length":
-        from ..methods.coding_length import allocate_by_coding_length
-
-        weights = {name: _float_weight(module) for name, module in selected}
-        return allocate_by_coding_length(weights, costs, sizes, config.target_bits, config.coding_length_eps)
-    if config.target_bits is None:
-        return allocate_by_qem(errors, reference, config.mixquant_qem)
-    return allocate_by_budget(relative, costs, sizes, config.target_bits)
-
-
-def _quantize_in_place(model: nn.Module, config: SplitQuantConfig, progress: bool) -> None:
-    """Replace the selected float layers by packed ones and write ``config.layers``."""
-    selected = select_modules(model, config)
-    if not selected:
-        raise ValueError(
-            "no Linear layer to quantize: every Linear/Conv1D is listed in `modules_to_not_convert` or tied"
-        )
-    bit_widths = search_bit_widths(selected, config, progress) if config.bit_allocation else {}
-    # Build every packed layer first and swap them in at the end: an error leaves the model untouched.
-    replacements: list[tuple[str, PackedLinear]] = []
-    layers: dict[str, dict[str, Any]] = {}
-    for name, module in tqdm(selected, desc="Quantizing", unit="layer",
-                             disable=not progress or not logging.is_progress_bar_enabled()):
-        in_f, out_f, source = _shape_of(module)
-        spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bit_widths.get(name))
-        weight = _float_weight(module)
-        packed = module_quantize(weight, spec, config.seed, name)
-        release_freed_memory()
-        new = PackedLinear(spec, device=weight.device, dtype=module.bias.dtype if module.bias is not None else None)
-        new.load_packed(packed)
-        if module.bias is not None:
-            with torch.no_grad():
-                new.bias.copy_(module.bias.detach())
-        replacements.append((name, new))
-        layers[normalise_name(model, name)] = spec.to_dict()
-    for name, new in replacements:
-        _set_module(model, name, new)
-    config.layers = layers
-
-
 def quantize_model(model: nn.Module, config: SplitQuantConfig, progress: bool = True) -> nn.Module:
     """Quantize a float model in place, layer by layer, and return it (packed, ready to save)."""
     config = SplitQuantConfig.from_dict(config.to_dict())  # the caller's object stays untouched
     if any(True for _ in iter_packed_modules(model)):
         raise ValueError("this model is already quantized; load or build the float model to quantize it again")
-    _quantize_in_place(model, config, progress)
+    quantize_modules(model, config, progress)
     attach_quantizer(model, config)
+    return model
+
+
+def prepare_qat(model: nn.Module, config: SplitQuantConfig, **kwargs: Any) -> nn.Module:
+    """Swap the layers ``config`` selects for fake-quant layers (quantization-aware training) and mark
+    the model as quantized with ``config``, so the stock ``Trainer`` accepts it. Keyword arguments:
+    see :func:`hf_splitquant.qat.prepare_fake_quant`."""
+    model = prepare_fake_quant(model, config, **kwargs)
+    attach_quantizer(model, config)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Pack a QAT model's fake-quant layers into ``PackedLinear`` holding the same codes, ready to
+    ``save_pretrained`` (reloaded with plain ``from_pretrained``). Call it after training, or let
+    ``QATCallback(freeze_on_train_end=True)`` do it."""
+    attach_quantizer(model, pack_fake_quant(model))
     return model

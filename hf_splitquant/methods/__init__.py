@@ -57,7 +57,7 @@ def get_format(spec_or_name: LayerSpec | str) -> QuantFormat:
     try:
         return _FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown packed format {name!r}; known formats: {format_names()}") from None
+        raise ValueError(f"`transform` names an unknown packed format {name!r}; known formats: {format_names()}") from None
 
 
 def tensor_shapes(spec: LayerSpec) -> TensorShapes:

@@ -26,7 +26,7 @@ Objective (layer-wise)
     The mean squared error between the float layer's output and the soft-quantized layer's output
     on the layer's calibration inputs ``X`` (``N`` rows): ``|X (W_soft - W)^T|^2 / (N * out)``. It
     depends on the data only through ``H = X^T X`` (``cols x cols``), so the statistics are summed
-    once (exactly, across processes: see :mod:`hf_splitquant.integrations.calibration`) and every
+    once (exactly, across processes: see :mod:`hf_splitquant.calibration`) and every
     iteration is a full-batch step costing one ``[out, cols] x [cols, cols]`` product whatever ``N``.
     OCS appends ``x[..., input_index]`` to the input; its ``H`` is the original one gathered on those
     indices (:func:`expand_hessian`). The loss handed to Adam is divided by the round-to-nearest loss

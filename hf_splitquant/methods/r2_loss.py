@@ -245,7 +245,7 @@ class R2Regularizer(nn.Module):
         from ..config import SplitQuantConfig
 
         if layers is None or isinstance(layers, SplitQuantConfig):
-            from ..integrations.transformers import select_modules
+            from ..modeling import select_modules
 
             config = layers if layers is not None else SplitQuantConfig()
             selected = select_modules(model, config)

@@ -106,6 +106,7 @@ class FakeQuantLinear(nn.Module):
         self.ste = ste
         self.lsq_grad_scale = bool(lsq_grad_scale)
         self.fake_quant_enabled = True
+        self._scales_started = False  # learned scales follow the weights until fake quantization first starts
         self.grid_frozen = False
         self._cache: dict[Any, torch.Tensor] = {}
         self._grid: ElementGrid | None = None
@@ -161,6 +162,15 @@ class FakeQuantLinear(nn.Module):
 
     def unfreeze_grid(self) -> None:
         self.grid_frozen = False
+
+    def set_fake_quant(self, enabled: bool) -> None:
+        """Turn fake quantization on or off (off: the layer computes in float). Turning it on for the
+        first time re-initialises learned scales from the current weights."""
+        if enabled and not self.fake_quant_enabled and self.learn_scales and not self._scales_started:
+            self.reset_scales()
+        if enabled:
+            self._scales_started = True
+        self.fake_quant_enabled = bool(enabled)
 
     def _expanded(self, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         """The weight the codes describe with the fixed channel choices (differentiable in ``w``)."""
@@ -344,6 +354,7 @@ class FakeQuantLinear(nn.Module):
     def load_qat_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`qat_state` returned."""
         self.fake_quant_enabled = bool(state["fake_quant_enabled"])
+        self._scales_started = self.fake_quant_enabled  # a resumed run keeps its learned scales
         self._updates = int(state["updates"])
         self._kmeans_update = int(state["kmeans_update"])
         self._ocs_order = state.get("ocs_order")

@@ -51,16 +51,36 @@ class PackedLinear(nn.Module):
         self._int4_ok: tuple[torch.device, bool, int] | None = None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec,
-                   seed: int = 0) -> PackedLinear:
-        """Quantize a float ``[out, in]`` weight (and keep ``bias`` in float) into a new module."""
-        packed = quantize_weight(weight.detach(), spec, seed=seed)
-        module = cls(spec, device=weight.device, dtype=bias.dtype if bias is not None else weight.dtype)
-        module.load_packed(packed)
+    def from_packed(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PackedLinear:
+        """A layer holding already packed ``tensors`` (moved to ``device``) and a copy of the float ``bias``.
+
+        ``dtype`` is the bias dtype (default: ``bias``'s own, else float32).
+        """
+        if bool(spec.has_bias) != (bias is not None):
+            raise ValueError(f"the spec says has_bias={spec.has_bias} but bias is {'missing' if bias is None else 'given'}")
+        dtype = dtype or (bias.dtype if bias is not None else None)
+        module = cls(spec, device=device, dtype=dtype)
+        module.load_packed({k: v.to(device) if device is not None else v for k, v in tensors.items()})
         if bias is not None:
             with torch.no_grad():
                 module.bias.copy_(bias.detach())
         return module
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: LayerSpec,
+                   seed: int = 0) -> PackedLinear:
+        """Quantize a float ``[out, in]`` weight (and keep ``bias`` in float) into a new module."""
+        packed = quantize_weight(weight.detach(), spec, seed=seed)
+        return cls.from_packed(spec, packed, bias, device=weight.device,
+                               dtype=bias.dtype if bias is not None else weight.dtype)
+
+    def set_weight_cache(self, enabled: bool) -> None:
+        """Keep the dequantized weight between calls (many forward passes over a fixed layer, e.g. while
+        calibrating the next layers); turning it off frees the cached copy."""
+        self.cache_dequantized = bool(enabled)
+        if not enabled:
+            self._cached = None
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors, keyed by state-dict suffix."""

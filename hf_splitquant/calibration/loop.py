@@ -1,0 +1,369 @@
+"""The block loop: calibrate a model block by block with the inputs produced by the already
+quantized blocks before it, keeping one block's activations in memory (see
+:mod:`hf_splitquant.calibration` for the whole procedure and its exactness across processes)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..config import SplitQuantConfig
+from ..integrations.transformers import attach_quantizer, quantize_model
+from ..memory import release_freed_memory
+from ..methods import element_grid, pack_grid_codes
+from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian
+from ..modeling import (
+    float_weight,
+    iter_packed_modules,
+    module_shape,
+    normalise_name,
+    search_bit_widths,
+    select_modules,
+    set_module,
+    spec_for_module,
+)
+from ..nn.packed_linear import PackedLinear
+from ..spec import LayerSpec
+from .blocks import (
+    MemoryMeter,
+    StopForward,
+    find_blocks,
+    first_output,
+    hidden_of,
+    model_device,
+    no_cache,
+    tensor_bytes,
+    to_device,
+    with_hidden,
+)
+from .data import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, global_batches, load_calibration_file, shard_batches
+from .distributed import assign_owners, broadcast, make_accelerator
+from .statistics import InputStatistics
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["calibrate_and_quantize", "quantize_from_file"]
+
+
+def calibrate_and_quantize(
+    model: nn.Module,
+    config: SplitQuantConfig,
+    calibration_data: Any,
+    tokenizer: Any = None,
+    num_samples: int = 1024,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    seed: int = 0,
+    progress: bool = True,
+    accelerator: Any = None,
+) -> nn.Module:
+    """Quantize ``model`` in place with calibration data (Attention Round) and return it, packed.
+
+    Args:
+        model: a float transformers model (or any ``nn.Module`` whose Linear layers ``config`` selects).
+        config: the :class:`~hf_splitquant.SplitQuantConfig`; ``rounding="attention_round"`` with its
+            ``rounding_options`` (see :class:`~hf_splitquant.methods.attention_round.AttentionRoundOptions`).
+            Not modified; the model gets a copy with ``layers`` filled in.
+        calibration_data: a ``datasets.Dataset`` (a ``text`` column, or one string column, or tokenized
+            ``input_ids``), a list of strings (or of token-id lists), a 2-D tensor of token ids, or a
+            ``torch.utils.data.DataLoader`` yielding dicts of model inputs (used in its own order).
+        tokenizer: tokenizes text samples (truncation to ``max_length``); its pad token pads batches.
+        num_samples: number of calibration samples; from a larger dataset they are drawn with ``seed``
+            (the same subset on every process), a DataLoader is cut after that many samples.
+        batch_size: samples per forward pass (not for DataLoaders). The result depends on it only
+            through float rounding; it is identical across process counts for one ``batch_size``.
+        max_length: tokens per sample at most.
+        seed: seed of the sample subset.
+        progress: show a progress bar (main process only).
+        accelerator: an ``accelerate.Accelerator`` for several processes (``torchrun``); by default one is
+            created, which is a single process unless launched by ``torchrun``.
+
+    Returns:
+        ``model``, with the selected layers packed, ``quantization_config`` attached (``save_pretrained``
+        writes the packed format) and ``model.calibration_report`` (a dict: samples, tokens, processes,
+        seconds, peak anonymous memory (``peak_memory_mb``, ``memory_increase_mb``; sampled after every
+        pass) and one block's activations (``activations_mb``), and per layer its bits and objective
+        before/after).
+    """
+    started = time.perf_counter()
+    config = SplitQuantConfig.from_dict(config.to_dict())  # the caller's object stays untouched
+    if config.rounding is None:
+        logger.warning("calibration_data is ignored: config.rounding is None (round to nearest needs no data); "
+                       "set rounding='attention_round' to use it")
+        return quantize_model(model, config, progress=progress)
+    _check_arguments(model, config, calibration_data, num_samples=num_samples, batch_size=batch_size,
+                     max_length=max_length)
+    device = model_device(model)
+    accelerator = accelerator if accelerator is not None else make_accelerator(device)
+    _warn_if_not_distributed(accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    show = progress and accelerator.is_main_process and logging.is_progress_bar_enabled()
+    memory = MemoryMeter()
+
+    specs, modules = _plan_layers(model, config, accelerator, show)
+    batches, num_batches, total_samples = shard_batches(
+        global_batches(calibration_data, tokenizer, num_samples, batch_size, max_length, seed), rank, world)
+    masks = [b["attention_mask"].bool() if isinstance(b.get("attention_mask"), torch.Tensor) else None for b in batches]
+    rounder = _LayerRounder(model, config, specs, modules, accelerator)
+    with torch.no_grad(), no_cache(model):
+        if world > 1 and not batches and rank == 0:
+            raise ValueError("process 0 got no calibration batch: use at least as many batches as processes")
+        activations = _calibrate_blocks(model, rounder, batches, masks, device, memory, show)
+    for _, packed_module in iter_packed_modules(model):
+        packed_module.set_weight_cache(False)
+    config.layers = {normalise_name(model, name): spec.to_dict() for name, spec in specs.items()}
+    attach_quantizer(model, config)
+    memory.sample()
+    layers = rounder.report.values()
+    rated = [i for i in layers if i["mse_rtn"] > 0]
+    model.calibration_report = {
+        "num_samples": total_samples, "num_batches": num_batches, "processes": world,
+        "options": rounder.options.to_dict(), "layers": rounder.report,
+        "seconds": time.perf_counter() - started,
+        "peak_memory_mb": memory.peak / 2**20,
+        "memory_increase_mb": (memory.peak - memory.start) / 2**20,
+        "activations_mb": activations / 2**20,
+        "mean_mse_ratio": float(sum(i["mse"] / i["mse_rtn"] for i in rated) / max(1, len(rated))),
+    }
+    accelerator.wait_for_everyone()
+    return model
+
+
+def _check_arguments(model: nn.Module, config: SplitQuantConfig, calibration_data: Any, **sizes: int) -> None:
+    if calibration_data is None:
+        raise ValueError(f"rounding={config.rounding!r} needs calibration_data (a datasets.Dataset, a list of "
+                         "strings or a DataLoader)")
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    if any(True for _ in iter_packed_modules(model)):
+        raise ValueError("this model is already quantized; load or build the float model to quantize it again")
+    if isinstance(calibration_data, torch.utils.data.DataLoader) and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 \
+            and isinstance(getattr(calibration_data, "sampler", None), torch.utils.data.RandomSampler):
+        raise ValueError("with several processes the calibration DataLoader must not shuffle (each process must see "
+                         "the same global order); use shuffle=False")
+
+
+def _warn_if_not_distributed(accelerator: Any) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and accelerator.num_processes == 1:
+        logger.warning(f"launched with WORLD_SIZE={launched} but the Accelerator sees one process, so every process "
+                       "calibrates on all the data by itself; on CPU create it with Accelerator(cpu=True)")
+
+
+def _plan_layers(model: nn.Module, config: SplitQuantConfig, accelerator: Any,
+                 show: bool) -> tuple[dict[str, LayerSpec], dict[str, nn.Module]]:
+    """The spec of every selected layer (bit widths decided on the main process and broadcast)."""
+    selected = select_modules(model, config)
+    if not selected:
+        raise ValueError("no Linear layer to quantize: every Linear/Conv1D is listed in `modules_to_not_convert` or tied")
+    widths: dict[str, int] = {}
+    if config.bit_allocation:
+        widths = search_bit_widths(selected, config, progress=show) if accelerator.is_main_process else None
+        widths = broadcast(widths, 0, accelerator)
+    specs = {name: spec_for_module(config, module, bits=widths.get(name)) for name, module in selected}
+    return specs, dict(selected)
+
+
+@dataclass
+class _LayerRounder:
+    """Chooses the codes of a group of layers from their statistics and installs the packed layers.
+
+    Each layer is optimised by one process (all of a process's layers first, then the broadcasts, so the
+    processes work in parallel); every process then installs the same packed tensors."""
+
+    model: nn.Module
+    config: SplitQuantConfig
+    specs: dict[str, LayerSpec]
+    modules: dict[str, nn.Module]  # float layers still to quantize (freed as they are replaced)
+    accelerator: Any
+    report: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.options = AttentionRoundOptions.from_dict(self.config.rounding_options)
+        self.order = {name: i for i, name in enumerate(self.specs)}  # seeds of the layers (model order)
+
+    def statistics(self, names: Sequence[str]) -> InputStatistics:
+        return InputStatistics({n: self.modules[n] for n in names},
+                               {n: module_shape(self.modules[n])[0] for n in names})
+
+    def quantize(self, names: list[str], stats: InputStatistics) -> None:
+        stats.reduce(self.accelerator)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        owners = assign_owners(names, self.specs, world)
+        mine = {name: round_layer(name, self.modules[name], self.specs[name], stats, self.options,
+                                  self.config.seed + self.order[name])
+                for name in names if owners[name] == rank}
+        for name in names:
+            packed, info = broadcast(mine.get(name), owners[name], self.accelerator)
+            module = self.modules.pop(name)  # the float layer is freed once replaced
+            new = PackedLinear.from_packed(self.specs[name], packed, module.bias, device=module.weight.device,
+                                           dtype=module.bias.dtype if module.bias is not None else module.weight.dtype)
+            new.set_weight_cache(True)  # while calibrating: dequantize once, not once per batch
+            set_module(self.model, name, new)
+            self.report[normalise_name(self.model, name)] = {"bits": self.specs[name].bits, **info}
+
+
+def _collect(rounder: _LayerRounder, names: list[str], passes: Sequence[tuple[Callable[[], Any], Any]],
+             device: torch.device) -> InputStatistics:
+    """Run every pass with hooks summing the inputs of ``names``; padding tokens are masked out."""
+    stats = rounder.statistics(names)
+    try:
+        for run, mask in passes:
+            stats.new_batch(None if mask is None else mask.to(device))
+            run()
+    finally:
+        stats.remove()
+    return stats
+
+
+def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[Mapping[str, Any]],
+                          device: torch.device) -> list[tuple[tuple, dict]]:
+    """The positional and keyword inputs the model gives its first block, for every batch."""
+    stored: list[tuple[tuple, dict]] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stored.append((args, kwargs))
+        raise StopForward
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(StopForward):
+                model(**to_device(batch, device))
+    finally:
+        handle.remove()
+    return stored
+
+
+def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[dict[str, Any]],
+                      masks: list[torch.Tensor | None], device: torch.device, memory: MemoryMeter,
+                      show: bool) -> int:
+    """Quantize every layer, block by block, then the layers outside the blocks. Returns the peak bytes
+    of one block's activations (its inputs and outputs)."""
+    names = list(rounder.modules)
+    found = find_blocks(model, names)
+    blocks = list(found[1]) if found is not None else []
+    prefix = f"{found[0]}." if found is not None and found[0] else ""
+    in_block: list[list[str]] = [[] for _ in blocks]
+    leftover: list[str] = []
+    for name in names:
+        if blocks and name.startswith(prefix):
+            in_block[int(name[len(prefix):].split(".", 1)[0])].append(name)
+        else:
+            leftover.append(name)
+    activation_peak = 0
+    stored = _capture_block_inputs(model, blocks[0], batches, device) if blocks else []
+    bar = tqdm(total=len(blocks) + (1 if leftover else 0), desc=f"Calibrating ({rounder.config.rounding})",
+               unit="block", disable=not show)
+    for index, block in enumerate(blocks):
+        if in_block[index]:
+            passes = [(lambda a=args, k=kwargs, b=block: b(*a, **k), mask) for (args, kwargs), mask in zip(stored, masks)]
+            # sequentially inside the block too: each stage's inputs come from the already quantized stages
+            stages = (execution_stages(in_block[index], rounder.modules, passes[0][0])
+                      if rounder.accelerator.is_main_process else None)  # process 0 always holds batch 0
+            for stage in broadcast(stages, 0, rounder.accelerator):
+                stats = _collect(rounder, stage, passes, device)
+                memory.sample()
+                rounder.quantize(stage, stats)
+                del stats
+        if index + 1 < len(blocks):
+            outputs = [with_hidden(args, kwargs, first_output(block(*args, **kwargs))) for args, kwargs in stored]
+            activation_peak = max(activation_peak, tensor_bytes([hidden_of(*s) for s in stored]) +
+                                  tensor_bytes([hidden_of(*s) for s in outputs]))
+            memory.sample()
+            stored = outputs
+        for module in block.modules():  # drop the dequantized copies used for this block's passes
+            if isinstance(module, PackedLinear):
+                module.set_weight_cache(False)
+        release_freed_memory()
+        bar.update(1)
+    stored = []
+    if leftover:  # layers outside the blocks, with the whole (quantized) model
+        passes = [(lambda b=batch: model(**to_device(b, device)), mask) for batch, mask in zip(batches, masks)]
+        stats = _collect(rounder, leftover, passes, device)
+        memory.sample()
+        rounder.quantize(leftover, stats)
+        bar.update(1)
+    bar.close()
+    return activation_peak
+
+
+def execution_stages(names: Sequence[str], modules: Mapping[str, nn.Module],
+                     run: Callable[[], Any]) -> list[list[str]]:
+    """``names`` grouped into the stages a forward pass (``run``) computes them in: layers reading the very
+    same input tensor (q/k/v, gate/up) form one stage, in the order of their first call. Layers the pass
+    never calls come last, each alone (calibration then reports that they saw no token)."""
+    order: list[tuple[str, torch.Tensor]] = []  # holding the inputs keeps them distinct objects
+
+    def hook(name: str):  # noqa: ANN202
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            if all(n != name for n, _ in order):
+                order.append((name, args[0]))
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for name, x in order:
+        if stages and x is last_input:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_input = x
+    called = {name for name, _ in order}
+    return stages + [[name] for name in names if name not in called]
+
+
+def round_layer(name: str, module: nn.Module, spec: LayerSpec, stats: InputStatistics,
+                options: AttentionRoundOptions, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Attention Round of one layer from its summed input statistics: (packed tensors, info)."""
+    weight = float_weight(module).float().cpu()
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
+    count = stats.count(name)
+    if count == 0:
+        raise ValueError(f"layer `{name}` saw no calibration token (is it used by the model's forward pass?)")
+    hessian = stats.hessian(name)
+    input_power = float(torch.diagonal(hessian).sum()) / count  # mean |x|^2 of the inputs it was fitted on
+    try:
+        grid = element_grid(weight, spec, seed=seed)
+    except ValueError as err:
+        raise ValueError(f"cannot quantize layer `{name}`: {err}") from None
+    hessian = expand_hessian(hessian, grid.input_index)
+    codes, info = attention_round(grid, hessian, count, options, seed=seed)
+    packed = pack_grid_codes(grid, codes, spec)
+    info = {"tokens": count, "input_power": input_power, **{k: v for k, v in info.items() if k != "iterations"}}
+    if math.isfinite(info["mse_rtn"]) and info["mse_rtn"] > 0:
+        info["mse_ratio"] = info["mse"] / info["mse_rtn"]
+    return {k: v.contiguous() for k, v in packed.items()}, info
+
+
+def quantize_from_file(model_class: Any, model_path: str, config: SplitQuantConfig, data_file: str | None,
+                       num_samples: int = 1024, **load_kwargs: Any) -> nn.Module:
+    """The command line's calibration path: load the float model and its tokenizer from ``model_path``,
+    the samples from ``data_file`` (:func:`~hf_splitquant.calibration.data.load_calibration_file`), and
+    quantize with calibration."""
+    from transformers import AutoTokenizer
+
+    if data_file is None:
+        raise ValueError(f"rounding={config.rounding!r} needs --calibration-data FILE")
+    data = load_calibration_file(data_file)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = model_class.from_pretrained(model_path, **load_kwargs)
+    return calibrate_and_quantize(model, config, data, tokenizer=tokenizer, num_samples=num_samples)

@@ -1,0 +1,275 @@
+"""Model surgery for packed and fake-quant layers: which modules are quantized, their shapes and
+float weights, replacing modules, and quantizing or dequantizing a whole model in memory.
+
+Pure PyTorch plus transformers' public model classes (``Conv1D``); nothing here knows the
+quantizer machinery of ``from_pretrained`` (that glue lives in
+:mod:`hf_splitquant.integrations.transformers`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.quantizers_utils import should_convert_module
+from transformers.utils import logging
+
+from .config import SplitQuantConfig
+from .memory import release_freed_memory
+from .methods import quantize_weight
+from .nn.packed_linear import PackedLinear
+from .spec import LayerSpec
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "QUANTIZABLE",
+    "base_prefix",
+    "has_base_prefix_module",
+    "normalise_name",
+    "resolve_name",
+    "default_modules_to_not_convert",
+    "is_skipped",
+    "select_modules",
+    "module_shape",
+    "float_weight",
+    "set_module",
+    "spec_for_module",
+    "iter_packed_modules",
+    "quantize_layer",
+    "search_bit_widths",
+    "quantize_modules",
+    "dequantize_model",
+]
+
+#: the float module types that are quantized
+QUANTIZABLE = (nn.Linear, Conv1D)
+
+
+
+def base_prefix(model: nn.Module) -> str:
+    """The model's ``base_model_prefix`` (``"bert"``, ``"model"``, ...) or ``""``."""
+    return getattr(model, "base_model_prefix", "") or ""
+
+
+def has_base_prefix_module(model: nn.Module) -> bool:
+    """Whether ``model`` wraps its base model under ``base_model_prefix`` (a task head model)."""
+    prefix = base_prefix(model)
+    return bool(prefix) and isinstance(getattr(model, prefix, None), nn.Module) and getattr(model, prefix) is not model
+
+
+def normalise_name(model: nn.Module, name: str) -> str:
+    """Module path relative to the base model, so a head model and its base model share keys."""
+    prefix = base_prefix(model)
+    if prefix and has_base_prefix_module(model) and name.startswith(prefix + "."):
+        return name[len(prefix) + 1 :]
+    return name
+
+
+def resolve_name(model: nn.Module, key: str) -> str | None:
+    """The module path in ``model`` for a normalised key, or ``None`` if the model has no such module."""
+    candidates = [key]
+    if has_base_prefix_module(model):
+        candidates.insert(0, f"{base_prefix(model)}.{key}")
+    for candidate in candidates:
+        try:
+            model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return candidate
+    return None
+
+
+def default_modules_to_not_convert(model: nn.Module) -> list[str]:
+    """Output embeddings and the module owning the model's last parameter (its task head).
+
+    transformers' own helper returns the last *parameter* name (e.g. ``classifier.bias``), which then
+    matches no module; we strip the parameter name so the head really stays in float.
+    """
+    skip: set[str] = set()
+    params = list(model.named_parameters())
+    if params:
+        skip.add(params[-1][0].rpartition(".")[0])
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        skip.update(name for name, module in model.named_modules() if module is out_emb)
+    return sorted(s for s in skip if s)
+
+
+def _tied_module_names(model: nn.Module) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    names = set(tied.keys()) | set(tied.values())
+    return {n.rpartition(".")[0] for n in names}
+
+
+def is_skipped(name: str, patterns: list[str]) -> bool:
+    """Whether ``name`` matches a ``modules_to_not_convert`` pattern.
+
+    transformers' rules (a prefix up to a module boundary, a regex with that boundary, or a suffix),
+    plus a whole run of path components anywhere: ``"intermediate"`` skips
+    ``bert.encoder.layer.0.intermediate.dense`` and ``"layer.1"`` does not skip ``layer.11``.
+    """
+    if not should_convert_module(name, patterns):
+        return True
+    return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns)
+
+
+def select_modules(model: nn.Module, config: SplitQuantConfig) -> list[tuple[str, nn.Module]]:
+    """The Linear / Conv1D modules that ``config`` quantizes, in model order."""
+    skip = list(config.modules_to_not_convert) if config.modules_to_not_convert is not None else (
+        default_modules_to_not_convert(model)
+    )
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    tied = _tied_module_names(model)
+    selected = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZABLE) or name in tied:
+            continue
+        if is_skipped(name, skip):
+            continue
+        selected.append((name, module))
+    return selected
+
+
+def module_shape(module: nn.Module) -> tuple[int, int, str]:
+    """(in_features, out_features, source) of a float Linear-like module."""
+    if isinstance(module, Conv1D):
+        in_f, out_f = module.weight.shape
+        return int(in_f), int(out_f), "Conv1D"
+    return int(module.in_features), int(module.out_features), "Linear"
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` float weight of a Linear or Conv1D."""
+    w = module.weight.detach()
+    return w.t() if isinstance(module, Conv1D) else w
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at path ``name`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def iter_packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear]]:
+    """``(name, module)`` of every :class:`PackedLinear` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            yield name, module
+
+
+
+
+def spec_for_module(config: SplitQuantConfig, module: nn.Module, bits: int | None = None) -> Any:
+    """The :class:`~hf_splitquant.spec.LayerSpec` ``config`` gives a float Linear / Conv1D (at ``bits``)."""
+    in_f, out_f, source = module_shape(module)
+    return config.spec_for(in_f, out_f, module.bias is not None, source, bits=bits)
+
+
+def quantize_layer(weight: torch.Tensor, spec: LayerSpec, seed: int, name: str) -> dict[str, torch.Tensor]:
+    """Stored tensors of one layer's float ``[out, in]`` weight; errors name the layer."""
+    try:
+        return quantize_weight(weight, spec, seed=seed)
+    except ValueError as err:
+        raise ValueError(f"cannot quantize layer `{name}`: {err}") from None
+
+
+def search_bit_widths(selected: list[tuple[str, nn.Module]], config: SplitQuantConfig,
+                      progress: bool = True) -> dict[str, int]:
+    """Per-layer bit widths for ``config.bit_allocation`` (MixQuant or coding length), by module name."""
+    from .methods.mixquant import allocate_by_budget, allocate_by_qem, roundoff_error, spec_bits
+
+    # Round-off errors are only needed by MixQuant; coding length needs only the stored costs.
+    measure = config.bit_allocation == "mixquant"
+    widths = sorted(set(config.mixquant_candidates) | ({config.mixquant_reference_bits} if measure else set()))
+    errors: dict[str, dict[int, float]] = {}
+    relative: dict[str, dict[int, float]] = {}
+    reference: dict[str, float] = {}
+    costs: dict[str, dict[int, int]] = {}
+    sizes: dict[str, int] = {}
+    for name, module in tqdm(selected, desc="Bit-width search", unit="layer",
+                             disable=not progress or not logging.is_progress_bar_enabled()):
+        in_f, out_f, source = module_shape(module)
+        weight = float_weight(module).float()
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
+        sizes[name] = in_f * out_f
+        cache: dict = {}
+        by_bits = {}
+        for bits in widths:
+            spec = config.spec_for(in_f, out_f, module.bias is not None, source, bits=bits)
+            if bits in config.mixquant_candidates:
+                costs.setdefault(name, {})[bits] = spec_bits(spec)
+            if measure:
+                by_bits[bits] = roundoff_error(weight, spec, config.mixquant_error, config.seed, cache)
+        if measure:
+            reference[name] = by_bits[config.mixquant_reference_bits]
+            errors[name] = {b: e for b, e in by_bits.items() if b in config.mixquant_candidates}
+            scale = float(weight.pow(2).mean() if config.mixquant_error == "mse" else weight.abs().mean())
+            # error relative to the layer's own scale, times its weights: layers of any scale and size
+            # compare, and a bit spent anywhere buys the same kind of error reduction
+            relative[name] = {b: sizes[name] * e / max(scale, 1e-30) for b, e in errors[name].items()}
+    if config.bit_allocation == "coding_length":
+        from .methods.coding_length import allocate_by_coding_length
+
+        weights = {name: float_weight(module) for name, module in selected}
+        return allocate_by_coding_length(weights, costs, sizes, config.target_bits, config.coding_length_eps)
+    if config.target_bits is None:
+        return allocate_by_qem(errors, reference, config.mixquant_qem)
+    return allocate_by_budget(relative, costs, sizes, config.target_bits)
+
+
+def quantize_modules(model: nn.Module, config: SplitQuantConfig, progress: bool = True) -> None:
+    """Replace the selected float layers by packed ones (round to nearest) and write ``config.layers``.
+
+    Every packed layer is built before any is swapped in, so an error leaves the model untouched.
+    """
+    selected = select_modules(model, config)
+    if not selected:
+        raise ValueError(
+            "no Linear layer to quantize: every Linear/Conv1D is listed in `modules_to_not_convert` or tied"
+        )
+    bit_widths = search_bit_widths(selected, config, progress) if config.bit_allocation else {}
+    # Build every packed layer first and swap them in at the end: an error leaves the model untouched.
+    replacements: list[tuple[str, PackedLinear]] = []
+    layers: dict[str, dict[str, Any]] = {}
+    for name, module in tqdm(selected, desc="Quantizing", unit="layer",
+                             disable=not progress or not logging.is_progress_bar_enabled()):
+        spec = spec_for_module(config, module, bits=bit_widths.get(name))
+        weight = float_weight(module)
+        packed = quantize_layer(weight, spec, config.seed, name)
+        release_freed_memory()
+        new = PackedLinear.from_packed(spec, packed, module.bias, device=weight.device)
+        replacements.append((name, new))
+        layers[normalise_name(model, name)] = spec.to_dict()
+    for name, new in replacements:
+        set_module(model, name, new)
+    config.layers = layers
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every ``PackedLinear`` by the float module it came from (``nn.Linear`` or ``Conv1D``)."""
+    for name, module in list(iter_packed_modules(model)):
+        spec = module.spec
+        w_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
+        weight = module.dequantize_weight(w_dtype)
+        device = weight.device
+        if spec.source == "Conv1D":
+            new: nn.Module = Conv1D(spec.out_features, spec.in_features)
+            new.weight = nn.Parameter(weight.t().contiguous())
+        else:
+            new = nn.Linear(spec.in_features, spec.out_features, bias=spec.has_bias, device=device, dtype=w_dtype)
+            new.weight = nn.Parameter(weight)
+        if spec.has_bias:
+            new.bias = nn.Parameter(module.bias.detach().to(w_dtype).clone())
+        set_module(model, name, new.to(device))
+    return model
+
+
