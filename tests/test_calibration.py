@@ -212,6 +212,33 @@ def test_each_layer_is_fitted_on_inputs_from_the_quantized_layers_before_it() ->
     assert layers["layers.0.self_attn.q_proj"]["input_power"] == pytest.approx(first, rel=1e-4)
 
 
+def test_heldout_batches_decide_which_layers_keep_their_optimised_codes() -> None:
+    """On 24 calibration tokens Attention Round overfits: most layers get worse than round-to-nearest on the
+    held-out batches. keep_best then keeps round-to-nearest exactly there, and never elsewhere."""
+    results = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = tiny_llama().eval()
+        config = ar_config(rounding_options={"iterations": 100, "keep_best": keep})
+        hf_splitquant.quantize(model, config, calibration_data=token_samples(8, length=6, seed=1), batch_size=2,
+                               progress=False, heldout_fraction=0.5)
+        results[keep] = model.calibration_report
+    assert results[True]["heldout_batches"] == 2 and results[True]["num_batches"] == 4
+    free, kept = results[False]["layers"], results[True]["layers"]
+    overfit = {n for n, i in free.items() if i["mse_heldout"] > i["mse_rtn_heldout"]}
+    assert len(overfit) >= len(free) // 2  # the situation the held-out slice exists for
+    assert all(i["mse_heldout"] <= i["mse_rtn_heldout"] and i["mse"] <= i["mse_rtn"] for i in kept.values())
+    assert any(i["kept_rtn"] for i in kept.values()) and not all(i["kept_rtn"] for i in kept.values())
+    assert all(i["heldout_tokens"] == 24 and i["tokens"] == 24 for i in kept.values())  # 2 x 2 samples x 6 each
+
+
+def test_heldout_batch_count() -> None:
+    from hf_splitquant.calibration.loop import heldout_batches
+
+    assert [heldout_batches(n, 0.25) for n in (0, 1, 2, 4, 10)] == [0, 0, 1, 1, 2]
+    assert heldout_batches(3, 0.9) == 2 and heldout_batches(10, 0.0) == 0
+
+
 def test_every_data_form_gives_the_same_model() -> None:
     samples = token_samples(12, length=10, seed=5)
     forms = {
@@ -248,7 +275,9 @@ def test_text_dataset_is_sampled_with_the_seed_and_padding_is_not_counted() -> N
     picked = data.select(sorted(torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:7].tolist()))
     tokens = sum(min(48, len(ids)) for ids in tokenizer(list(picked["text"]))["input_ids"])
     assert reports[0]["num_samples"] == 7 and reports[0]["num_batches"] == 3
-    assert {info["tokens"] for info in reports[0]["layers"].values()} == {tokens}  # padding excluded
+    # padding excluded; the last of the 3 batches is held out (fitted + held-out tokens = all tokens)
+    assert {info["tokens"] + info["heldout_tokens"] for info in reports[0]["layers"].values()} == {tokens}
+    assert reports[0]["heldout_batches"] == 1
     assert reports[0]["layers"] == reports[1]["layers"]
     assert reports[0]["layers"] != reports[2]["layers"]  # another seed, other samples
 

@@ -5,6 +5,7 @@ quantized blocks before it, keeping one block's activations in memory (see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -21,7 +22,7 @@ from ..config import SplitQuantConfig
 from ..integrations.transformers import attach_quantizer, quantize_model
 from ..memory import release_freed_memory
 from ..methods import element_grid, pack_grid_codes
-from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian
+from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian, layer_objective
 from ..modeling import (
     float_weight,
     iter_packed_modules,
@@ -50,9 +51,20 @@ from .data import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, global_batches, load_c
 from .distributed import assign_owners, broadcast, make_accelerator
 from .statistics import InputStatistics
 
+#: share of the calibration batches held out to decide whether a layer keeps its optimised codes
+DEFAULT_HELDOUT_FRACTION = 0.25
+
 logger = logging.get_logger(__name__)
 
-__all__ = ["calibrate_and_quantize", "quantize_from_file"]
+__all__ = ["calibrate_and_quantize", "quantize_from_file", "heldout_batches", "DEFAULT_HELDOUT_FRACTION"]
+
+
+def heldout_batches(num_batches: int, fraction: float) -> int:
+    """How many of ``num_batches`` global batches are held out: ``round(fraction * num_batches)``, at least
+    one when ``fraction > 0`` and there are two batches or more, and never all of them."""
+    if fraction <= 0 or num_batches < 2:
+        return 0
+    return min(num_batches - 1, max(1, round(fraction * num_batches)))
 
 
 def calibrate_and_quantize(
@@ -66,6 +78,7 @@ def calibrate_and_quantize(
     seed: int = 0,
     progress: bool = True,
     accelerator: Any = None,
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
 ) -> nn.Module:
     """Quantize ``model`` in place with calibration data (Attention Round) and return it, packed.
 
@@ -87,6 +100,10 @@ def calibrate_and_quantize(
         progress: show a progress bar (main process only).
         accelerator: an ``accelerate.Accelerator`` for several processes (``torchrun``); by default one is
             created, which is a single process unless launched by ``torchrun``.
+        heldout_fraction: the share of the calibration batches (the last ones, at least one when there
+            are two or more) whose statistics are not fitted on but decide ``keep_best``: a layer keeps
+            the optimised codes only if they beat round-to-nearest on the fitted *and* on the held-out
+            inputs (0 disables the held-out slice).
 
     Returns:
         ``model``, with the selected layers packed, ``quantization_config`` attached (``save_pretrained``
@@ -103,6 +120,9 @@ def calibrate_and_quantize(
         return quantize_model(model, config, progress=progress)
     _check_arguments(model, config, calibration_data, num_samples=num_samples, batch_size=batch_size,
                      max_length=max_length)
+    if isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float)) \
+            or not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"`heldout_fraction` must be a number in [0, 1), got {heldout_fraction!r}")
     device = model_device(model)
     accelerator = accelerator if accelerator is not None else make_accelerator(device)
     _warn_if_not_distributed(accelerator)
@@ -114,7 +134,10 @@ def calibrate_and_quantize(
     batches, num_batches, total_samples = shard_batches(
         global_batches(calibration_data, tokenizer, num_samples, batch_size, max_length, seed), rank, world)
     masks = [b["attention_mask"].bool() if isinstance(b.get("attention_mask"), torch.Tensor) else None for b in batches]
-    rounder = _LayerRounder(model, config, specs, modules, accelerator)
+    heldout = heldout_batches(num_batches, heldout_fraction)
+    # local batch j is global batch j * world + rank; the last `heldout` global batches are held out
+    fitted = [j * world + rank < num_batches - heldout for j in range(len(batches))]
+    rounder = _LayerRounder(model, config, specs, modules, accelerator, fitted, heldout)
     with torch.no_grad(), no_cache(model):
         if world > 1 and not batches and rank == 0:
             raise ValueError("process 0 got no calibration batch: use at least as many batches as processes")
@@ -127,7 +150,7 @@ def calibrate_and_quantize(
     layers = rounder.report.values()
     rated = [i for i in layers if i["mse_rtn"] > 0]
     model.calibration_report = {
-        "num_samples": total_samples, "num_batches": num_batches, "processes": world,
+        "num_samples": total_samples, "num_batches": num_batches, "heldout_batches": heldout, "processes": world,
         "options": rounder.options.to_dict(), "layers": rounder.report,
         "seconds": time.perf_counter() - started,
         "peak_memory_mb": memory.peak / 2**20,
@@ -187,6 +210,8 @@ class _LayerRounder:
     specs: dict[str, LayerSpec]
     modules: dict[str, nn.Module]  # float layers still to quantize (freed as they are replaced)
     accelerator: Any
+    fitted: list[bool]  # per local batch: fitted on (True) or held out (False)
+    heldout_count: int  # global batches held out
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -197,11 +222,13 @@ class _LayerRounder:
         return InputStatistics({n: self.modules[n] for n in names},
                                {n: module_shape(self.modules[n])[0] for n in names})
 
-    def quantize(self, names: list[str], stats: InputStatistics) -> None:
-        stats.reduce(self.accelerator)
+    def quantize(self, names: list[str], fit: InputStatistics, heldout: InputStatistics | None) -> None:
+        fit.reduce(self.accelerator)
+        if heldout is not None:
+            heldout.reduce(self.accelerator, alias=fit.alias)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         owners = assign_owners(names, self.specs, world)
-        mine = {name: round_layer(name, self.modules[name], self.specs[name], stats, self.options,
+        mine = {name: round_layer(name, self.modules[name], self.specs[name], fit, heldout, self.options,
                                   self.config.seed + self.order[name])
                 for name in names if owners[name] == rank}
         for name in names:
@@ -215,16 +242,24 @@ class _LayerRounder:
 
 
 def _collect(rounder: _LayerRounder, names: list[str], passes: Sequence[tuple[Callable[[], Any], Any]],
-             device: torch.device) -> InputStatistics:
-    """Run every pass with hooks summing the inputs of ``names``; padding tokens are masked out."""
-    stats = rounder.statistics(names)
+             device: torch.device) -> tuple[InputStatistics, InputStatistics | None]:
+    """Run every pass with hooks summing the inputs of ``names`` (padding tokens masked out), into the
+    fitted statistics or, for held-out batches, the held-out ones (``None`` when nothing is held out on
+    any process)."""
+    fit = rounder.statistics(names)
+    heldout = rounder.statistics(names) if rounder.heldout_count else None  # every process reduces both
     try:
-        for run, mask in passes:
+        for (run, mask), fitted in zip(passes, rounder.fitted):
+            stats, other = (fit, heldout) if fitted else (heldout, fit)
+            if other is not None:
+                other.pause()
             stats.new_batch(None if mask is None else mask.to(device))
             run()
     finally:
-        stats.remove()
-    return stats
+        fit.remove()
+        if heldout is not None:
+            heldout.remove()
+    return fit, heldout
 
 
 def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[Mapping[str, Any]],
@@ -273,10 +308,10 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
             stages = (execution_stages(in_block[index], rounder.modules, passes[0][0])
                       if rounder.accelerator.is_main_process else None)  # process 0 always holds batch 0
             for stage in broadcast(stages, 0, rounder.accelerator):
-                stats = _collect(rounder, stage, passes, device)
+                fit, heldout = _collect(rounder, stage, passes, device)
                 memory.sample()
-                rounder.quantize(stage, stats)
-                del stats
+                rounder.quantize(stage, fit, heldout)
+                del fit, heldout
         if index + 1 < len(blocks):
             outputs = [with_hidden(args, kwargs, first_output(block(*args, **kwargs))) for args, kwargs in stored]
             activation_peak = max(activation_peak, tensor_bytes([hidden_of(*s) for s in stored]) +
@@ -291,9 +326,9 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
     stored = []
     if leftover:  # layers outside the blocks, with the whole (quantized) model
         passes = [(lambda b=batch: model(**to_device(b, device)), mask) for batch, mask in zip(batches, masks)]
-        stats = _collect(rounder, leftover, passes, device)
+        fit, heldout = _collect(rounder, leftover, passes, device)
         memory.sample()
-        rounder.quantize(leftover, stats)
+        rounder.quantize(leftover, fit, heldout)
         bar.update(1)
     bar.close()
     return activation_peak
@@ -330,25 +365,45 @@ def execution_stages(names: Sequence[str], modules: Mapping[str, nn.Module],
     return stages + [[name] for name in names if name not in called]
 
 
-def round_layer(name: str, module: nn.Module, spec: LayerSpec, stats: InputStatistics,
+def round_layer(name: str, module: nn.Module, spec: LayerSpec, fit: InputStatistics, heldout: InputStatistics | None,
                 options: AttentionRoundOptions, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Attention Round of one layer from its summed input statistics: (packed tensors, info)."""
+    """Optimised rounding of one layer from its summed input statistics: ``(packed tensors, info)``.
+
+    The codes are fitted on ``fit``; with ``options.keep_best`` the layer keeps them only if they beat
+    round-to-nearest on the fitted inputs and on the held-out ones (``heldout``, when given). ``info``
+    holds both objectives (``mse``, ``mse_rtn`` and, held out, ``mse_heldout``, ``mse_rtn_heldout``).
+    """
     weight = float_weight(module).float().cpu()
     if not torch.isfinite(weight).all():
         raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot quantize it")
-    count = stats.count(name)
+    count = fit.count(name)
     if count == 0:
         raise ValueError(f"layer `{name}` saw no calibration token (is it used by the model's forward pass?)")
-    hessian = stats.hessian(name)
+    hessian = fit.hessian(name)
     input_power = float(torch.diagonal(hessian).sum()) / count  # mean |x|^2 of the inputs it was fitted on
     try:
         grid = element_grid(weight, spec, seed=seed)
     except ValueError as err:
         raise ValueError(f"cannot quantize layer `{name}`: {err}") from None
     hessian = expand_hessian(hessian, grid.input_index)
-    codes, info = attention_round(grid, hessian, count, options, seed=seed)
-    packed = pack_grid_codes(grid, codes, spec)
+    codes, info = attention_round(grid, hessian, count, dataclasses.replace(options, keep_best=False), seed=seed)
+    rtn = grid.nearest_codes()
+    worse = info["mse"] > info["mse_rtn"]
     info = {"tokens": count, "input_power": input_power, **{k: v for k, v in info.items() if k != "iterations"}}
+    held_count = heldout.count(name) if heldout is not None else 0
+    if held_count:
+        held_hessian = expand_hessian(heldout.hessian(name), grid.input_index)
+        info["heldout_tokens"] = held_count
+        info["mse_rtn_heldout"] = layer_objective(grid.values(rtn), grid.weight, held_hessian, held_count)
+        info["mse_heldout"] = layer_objective(grid.values(codes), grid.weight, held_hessian, held_count)
+        worse = worse or info["mse_heldout"] > info["mse_rtn_heldout"]
+    info["kept_rtn"] = bool(options.keep_best and worse)
+    if info["kept_rtn"]:
+        codes = rtn
+        info["mse"] = info["mse_rtn"]
+        if held_count:
+            info["mse_heldout"] = info["mse_rtn_heldout"]
+    packed = pack_grid_codes(grid, codes, spec)
     if math.isfinite(info["mse_rtn"]) and info["mse_rtn"] > 0:
         info["mse_ratio"] = info["mse"] / info["mse_rtn"]
     return {k: v.contiguous() for k, v in packed.items()}, info

@@ -70,6 +70,7 @@ class InputStatistics:
         self.counts: dict[str, int] = {}
         self.alias: dict[str, str] = {}
         self.batches = 0
+        self.active = True
         self.mask: torch.Tensor | None = None  # [batch, tokens] bool of the current batch
         self._last: tuple[torch.Tensor, str] | None = None
         self._triu: dict[int, torch.Tensor] = {}
@@ -83,6 +84,8 @@ class InputStatistics:
 
     def _hook(self, name: str):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not self.active:
+                return
             x = args[0]
             if self._last is not None and self._last[0] is x:  # same input as the previous layer
                 self.alias[name] = self._last[1]
@@ -103,23 +106,32 @@ class InputStatistics:
         return hook
 
     def new_batch(self, mask: torch.Tensor | None) -> None:
+        """Record the next forward pass (``mask``: its ``[batch, tokens]`` padding mask)."""
         self.mask = mask
         self._last = None
+        self.active = True
         self.batches += 1
+
+    def pause(self) -> None:
+        """Ignore forward passes until the next :meth:`new_batch` (another statistics object records them)."""
+        self.active = False
+        self._last = None
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._last = None
 
-    def reduce(self, accelerator: Any) -> None:
+    def reduce(self, accelerator: Any, alias: Mapping[str, str] | None = None) -> None:
         """Sum the statistics over all processes: one collective per shared input, after the local pass.
 
         Process 0 always holds batch 0, so its aliases are the reference (every process that saw a batch
-        must agree); layers that saw no token get zero sums so that every process reduces the same tensors.
+        must agree), unless ``alias`` gives them (held-out statistics take those of the fitted ones: process
+        0 may hold no held-out batch); layers that saw no token get zero sums so that every process reduces
+        the same tensors.
         """
         if accelerator is not None and accelerator.num_processes > 1:
-            alias = broadcast(dict(self.alias), 0, accelerator)
+            alias = dict(alias) if alias is not None else broadcast(dict(self.alias), 0, accelerator)
             if self.batches and alias != self.alias:
                 raise RuntimeError("the layers sharing an input differ between processes")
             self.alias = alias
