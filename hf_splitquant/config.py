@@ -19,7 +19,7 @@ __all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
 
 QUANT_METHOD = "splitquant"
 #: Version of the packed storage format this library writes and reads.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: ``None`` and ``"rtn"`` both mean plain round-to-nearest
 ALLOWED_TRANSFORMS = (None, *format_names())
@@ -31,7 +31,7 @@ ALLOWED_ERRORS = ("mse", "mae")
 
 
 #: config fields that are copied into the layer specs of the formats that read them
-_FORMAT_FIELDS = ("splitquant_range", "ocs_expand_ratio", "ocs_split")
+_FORMAT_FIELDS = ("splitquant_range", "ocs_expand_ratio", "ocs_split", "ocs_layout")
 
 
 def _is_int(value: Any) -> bool:
@@ -63,9 +63,12 @@ class SplitQuantConfig(QuantizationConfigMixin):
             bits per channel, for about 5% more bits per weight).
         ocs_split: with ``transform="ocs"``: ``"qa"`` quantization-aware halves (default), ``"naive"``
             plain halves, or ``"auto"`` (per layer, the split with the smaller weight error). QA assumes
-            both halves are rounded on one grid, which holds per channel (SmolLM2 int3: QA 453 against
-            naive 2255 perplexity) but not with groups, where the appended copy lands in another group:
-            there naive measured better (int3 g64: naive 75, QA 124, auto 121; use ``"naive"``).
+            both halves are rounded on one grid, which holds per channel, and with groups since
+            ``ocs_layout="source_group"`` (with the old ``"appended"`` layout the copy landed in another
+            group: SmolLM2 int3 g64 measured naive 75, QA 124, auto 121 perplexity).
+        ocs_layout: with ``transform="ocs"``: ``"source_group"`` (default; packed format version 2): each
+            duplicated column is rounded on its source group's grid, whose range covers it;
+            ``"appended"``: the format version 1 layout (copies in the last groups), kept for reading.
         clip: ``None`` or ``"mse"``: search each group's clipping range for the least squared error
             (RTN and OCS grids; as the OCS paper's "OCS + clipping").
         bit_allocation: ``None`` (every layer at ``bits``) or ``"mixquant"``: per-layer bit widths from
@@ -111,6 +114,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         splitquant_range: str = "cluster",
         ocs_expand_ratio: float = 0.05,
         ocs_split: str = "qa",
+        ocs_layout: str = "source_group",
         clip: str | None = None,
         bit_allocation: str | None = None,
         target_bits: float | None = None,
@@ -144,6 +148,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self.splitquant_range = splitquant_range
         self.ocs_expand_ratio = ocs_expand_ratio
         self.ocs_split = ocs_split
+        self.ocs_layout = ocs_layout
         self.clip = clip
         self.bit_allocation = bit_allocation
         self.target_bits = target_bits
@@ -166,7 +171,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
     @staticmethod
     def _field_names() -> tuple[str, ...]:
         return ("bits", "group_size", "symmetric", "transform", "splitquant_range", "ocs_expand_ratio", "ocs_split",
-                "clip", "bit_allocation", "target_bits", "mixquant_candidates", "mixquant_reference_bits",
+                "ocs_layout", "clip", "bit_allocation", "target_bits", "mixquant_candidates", "mixquant_reference_bits",
                 "mixquant_qem", "mixquant_error", "coding_length_eps", "rounding", "rounding_options", "qat",
                 "qat_learn_scales", "scale_dtype",
                 "modules_to_not_convert", "seed", "layers", "format_version", "quant_method")

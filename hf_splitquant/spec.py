@@ -17,6 +17,7 @@ SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": tor
 SOURCES = ("Linear", "Conv1D")
 SPLITQUANT_RANGES = ("cluster", "part")
 OCS_SPLITS = ("auto", "qa", "naive")
+OCS_LAYOUTS = ("appended", "source_group")
 CLIPS = (None, "mse")
 
 
@@ -40,6 +41,8 @@ class LayerSpec:
         ocs_split: OCS only: ``"qa"`` (quantization-aware halves), ``"naive"`` (plain halves) or
             ``"auto"`` (whichever of the two gives the smaller weight error for this layer).
         clip: ``None`` or ``"mse"`` (per-group MSE search of the clipping range; RTN and OCS grids).
+        ocs_layout: OCS only: ``"source_group"`` (each copy on its source's group grid, format version 2)
+            or ``"appended"`` (the copies form the last groups, format version 1).
     """
 
     in_features: int
@@ -55,6 +58,8 @@ class LayerSpec:
     ocs_expand_ratio: float = 0.0
     ocs_split: str = "qa"
     clip: str | None = None
+    #: where OCS copies take their grid; maps written before format version 2 have no field: "appended"
+    ocs_layout: str = "appended"
 
     def __post_init__(self) -> None:
         for name in ("in_features", "out_features"):
@@ -87,6 +92,8 @@ class LayerSpec:
             raise ValueError(f"layer spec field `ocs_expand_ratio` must be a number in [0, 1], got {ratio!r}")
         if self.ocs_split not in OCS_SPLITS:
             raise ValueError(f"layer spec field `ocs_split` must be one of {OCS_SPLITS}, got {self.ocs_split!r}")
+        if self.ocs_layout not in OCS_LAYOUTS:
+            raise ValueError(f"layer spec field `ocs_layout` must be one of {OCS_LAYOUTS}, got {self.ocs_layout!r}")
         if self.clip not in CLIPS:
             raise ValueError(f"layer spec field `clip` must be one of {CLIPS}, got {self.clip!r}")
 

@@ -18,8 +18,11 @@ from hf_splitquant.spec import LayerSpec
 FORMAT_ROWS: dict[str, list[dict]] = {
     "rtn": [{"bits": 3, "group_size": 32}, {"bits": 4, "group_size": None, "symmetric": True}, {"bits": 8, "group_size": 32}],
     "splitquant": [{"bits": 2, "group_size": 32}, {"bits": 3, "group_size": None, "splitquant_range": "part"}],
-    "ocs": [{"bits": 4, "group_size": 32, "ocs_expand_ratio": 0.05}, {"bits": 3, "group_size": None,
-                                                                      "ocs_expand_ratio": 0.1, "ocs_split": "naive"}],
+    "ocs": [{"bits": 4, "group_size": 32, "ocs_expand_ratio": 0.05, "ocs_layout": "source_group"},
+            {"bits": 3, "group_size": 32, "ocs_expand_ratio": 0.1, "ocs_split": "naive", "ocs_layout": "source_group"},
+            {"bits": 2, "group_size": None, "ocs_expand_ratio": 0.05, "ocs_layout": "source_group"},
+            {"bits": 4, "group_size": 32, "ocs_expand_ratio": 0.05},  # the format version 1 layout
+            {"bits": 3, "group_size": None, "ocs_expand_ratio": 0.1, "ocs_split": "naive"}],
 }
 CASES = [(name, row) for name, rows in FORMAT_ROWS.items() for row in rows]
 
@@ -76,14 +79,14 @@ def test_int4_terms_add_up_to_the_weight(name: str, row: dict) -> None:
     codes = grid.nearest_codes()
     terms = fmt.int4_parts(packed, spec, codes, 32)
     assert len(terms) == fmt.int4_terms(spec)
-    total = torch.zeros(codes.shape)
+    total = torch.zeros(terms[0][0].shape)  # the columns the kernel multiplies
     for term_codes, step, zero in terms:
         assert int(term_codes.min()) >= 0 and int(term_codes.max()) <= 15
         # the kernel reads one (step, zero) per row and group of 32: check they are constant there
         for t in (step, zero):
             assert torch.equal(t, expand_params(t[:, ::32].contiguous(), t.shape[1], 32))
         total += (term_codes.float() - 8) * step + zero
-    assert torch.allclose(fmt.fold_weight(total, fmt.input_index(packed), spec),
+    assert torch.allclose(fmt.fold_weight(total, fmt.input_index(packed, spec), spec),
                           fmt.dequantize(packed, spec, torch.float32), atol=1e-5)
 
 

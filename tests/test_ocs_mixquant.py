@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_output
+from conftest import model_output, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -166,3 +167,62 @@ def test_ocs_split_auto_keeps_the_better_split_per_layer():
             restored = dequantize_weight(quantize_weight(w, spec), spec, torch.float32)
             errors[split] = float((restored - w).pow(2).sum())
         assert errors["auto"] == min(errors["qa"], errors["naive"])
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def test_format_version_1_ocs_checkpoint_still_loads_exactly(tmp_path: Path) -> None:
+    """A checkpoint written by the format version 1 code (copies in the last groups) reloads with the
+    same logits; saving it again keeps its layout."""
+    from safetensors.torch import load_file
+
+    folder = DATA / "ocs_format_v1"
+    raw = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert raw["format_version"] == 1 and all("ocs_layout" not in spec for spec in raw["layers"].values())
+    expected = load_file(folder / "expected_logits.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert {m.spec.ocs_layout for _, m in iter_packed_modules(model)} == {"appended"}
+    with torch.no_grad(), hf_splitquant.kernel_mode("reference"):
+        assert torch.equal(model(input_ids=expected["input_ids"]).logits, expected["logits"])
+    with torch.no_grad():  # the int4 terms of the old layout (inputs gathered) agree too
+        fast = model(input_ids=expected["input_ids"]).logits
+    assert torch.allclose(fast, expected["logits"], atol=0.05)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], tensor), key
+
+
+def test_source_group_layout_round_trips_and_keeps_the_qa_split_exact_with_groups(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) * 0.02
+    w[:, 5] *= 12  # outlier channels
+    w[:, 70] *= 9
+    worst = {}
+    for layout in ("appended", "source_group"):
+        spec = LayerSpec(128, 48, 3, 32, transform="ocs", ocs_expand_ratio=0.05, ocs_split="qa", ocs_layout=layout)
+        grid = ocs.element_grid(w, spec)
+        restored = dequantize_weight(quantize_weight(w, spec), spec, torch.float32)
+        # the step of each original column's own grid
+        step = grid.scale[:, :128]
+        worst[layout] = float(((restored - w).abs() / step).max())
+    # each pair of halves shares its source's grid, so the QA offsets cancel exactly: every weight, split
+    # or not, is within half a step of its original value, like round to nearest; not so with copies
+    # rounded on the appended groups' grids
+    assert worst["source_group"] <= 0.5 + 1e-4 < worst["appended"], worst
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = SplitQuantConfig(bits=3, group_size=32, transform="ocs", ocs_expand_ratio=0.05)
+    hf_splitquant.quantize(model, config, progress=False)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["format_version"] == 2
+    assert {spec["ocs_layout"] for spec in saved["layers"].values()} == {"source_group"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.arange(3, 27).reshape(2, 12)
+    with hf_splitquant.kernel_mode("reference"):
+        exact = model_output(reloaded, ids)
+        assert torch.equal(exact, model_output(model, ids))
+    assert torch.allclose(model_output(reloaded, ids), exact, atol=0.05)  # int4 terms: copies folded in

@@ -181,17 +181,22 @@ def _pack_terms(parts: list[Int4Term], group: int, rows: int,
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz, padded_rows
 
 
-def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4Layout:
-    """Convert stored codes and grid parameters into int4-kernel terms (exact up to bf16 grids)."""
+def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4Layout | None:
+    """Convert stored codes and grid parameters into int4-kernel terms (exact up to bf16 grids), or
+    ``None`` when the format cannot write these tensors as terms."""
     fmt = get_format(spec)
     group = _kernel_group(spec)
-    cols = fmt.columns(spec)
+    stored_cols = fmt.columns(spec)
     rows = spec.out_features
-    codes = unpack_codes(tensors["weight"].reshape(rows, packed_row_bytes(cols, spec.bits)), spec.bits, cols)
+    codes = unpack_codes(tensors["weight"].reshape(rows, packed_row_bytes(stored_cols, spec.bits)), spec.bits,
+                         stored_cols)
     parts = fmt.int4_parts(tensors, spec, codes, group)
+    if parts is None:
+        return None
+    cols = parts[0][0].shape[1]  # the columns the terms multiply (OCS may fold its copies back)
     weight, scales_and_zeros, padded_rows = _pack_terms(parts, group, rows, cols)
     return Int4Layout(weight, scales_and_zeros, len(parts), group, cols, math.ceil(cols / group) * group, rows,
-                      padded_rows, fmt.input_index(tensors))
+                      padded_rows, fmt.input_index(tensors, spec))
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from ..quant.grid import ElementGrid, expand_params
+from ..quant.grid import ElementGrid, expand_params, num_groups
 from ..quant.int4 import Int4Term, affine_terms
 from ..spec import LayerSpec
 
@@ -88,19 +88,18 @@ class QuantFormat:
         """Stored tensors for integer ``codes`` (uint8 ``[out, columns]``) chosen on ``grid``."""
         raise NotImplementedError
 
-    def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec,
-                            group_index: torch.Tensor) -> torch.Tensor:
-        """Index of each element's grid parameters in the flattened ``weight_scale`` (learned scales).
-
-        ``group_index`` is ``row * groups + group`` of every element; a format whose parameters have
-        more planes (SplitQuant's clusters) offsets it by the element's plane.
-        """
-        return group_index
+    def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor:
+        """Index ``[out, columns]`` of each element's grid parameters in the flattened ``weight_scale``
+        (learned scales train those entries): ``row * groups + group`` over the stored columns."""
+        cols = self.columns(spec)
+        groups = num_groups(cols, spec.group_size)
+        size = cols if spec.group_size is None or spec.group_size >= cols else spec.group_size
+        return torch.arange(spec.out_features).unsqueeze(1) * groups + (torch.arange(cols) // size).unsqueeze(0)
 
     # ---------------------------------------------------------------- input expansion (OCS)
 
-    def input_index(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        """Input features appended to ``x`` before the matmul (``[x, x[..., index]]``), or ``None``."""
+    def input_index(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor | None:
+        """Input features the int4 terms expect appended to ``x`` (``[x, x[..., index]]``), or ``None``."""
         return None
 
     def channel_order(self, weight: torch.Tensor, spec: LayerSpec) -> list[int] | None:
@@ -127,8 +126,10 @@ class QuantFormat:
         return None
 
     def int4_parts(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor,
-                   group: int) -> list[Int4Term]:
-        """The terms ``(codes 0..15, step, zero)`` whose kernel outputs add up to the layer's output."""
+                   group: int) -> list[Int4Term] | None:
+        """The terms ``(codes 0..15, step, zero)`` whose kernel outputs add up to the layer's output
+        (with the inputs of :meth:`input_index` appended), or ``None`` when these tensors cannot be
+        written as :meth:`int4_terms` terms (the layer then takes the dequantize paths)."""
         cols = codes.shape[1]
         scale = expand_params(tensors["weight_scale"].float(), cols, spec.group_size)
         zero = tensors.get("weight_zero")

@@ -11,10 +11,20 @@ At run time the duplicated columns are folded back into their source columns whe
 dequantized (``W[:, src] += W_dup``), which gives the same ``y`` as gathering the duplicated input
 features (``x' = [x, x[..., src]]``), with no extra matmul cost.
 
+Where a copy's grid comes from (``LayerSpec.ocs_layout``):
+
+* ``"source_group"`` (written since packed format version 2): every appended column is rounded on the
+  grid of its source column's group, and that group's range covers the copy. Both halves of a split
+  then sit on one grid, which is what the quantization-aware split assumes, also with groups; the
+  scales cover the ``in`` original columns only.
+* ``"appended"`` (format version 1, still read): the appended columns form the last group(s) of the
+  expanded row, so with groups a copy is rounded on another grid than its source (the QA offsets then
+  do not cancel; measured in ``benchmarks/results/ocs_mixquant.md``).
+
 Stored tensors:
   ``weight``           uint8 codes of the expanded ``[out, in + n]`` weight (rows packed)
-  ``weight_scale``     ``[out, groups(in + n)]``
-  ``weight_zero``      uint8 ``[out, groups(in + n)]`` (asymmetric grids)
+  ``weight_scale``     ``[out, groups(in)]`` (``"appended"``: ``[out, groups(in + n)]``)
+  ``weight_zero``      uint8, the scales' shape (asymmetric grids)
   ``weight_dup_index`` int32 ``[n]``: the original input channel each appended column duplicates
 """
 
@@ -25,7 +35,16 @@ from collections.abc import Mapping
 
 import torch
 
-from ..quant.grid import ElementGrid, dequantize_codes, num_groups, quantize_codes
+from ..quant.grid import (
+    ElementGrid,
+    dequantize_codes,
+    expand_params,
+    group_range,
+    num_groups,
+    qparams_from_range,
+    search_clip_qparams,
+)
+from ..quant.int4 import Int4Term, affine_terms
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 from . import rtn
@@ -111,9 +130,13 @@ def gather_inputs(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.index_select(-1, index.long())], dim=-1)
 
 
+def _source_group_layout(spec: LayerSpec) -> bool:
+    return spec.ocs_layout == "source_group"
+
+
 def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     total = spec.in_features + num_duplicated(spec)
-    groups = num_groups(total, spec.group_size)
+    groups = num_groups(spec.in_features if _source_group_layout(spec) else total, spec.group_size)
     shapes = {
         "weight": ((spec.out_features * packed_row_bytes(total, spec.bits),), torch.uint8),
         "weight_scale": ((spec.out_features, groups), spec.torch_scale_dtype),
@@ -124,11 +147,95 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
     return shapes
 
 
+def copy_sources(order: list[int], in_features: int) -> list[int]:
+    """The original input channel of each appended column, for the split choices ``order``."""
+    source = list(range(in_features))
+    for j in order:
+        source.append(source[j])
+    return source[in_features:]
+
+
+def _copy_groups(sources: torch.Tensor | list[int], spec: LayerSpec) -> torch.Tensor:
+    """The group (of the original columns) each appended column's source lies in."""
+    index = torch.as_tensor(sources, dtype=torch.long)
+    g = spec.in_features if spec.group_size is None or spec.group_size >= spec.in_features else spec.group_size
+    return index // g
+
+
+def column_params(params: torch.Tensor, sources: torch.Tensor | list[int], spec: LayerSpec) -> torch.Tensor:
+    """``"source_group"`` layout: per-group ``[out, groups(in)]`` -> per-column ``[out, in + n]``, each
+    appended column taking its source's group."""
+    base = expand_params(params, spec.in_features, spec.group_size)
+    return torch.cat([base, params[:, _copy_groups(sources, spec).to(params.device)]], dim=1)
+
+
+def _source_group_params(expanded: torch.Tensor, sources: list[int],
+                         spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grids per group of the original columns whose ranges cover the group's appended copies too."""
+    in_f = spec.in_features
+    if spec.clip == "mse":  # the naive copies equal their halved sources, which the search sees
+        return search_clip_qparams(expanded[:, :in_f], spec.bits, spec.group_size, spec.symmetric,
+                                   spec.torch_scale_dtype)
+    lo, hi = group_range(expanded[:, :in_f], spec.group_size)
+    if sources:
+        groups = _copy_groups(sources, spec).to(expanded.device).expand(expanded.shape[0], -1)
+        copies = expanded[:, in_f:].float()
+        lo = lo.scatter_reduce(1, groups, copies, reduce="amin")
+        hi = hi.scatter_reduce(1, groups, copies, reduce="amax")
+    return qparams_from_range(lo, hi, spec.bits, spec.symmetric, spec.torch_scale_dtype)
+
+
+def _split_source_group(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
+    """``"source_group"``: split, fit each source group's grid over its columns and copies, then (``"qa"``)
+    re-split with each pair's own step, refitting the ranges to the halves until the grids are stable."""
+    n = num_duplicated(spec)
+    expanded, index, chosen = split_channels(weight, n, "naive")
+    sources = copy_sources(chosen, spec.in_features)
+    scale, zero = _source_group_params(expanded, sources, spec)
+    if spec.ocs_split == "naive" or not n:
+        return expanded, index, scale, zero
+    best = (expanded, index, scale, zero)
+    for _ in range(_QA_REFITS):
+        # the halves w/2 -+ delta/4 may widen their group's range, which changes delta: refit until stable
+        steps = column_params(scale.float(), sources, spec)
+        qa, qa_index, _ = split_channels(weight, n, "qa", delta=steps, group_size=1, order=chosen)
+        new_scale, new_zero = _source_group_params(qa, sources, spec)
+        stable = torch.equal(new_scale, scale) and (zero is None or torch.equal(new_zero, zero))
+        scale, zero = new_scale, new_zero
+        if stable:
+            break
+    if spec.ocs_split == "qa" or _split_error(qa, qa_index, scale, zero, weight, spec) <= _split_error(
+            *best[:2], *_source_group_params(best[0], sources, spec), weight, spec):
+        return qa, qa_index, scale, zero
+    return best
+
+
+#: refits of the source groups' grids to the quantization-aware halves (one or two suffice in practice)
+_QA_REFITS = 4
+
+
+def _grid(expanded: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+          spec: LayerSpec) -> ElementGrid:
+    """The per-element grid of the expanded weight for either layout."""
+    if not _source_group_layout(spec):
+        grid = rtn.grid_from_params(expanded, scale, zero, spec)
+    else:
+        step = column_params(scale.float(), index, spec)
+        origin = column_params(zero.float(), index, spec) if zero is not None else float(2 ** (spec.bits - 1))
+        state = {"weight_scale": scale} | ({"weight_zero": zero} if zero is not None else {})
+        grid = ElementGrid(expanded.float(), step, -origin * step, 2**spec.bits - 1, None, state)
+    grid.input_index = index
+    grid.state["weight_dup_index"] = index.to(torch.int32)
+    return grid
+
+
 def _split(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
     """Split outlier channels, fit the grid on the split weight, then (``"qa"``) re-split on that grid.
 
     ``"auto"`` builds both and keeps the one whose quantized, folded-back weight is closer to ``weight``.
     """
+    if _source_group_layout(spec):
+        return _split_source_group(weight, spec)
     n = num_duplicated(spec)
     expanded, index, chosen = split_channels(weight, n, "naive")
     scale, zero = rtn.grid_params(expanded, spec)
@@ -143,18 +250,14 @@ def _split(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
 
 def _split_error(expanded: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  weight: torch.Tensor, spec: LayerSpec) -> float:
-    codes = quantize_codes(expanded, scale, zero, spec.bits, spec.group_size)
-    restored = fold_back(dequantize_codes(codes, scale, zero, spec.bits, spec.group_size), index, spec.in_features)
+    grid = _grid(expanded, index, scale, zero, spec)
+    restored = fold_back(grid.values(grid.nearest_codes()), index, spec.in_features)
     return float((restored - weight.float()).pow(2).sum())
 
 
 def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
     """The grid of the expanded weight; ``input_index`` gives the duplicated input features."""
-    expanded, index, scale, zero = _split(weight, spec)
-    grid = rtn.grid_from_params(expanded, scale, zero, spec)
-    grid.input_index = index
-    grid.state["weight_dup_index"] = index.to(torch.int32)
-    return grid
+    return _grid(*_split(weight, spec), spec)
 
 
 def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
@@ -163,13 +266,8 @@ def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> 
 
 def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> dict[str, torch.Tensor]:
     """Split outlier channels, fit the grid on the split weight, then (``"qa"``) re-split on that grid."""
-    expanded, index, scale, zero = _split(weight, spec)
-    codes = quantize_codes(expanded, scale, zero, spec.bits, spec.group_size)
-    out = {"weight": pack_codes(codes, spec.bits).reshape(-1), "weight_scale": scale}
-    if zero is not None:
-        out["weight_zero"] = zero
-    out["weight_dup_index"] = index.to(torch.int32)
-    return out
+    grid = element_grid(weight, spec, seed, cache)
+    return pack_grid_codes(grid, grid.nearest_codes(), spec)
 
 
 def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -179,8 +277,14 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     index = tensors["weight_dup_index"]
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= spec.in_features):
         raise ValueError("OCS duplicate index out of range (corrupt `weight_dup_index` tensor)")
-    expanded = dequantize_codes(codes, tensors["weight_scale"], tensors.get("weight_zero"), spec.bits,
-                                spec.group_size)
+    if _source_group_layout(spec):
+        scale = column_params(tensors["weight_scale"].float(), index.long(), spec)
+        zero = tensors.get("weight_zero")
+        origin = column_params(zero.float(), index.long(), spec) if zero is not None else float(2 ** (spec.bits - 1))
+        expanded = (codes.float() - origin) * scale
+    else:
+        expanded = dequantize_codes(codes, tensors["weight_scale"], tensors.get("weight_zero"), spec.bits,
+                                    spec.group_size)
     return fold_back(expanded, index, spec.in_features).to(dtype)
 
 
@@ -194,9 +298,12 @@ def expand_differentiable(weight: torch.Tensor, spec: LayerSpec, scale: torch.Te
     """
     n = num_duplicated(spec)
     split = spec.ocs_split if n else "naive"
+    group_size = spec.group_size
+    if split == "qa" and _source_group_layout(spec) and scale is not None:
+        scale, group_size = column_params(scale.float(), copy_sources(order, spec.in_features), spec), 1
     with torch.no_grad():
         expanded, index, _ = split_channels(weight.detach().float(), n, split, delta=scale,
-                                            group_size=spec.group_size, order=order)
+                                            group_size=group_size, order=order)
         ones = torch.ones(1, weight.shape[1], device=weight.device)
         factor = split_channels(ones, n, "naive", order=order)[0]
         source = torch.cat([torch.arange(weight.shape[1], device=weight.device), index.long()])
@@ -208,7 +315,7 @@ class OCSFormat(QuantFormat):
     """Outlier channel splitting: an affine grid over the expanded weight, duplicated inputs gathered."""
 
     name = "ocs"
-    spec_fields = ("ocs_expand_ratio", "ocs_split")
+    spec_fields = ("ocs_expand_ratio", "ocs_split", "ocs_layout")
     supports_clipped_ste = False  # a weight's copies sit on different grid positions
 
     def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -231,7 +338,46 @@ class OCSFormat(QuantFormat):
     def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
         return pack_grid_codes(grid, codes, spec)
 
-    def input_index(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor:
+        if not _source_group_layout(spec):
+            return super().element_param_index(state, spec)
+        groups = num_groups(spec.in_features, spec.group_size)
+        group_of = column_params(torch.arange(groups).unsqueeze(0), state["weight_dup_index"].long().cpu(), spec)
+        return torch.arange(spec.out_features).unsqueeze(1) * groups + group_of
+
+    def int4_terms(self, spec: LayerSpec) -> int:
+        if _source_group_layout(spec) and num_duplicated(spec):
+            return 2  # folded codes: up to (pieces x levels) per weight, two nibbles
+        return super().int4_terms(spec)
+
+    def int4_unsupported(self, spec: LayerSpec) -> str | None:
+        if _source_group_layout(spec) and num_duplicated(spec) and spec.bits > 6:
+            return f"{spec.bits}-bit OCS codes folded over their copies exceed two int4 terms"
+        return None
+
+    def int4_parts(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor,
+                   group: int) -> list[Int4Term] | None:
+        if not _source_group_layout(spec):
+            return super().int4_parts(tensors, spec, codes, group)
+        # A copy shares its source's grid, so source and copies fold into one integer code offset on
+        # that grid: no input gather, and the kernel groups are the original columns' groups.
+        in_f = spec.in_features
+        index = tensors["weight_dup_index"].long()
+        scale = expand_params(tensors["weight_scale"].float(), in_f, spec.group_size)
+        zero = tensors.get("weight_zero")
+        origin = column_params(zero.float(), index, spec) if zero is not None else torch.full(
+            codes.shape, float(2 ** (spec.bits - 1)))
+        offsets = codes.float() - origin
+        folded = fold_back(offsets, index, in_f)
+        if not num_duplicated(spec):
+            return affine_terms(folded, scale, torch.zeros_like(scale), spec.bits, group)
+        if float(folded.max() - folded.min()) > 255:  # a long chain of splits of one channel
+            return None
+        return affine_terms(folded, scale, torch.zeros_like(scale), 8, group)
+
+    def input_index(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor | None:
+        if _source_group_layout(spec):
+            return None  # the kernel terms fold the copies into their sources
         index = tensors.get("weight_dup_index")
         return index.long() if index is not None and index.numel() else None
 

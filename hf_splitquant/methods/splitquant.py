@@ -287,10 +287,11 @@ class SplitQuantFormat(QuantFormat):
     def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
         return pack_grid_codes(grid, codes, spec)
 
-    def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec,
-                            group_index: torch.Tensor) -> torch.Tensor:
+    def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor:
+        # one plane of [out, groups] parameters per cluster
         ids = unpack_trits(state["weight_cluster"].reshape(spec.out_features, -1), spec.in_features).long()
-        return ids * (spec.out_features * num_groups(spec.in_features, spec.group_size)) + group_index
+        plane = spec.out_features * num_groups(spec.in_features, spec.group_size)
+        return ids * plane + super().element_param_index(state, spec).to(ids.device)
 
     def int4_terms(self, spec: LayerSpec) -> int:
         return 2 * NUM_CLUSTERS

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..methods import element_grid, get_format, pack_grid_codes
-from ..quant.grid import ElementGrid, num_groups
+from ..quant.grid import ElementGrid
 from ..spec import LayerSpec
 
 __all__ = ["FakeQuantLinear", "STE_MODES"]
@@ -192,12 +192,9 @@ class FakeQuantLinear(nn.Module):
         state = grid.state
         scale = state["weight_scale"].float()
         cols = grid.weight.shape[1]
-        groups = num_groups(cols, spec.group_size)
         gsize = cols if spec.group_size is None or spec.group_size >= cols else spec.group_size
-        rows = torch.arange(spec.out_features, device=w.device).unsqueeze(1)
-        group_of = (torch.arange(cols, device=w.device) // gsize).unsqueeze(0)
         # each element's entry in the flattened grid parameters ([out, groups], or per plane)
-        index = self.format.element_param_index(state, spec, rows * groups + group_of)
+        index = self.format.element_param_index(state, spec).to(w.device)
         zero = state.get("weight_zero")
         offset_codes = None
         if zero is not None:

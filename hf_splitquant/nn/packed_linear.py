@@ -142,7 +142,11 @@ class PackedLinear(nn.Module):
             layout = self._int4
             if layout is None:
                 layout = self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
-            return kernels.int4_linear(x, layout, self.bias)
+            if layout is not None:
+                return kernels.int4_linear(x, layout, self.bias)
+            self._int4_ok = (x.device, False, 0)  # these tensors have no int4 form: dequantize from now on
+            path = "dequant-bf16" if kernels.wants_fast_path(self.kernel_mode or kernels.get_kernel_mode(), x) \
+                else "reference"
         if path == "dequant-bf16":
             weight = self._dequantized(torch.bfloat16, x.device)
             bias = self.bias.to(torch.bfloat16) if self.bias is not None else None

@@ -35,6 +35,8 @@ __all__ = [
     "group_view",
     "expand_params",
     "ElementGrid",
+    "group_range",
+    "qparams_from_range",
 ]
 
 
@@ -299,3 +301,16 @@ def dequantize_codes(
         offset = zero.float().unsqueeze(-1) if zero is not None else float(2 ** (bits - 1))
         w = (q - offset) * scale.float().unsqueeze(-1)
     return w.reshape(out_f, n * g)[:, :in_f].to(dtype)
+
+
+def group_range(weight: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and group, the ``(min, max)`` of ``weight`` (``[out, groups]`` each)."""
+    lo, hi, _ = _masked_range(weight.float(), group_size, None)
+    return lo, hi
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                       scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) of grids spanning ``[lo, hi]`` per entry, with :func:`compute_qparams`'s rules."""
+    return _qparams_from_range(lo.float(), hi.float(), torch.ones_like(lo, dtype=torch.bool), bits, symmetric,
+                               scale_dtype)
