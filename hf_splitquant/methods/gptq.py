@@ -1,0 +1,162 @@
+"""GPTQ error feedback (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers") on a FIXED element grid.
+
+The layer objective is the one of :mod:`hf_splitquant.methods.attention_round`:
+``|X (W_q - W)^T|^2 = tr(D H D^T)`` with ``D = W_q - W`` and ``H = X^T X`` summed over the calibration
+tokens. GPTQ quantizes the input columns one after the other; after column ``j`` is rounded, the
+remaining (not yet quantized) columns are updated so that they compensate, in the least-squares sense
+of ``H``, for the error just made (the Optimal Brain Surgeon update restricted to one column). With
+``U`` the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), the update for column ``j`` is
+``W[:, k] -= (w_j - q_j) / U[j, j] * U[j, k]`` for ``k > j``; the rows are independent, so all rows
+are done at once. Lazy blocks: the updates inside a block of ``block_size`` columns are applied at
+once, and the accumulated errors of the block are pushed to the rest of the matrix with one matrix
+product (same result, far less memory traffic).
+
+Unlike the original, the grid here does not change while the columns are processed: every element
+``(r, c)`` keeps the levels ``offset[r, c] + k * scale[r, c]`` of its :class:`~hf_splitquant.quant.grid.ElementGrid`
+(:func:`hf_splitquant.methods.element_grid`), and the code of an error-corrected weight is its nearest
+level, clamped to ``0 .. max_code``. The grid may therefore come from any format: RTN groups, OCS's
+expanded columns (``H`` expanded with :func:`~hf_splitquant.methods.attention_round.expand_hessian`; the
+duplicated columns see exactly the same inputs, so GPTQ can move error between the two halves),
+SplitQuant's per-cluster grids, or the output-aware clipped grids of
+:mod:`hf_splitquant.methods.output_clip`. Because the grid is fixed, ``act_order`` (columns in order of
+decreasing ``H_jj``) needs no "static groups" trick.
+
+Dampening. ``H`` estimated from a few thousand tokens is ill-conditioned (``down_proj``: 1536 inputs),
+and the error feedback then fits noise of the calibration set. :func:`damp_hessian` adds
+``damping * mean(diag H)`` to the diagonal; ``damping -> inf`` gives round-to-nearest.
+
+Defaults, from ``benchmarks/study_layers.py`` (``benchmarks/results/layer_study.md``; SmolLM2-135M,
+``layers.5`` q/v/o/down_proj and ``layers.20`` up_proj, ``H`` from 8 x 256 calibration tokens, the
+error measured on 8 x 256 held-out tokens of other articles, relative to RTN): see
+:data:`DEFAULT_DAMPING` below for the numbers behind the choice.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..quant.grid import ElementGrid
+from .attention_round import expand_hessian
+
+__all__ = ["DEFAULT_DAMPING", "damp_hessian", "gptq_round", "hessian_objective"]
+
+#: Relative dampening of ``H`` (fraction of the mean diagonal); chosen by the held-out layer study
+#: (module docstring).
+DEFAULT_DAMPING = 0.1
+
+
+def damp_hessian(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """``H + damping * mean(diag H) * I`` (a new float64 tensor).
+
+    Dead inputs (``H_jj == 0``: the input was always zero on the calibration data, so its row and
+    column of ``H`` are zero) get ``H_jj = 1`` first, as in GPTQ, so that ``H`` stays invertible; their
+    weights do not enter the objective and no error is fed back through them. The mean is taken over
+    the live inputs only (over all, if every input is dead), so that dead inputs do not dilute it.
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"the hessian must be square, got shape {tuple(hessian.shape)}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+    h = hessian.to(torch.float64).clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    live_mean = float(diag[~dead].mean()) if bool((~dead).any()) else 1.0
+    diag[dead] = 1.0
+    diag += damping * live_mean
+    return h
+
+
+def hessian_objective(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(D H D^T)`` with ``D = weight - reference``: the summed squared output error ``|X D^T|^2``."""
+    d = (weight.double() - reference.double())
+    return float(((d @ hessian.double()) * d).sum())
+
+
+def _inverse_cholesky(h: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``h^-1``; if ``h`` is numerically not positive definite, more of the
+    mean diagonal is added (x10 each try). Returns ``(U, extra relative damping added)``."""
+    mean = float(h.diagonal().mean())
+    extra = 0.0
+    for _ in range(8):
+        lower, bad = torch.linalg.cholesky_ex(h)
+        if int(bad) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, bad = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(bad) == 0:
+                return upper, extra
+        step = 1e-6 if extra == 0.0 else extra * 9.0  # extra -> 1e-6, 1e-5, 1e-4, ...
+        h = h + step * mean * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        extra += step
+    raise ValueError("the hessian is not positive definite even after extra damping (NaN in the statistics?)")
+
+
+def gptq_round(grid: ElementGrid, hessian: torch.Tensor, damping: float = DEFAULT_DAMPING, block_size: int = 128,
+               act_order: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Choose the integer codes of ``grid`` by GPTQ error feedback.
+
+    Args:
+        grid: the layer's :class:`ElementGrid` (``grid.weight``: the float weight; OCS: expanded).
+        hessian: ``X^T X`` of the layer's inputs, ``[cols, cols]``; for an OCS grid either already
+            expanded or the original ``[in, in]`` one (then expanded here with ``grid.input_index``).
+        damping: relative dampening, see :func:`damp_hessian`.
+        block_size: columns per lazy block (affects speed only, up to float rounding).
+        act_order: process columns in order of decreasing ``H_jj`` (the most important first, so
+            that their errors can still be compensated by many columns).
+
+    Returns:
+        ``(codes uint8 [out, cols], info)`` with ``info``: ``objective_rtn`` and ``objective`` (the
+        undamped ``tr(D H D^T)`` of round-to-nearest and of the returned codes), ``damping`` (including
+        any extra damping needed for a numerically singular ``H``), ``act_order`` and ``seconds``.
+    """
+    start = time.perf_counter()
+    w = grid.weight.float()
+    out_f, cols = w.shape
+    h = hessian
+    if grid.input_index is not None and h.shape[0] == cols - grid.input_index.numel():
+        h = expand_hessian(h, grid.input_index)
+    if tuple(h.shape) != (cols, cols):
+        raise ValueError(f"the hessian is {tuple(h.shape)} but the grid has {cols} input columns")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    scale, offset, max_code = grid.scale.float(), grid.offset.float(), grid.max_code
+    damped = damp_hessian(h, damping)
+    order = torch.argsort(damped.diagonal(), descending=True, stable=True) if act_order else None
+    if order is not None:
+        damped = damped[order][:, order]
+        w, scale, offset = w[:, order], scale[:, order], offset[:, order]
+    upper, extra = _inverse_cholesky(damped)
+    u = upper.float()
+
+    work = w.clone()  # the error-corrected weights
+    codes = torch.empty(out_f, cols, dtype=torch.float32)
+    for b0 in range(0, cols, block_size):
+        b1 = min(b0 + block_size, cols)
+        block = work[:, b0:b1]  # a view: updates land in `work`
+        errors = torch.empty(out_f, b1 - b0)
+        for i in range(b1 - b0):
+            j = b0 + i
+            c = torch.round((block[:, i] - offset[:, j]) / scale[:, j]).clamp_(0, max_code)
+            codes[:, j] = c
+            err = (block[:, i] - (offset[:, j] + c * scale[:, j])) / u[j, j]
+            # feed the error of column j to the block's later columns (rank-1 update)
+            block[:, i + 1:].addr_(err, u[j, j + 1:b1], alpha=-1.0)
+            errors[:, i] = err
+        if b1 < cols:  # lazy update of everything after the block
+            work[:, b1:].addmm_(errors, u[b0:b1, b1:], alpha=-1.0)
+    if order is not None:
+        inverse = torch.argsort(order)
+        codes = codes[:, inverse]
+    codes = codes.to(torch.uint8)
+    rtn = grid.nearest_codes()
+    info = {
+        "objective_rtn": hessian_objective(grid.values(rtn), grid.weight, h),
+        "objective": hessian_objective(grid.values(codes), grid.weight, h),
+        "damping": damping + extra,
+        "act_order": act_order,
+        "seconds": time.perf_counter() - start,
+    }
+    return codes, info
