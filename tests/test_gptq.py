@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from hf_splitquant.methods import dequantize_weight, element_grid, pack_grid_codes, tensor_shapes
 from hf_splitquant.methods.attention_round import attention_round, expand_hessian, layer_objective
-from hf_splitquant.methods.gptq import damp_hessian, gptq_round, hessian_objective
+from hf_splitquant.methods.gptq import damp_hessian, gptq_round, hessian_objective, select_damping
 from hf_splitquant.methods.ocs import fold_back
 from hf_splitquant.methods.output_clip import diagonal_objective, output_clip_grid
 from hf_splitquant.quant.grid import search_clip_qparams
@@ -243,3 +249,40 @@ def test_attention_round_from_gptq_codes_is_at_least_as_good(bits: int) -> None:
     assert torch.equal(codes, grid.nearest_codes()) and not info["kept_init"]
     with pytest.raises(ValueError, match="init_codes"):
         attention_round(grid, h, count, {"iterations": 1}, init_codes=gptq_codes.float())
+
+
+def test_select_damping_by_cross_validation() -> None:
+    cols = 64
+    grid = element_grid(weight(16, cols), make_spec(2, cols, 16))
+    candidates = (0.001, 0.1, 1.0, 10.0)
+    # plenty of tokens per fold: the statistics generalise, little damping is best
+    x = correlated_inputs(cols, n=8000)  # one distribution, split into two folds
+    many = [x[:4000].t() @ x[:4000], x[4000:].t() @ x[4000:]]
+    best, scores = select_damping(grid, many, candidates)
+    assert list(scores) == list(candidates) and best == min(scores, key=scores.get)
+    assert best <= 0.1 and scores[0.001] < scores[10.0] < 1.0
+    # fewer tokens per fold than inputs: undamped GPTQ fits noise, more damping is chosen
+    few = [x[:24].t() @ x[:24], x[24:48].t() @ x[24:48]]
+    best_few, scores_few = select_damping(grid, few, candidates)
+    assert best_few >= 1.0 and scores_few[0.001] > scores_few[best_few]
+    with pytest.raises(ValueError, match="two folds"):
+        select_damping(grid, many[:1], candidates)
+
+
+@pytest.mark.slow
+def test_layer_study_quick(tmp_path: Path) -> None:
+    """``benchmarks/study_layers.py --quick`` runs end to end on real SmolLM2 layers."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "study_layers.py"
+    out = tmp_path / "study.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--output", str(out)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    methods = {r["method"] for r in rows}
+    assert {"rtn", "mse_clip", "out_clip", "gptq@0.1", "out_clip+gptq@cv", "ar", "ar<-gptq@0.1"} <= methods
+    assert all(r["fit_vs_rtn"] > 0 and r["held_vs_rtn"] > 0 for r in rows)
+    assert all(r["fit_vs_rtn"] == 1.0 for r in rows if r["method"] == "rtn")
+    # the output-aware clip + GPTQ beats RTN on the data it was fitted to, on every layer
+    assert all(r["fit_vs_rtn"] < 1.0 for r in rows if r["method"] == "out_clip+gptq@0.1")
+    assert out.with_suffix(".md").read_text().startswith("# Layer study")

@@ -42,11 +42,15 @@ import torch
 from ..quant.grid import ElementGrid
 from .attention_round import expand_hessian
 
-__all__ = ["DEFAULT_DAMPING", "damp_hessian", "gptq_round", "hessian_objective"]
+__all__ = ["DAMPING_CANDIDATES", "DEFAULT_DAMPING", "damp_hessian", "gptq_round", "hessian_objective",
+           "select_damping"]
 
 #: Relative dampening of ``H`` (fraction of the mean diagonal); chosen by the held-out layer study
 #: (module docstring).
 DEFAULT_DAMPING = 0.1
+
+#: Dampings tried by :func:`select_damping`.
+DAMPING_CANDIDATES = (0.1, 0.3, 1.0, 3.0)
 
 
 def damp_hessian(hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -160,3 +164,37 @@ def gptq_round(grid: ElementGrid, hessian: torch.Tensor, damping: float = DEFAUL
         "seconds": time.perf_counter() - start,
     }
     return codes, info
+
+
+def select_damping(grid: ElementGrid, fold_hessians: list[torch.Tensor],
+                   candidates: tuple[float, ...] = DAMPING_CANDIDATES, block_size: int = 128,
+                   act_order: bool = True) -> tuple[float, dict[float, float]]:
+    """The damping that generalises best, by cross-validation over calibration folds.
+
+    ``fold_hessians`` are the ``X^T X`` of disjoint parts of the calibration tokens (e.g. two halves,
+    kept as two sums); for each fold, GPTQ is fitted on the sum of the other folds and its error
+    measured on that fold, relative to round-to-nearest on the same fold. The score of a damping is
+    the mean of these ratios (lower is better; ties keep the earlier candidate).
+
+    Returns:
+        ``(best damping, {damping: score})``. Fit the final codes on the sum of all folds with it.
+    """
+    if len(fold_hessians) < 2:
+        raise ValueError("cross-validation needs at least two folds")
+    if not candidates:
+        raise ValueError("no damping candidates")
+    total = sum(h.double() for h in fold_hessians)
+    rtn_values = grid.values(grid.nearest_codes())
+    scores: dict[float, float] = {}
+    for damping in candidates:
+        ratios = []
+        for held in fold_hessians:
+            codes, _ = gptq_round(grid, total - held.double(), damping, block_size, act_order)
+            h = held
+            if grid.input_index is not None and held.shape[0] != grid.weight.shape[1]:
+                h = expand_hessian(held, grid.input_index)
+            base = hessian_objective(rtn_values, grid.weight, h)
+            ratios.append(hessian_objective(grid.values(codes), grid.weight, h) / base if base > 0 else 1.0)
+        scores[damping] = sum(ratios) / len(ratios)
+    best = min(candidates, key=lambda d: scores[d])
+    return best, scores
