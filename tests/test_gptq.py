@@ -179,7 +179,8 @@ def test_search_clip_importance_is_additive() -> None:
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("transform, extra", [("rtn", {}), ("ocs", {"ocs_expand_ratio": 0.1, "ocs_split": "naive"})])
+@pytest.mark.parametrize("transform, extra", [("rtn", {}), ("rtn", {"symmetric": True}),
+                                              ("ocs", {"ocs_expand_ratio": 0.1, "ocs_split": "naive"})])
 def test_output_clip_never_worse_than_no_clip_on_the_diagonal_objective(bits: int, transform: str,
                                                                         extra: dict) -> None:
     cols, rows = 96, 24
