@@ -285,7 +285,7 @@ def layer_objective(weight: torch.Tensor, reference: torch.Tensor, hessian: torc
 
 def attention_round(grid: ElementGrid, hessian: torch.Tensor, count: int,
                     options: AttentionRoundOptions | Mapping[str, Any] | None = None,
-                    seed: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+                    seed: int = 0, init_codes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Choose the integer codes of ``grid`` by Attention Round.
 
     Args:
@@ -296,10 +296,14 @@ def attention_round(grid: ElementGrid, hessian: torch.Tensor, count: int,
         count: number of input rows ``N`` that ``hessian`` sums (for the reported MSE).
         options: :class:`AttentionRoundOptions` or a dict of them.
         seed: seeds the level sampling of ``mode="sample"``.
+        init_codes: optional integer codes ``[out, cols]`` (e.g. GPTQ's, :func:`hf_splitquant.methods.gptq.gptq_round`)
+            to start from instead of the float weight. With ``keep_best`` they are also a candidate
+            for the result, so the codes returned are never worse than them on the objective.
 
     Returns:
         ``(codes uint8 [out, cols], info)`` with ``info``: ``mse_rtn`` and ``mse`` (the objective of
-        round-to-nearest and of the returned codes), ``kept_rtn`` and ``iterations``.
+        round-to-nearest and of the returned codes), ``kept_rtn`` and ``iterations``; with
+        ``init_codes`` also ``mse_init`` and ``kept_init``.
     """
     if not isinstance(options, AttentionRoundOptions):
         options = AttentionRoundOptions.from_dict(options)
@@ -312,10 +316,20 @@ def attention_round(grid: ElementGrid, hessian: torch.Tensor, count: int,
     rtn = grid.nearest_codes()
     mse_rtn = layer_objective(grid.values(rtn), w, h, count)
     info: dict[str, Any] = {"mse_rtn": mse_rtn, "mse": mse_rtn, "kept_rtn": False, "iterations": options.iterations}
+    init = None
+    if init_codes is not None:
+        if init_codes.shape != w.shape or init_codes.is_floating_point():
+            raise ValueError(f"init_codes must be integer codes of shape {tuple(w.shape)}")
+        init = init_codes.clamp(0, max_code).to(torch.uint8)
+        info["mse_init"] = layer_objective(grid.values(init), w, h, count)
+        info["kept_init"] = False
     if options.iterations == 0 or mse_rtn == 0.0:
+        if init is not None and (not options.keep_best or info["mse_init"] <= mse_rtn):
+            info.update(mse=info["mse_init"], kept_init=True)
+            return init, info
         return rtn, info
 
-    t = ((w - offset) / scale).clamp_(-0.5, max_code + 0.5)
+    t = ((w - offset) / scale if init is None else init.float()).clamp_(-0.5, max_code + 0.5)
     # Loss handed to Adam: |X D^T|^2 / |X D_rtn^T|^2 * numel, so that gradients are O(1) per element.
     norm = w.numel() / (mse_rtn * count * w.shape[0])
     m = torch.zeros_like(t)
@@ -337,6 +351,9 @@ def attention_round(grid: ElementGrid, hessian: torch.Tensor, count: int,
         t.addcdiv_(m, denom, value=-step_size).clamp_(-0.5, max_code + 0.5)
     codes = t.round().clamp_(0, max_code).to(torch.uint8)  # argmax_k p_k: the nearest level
     mse = layer_objective(grid.values(codes), w, h, count)
+    if options.keep_best and init is not None and info["mse_init"] < mse and info["mse_init"] <= mse_rtn:
+        info.update(mse=info["mse_init"], kept_init=True)
+        return init, info
     if options.keep_best and mse > mse_rtn:
         info["kept_rtn"] = True
         return rtn, info

@@ -177,15 +177,22 @@ def search_clip_qparams(
     symmetric: bool,
     scale_dtype: torch.dtype = torch.float16,
     factors: tuple[float, ...] = CLIP_FACTORS,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Like :func:`compute_qparams`, but each group's range is shrunk by the factor (from
     ``factors``) that minimises that group's squared rounding-plus-clipping error (an MSE clip
-    search, as in OCS + clipping). Weights outside the shrunk range are clamped to its ends."""
+    search, as in OCS + clipping). Weights outside the shrunk range are clamped to its ends.
+
+    ``importance`` (optional, non-negative, ``[out, in]`` or ``[in]``) weights each element's squared
+    error, e.g. ``diag(X^T X)`` per input for an output-aware search
+    (:mod:`hf_splitquant.methods.output_clip`); ``None`` weights all elements equally."""
     w = weight.float()
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
     lo, hi, present = _masked_range(w, group_size, None)
     valid = group_view(torch.ones_like(w, dtype=torch.bool), group_size, fill=False)
+    if importance is not None:
+        valid = group_view(importance.float().expand_as(w), group_size) * valid  # padding stays 0
     best_err = best_scale = best_zero = None
     for factor in factors:
         scale, zero = _qparams_from_range(lo * factor, hi * factor, present, bits, symmetric, scale_dtype)
