@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -213,13 +214,13 @@ def test_output_clip_qa_split_and_errors() -> None:
     x = correlated_inputs(cols)
     h = x.t() @ x
     w = weight(rows, cols)
-    for split in ("qa", "auto"):
-        spec = make_spec(2, cols, rows, transform="ocs", ocs_expand_ratio=0.1, ocs_split=split)
+    for split, layout in itertools.product(("qa", "auto"), ("appended", "source_group")):
+        spec = make_spec(2, cols, rows, transform="ocs", ocs_expand_ratio=0.1, ocs_split=split, ocs_layout=layout)
         grid = output_clip_grid(w, spec, h.diagonal())  # the diagonal alone is enough
         codes, _ = gptq_round(grid, h)
         restored = dequantize_weight(pack_grid_codes(grid, codes, spec), spec, torch.float32)
         torch.testing.assert_close(restored, folded_values(grid, codes, cols), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="rtn' and 'ocs"):
+    with pytest.raises(ValueError, match="'splitquant' format has no clipped grids"):
         output_clip_grid(w, make_spec(2, cols, rows, transform="splitquant"), h)
     with pytest.raises(ValueError, match="inputs"):
         output_clip_grid(w, make_spec(2, cols, rows), h[:10, :10])

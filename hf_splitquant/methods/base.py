@@ -88,6 +88,13 @@ class QuantFormat:
         """Stored tensors for integer ``codes`` (uint8 ``[out, columns]``) chosen on ``grid``."""
         raise NotImplementedError
 
+    def clipped_grid(self, weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor,
+                     factors: tuple[float, ...]) -> ElementGrid:
+        """The element grid with each group's range shrunk by the factor (from ``factors``, 1.0 first) that
+        minimises ``sum_j importance_j * (w_j - q(w_j))^2`` over the group: with ``importance = diag(X^T X)``
+        a clip for the layer's output error (:mod:`hf_splitquant.methods.output_clip`)."""
+        raise ValueError(f"the {self.name!r} format has no clipped grids (its grids span their members exactly)")
+
     def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor:
         """Index ``[out, columns]`` of each element's grid parameters in the flattened ``weight_scale``
         (learned scales train those entries): ``row * groups + group`` over the stored columns."""

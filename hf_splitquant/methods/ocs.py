@@ -169,10 +169,19 @@ def column_params(params: torch.Tensor, sources: torch.Tensor | list[int], spec:
     return torch.cat([base, params[:, _copy_groups(sources, spec).to(params.device)]], dim=1)
 
 
-def _source_group_params(expanded: torch.Tensor, sources: list[int],
-                         spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Grids per group of the original columns whose ranges cover the group's appended copies too."""
+#: an output-aware clip search: (importance of each original input [in], shrink factors tried)
+Clip = tuple[torch.Tensor, tuple[float, ...]]
+
+
+def _source_group_params(expanded: torch.Tensor, sources: list[int], spec: LayerSpec,
+                         clip: Clip | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grids per group of the original columns whose ranges cover the group's appended copies too
+    (or, clipped, whose ranges minimise the importance-weighted error of the original columns)."""
     in_f = spec.in_features
+    if clip is not None:  # the naive copies equal their halved sources, which the search sees
+        importance, factors = clip
+        return search_clip_qparams(expanded[:, :in_f], spec.bits, spec.group_size, spec.symmetric,
+                                   spec.torch_scale_dtype, factors=factors, importance=importance)
     if spec.clip == "mse":  # the naive copies equal their halved sources, which the search sees
         return search_clip_qparams(expanded[:, :in_f], spec.bits, spec.group_size, spec.symmetric,
                                    spec.torch_scale_dtype)
@@ -185,27 +194,31 @@ def _source_group_params(expanded: torch.Tensor, sources: list[int],
     return qparams_from_range(lo, hi, spec.bits, spec.symmetric, spec.torch_scale_dtype)
 
 
-def _split_source_group(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
+def _split_source_group(weight: torch.Tensor, spec: LayerSpec, clip: Clip | None = None):  # noqa: ANN202
     """``"source_group"``: split, fit each source group's grid over its columns and copies, then (``"qa"``)
-    re-split with each pair's own step, refitting the ranges to the halves until the grids are stable."""
+    re-split with each pair's own step, refitting the ranges to the halves until the grids are stable
+    (a clipped grid is not refitted: values beyond it are clamped by design)."""
     n = num_duplicated(spec)
     expanded, index, chosen = split_channels(weight, n, "naive")
     sources = copy_sources(chosen, spec.in_features)
-    scale, zero = _source_group_params(expanded, sources, spec)
+    scale, zero = _source_group_params(expanded, sources, spec, clip)
     if spec.ocs_split == "naive" or not n:
         return expanded, index, scale, zero
     best = (expanded, index, scale, zero)
-    for _ in range(_QA_REFITS):
+    for _ in range(1 if clip is not None else _QA_REFITS):
         # the halves w/2 -+ delta/4 may widen their group's range, which changes delta: refit until stable
         steps = column_params(scale.float(), sources, spec)
         qa, qa_index, _ = split_channels(weight, n, "qa", delta=steps, group_size=1, order=chosen)
+        if clip is not None:
+            break
         new_scale, new_zero = _source_group_params(qa, sources, spec)
         stable = torch.equal(new_scale, scale) and (zero is None or torch.equal(new_zero, zero))
         scale, zero = new_scale, new_zero
         if stable:
             break
-    if spec.ocs_split == "qa" or _split_error(qa, qa_index, scale, zero, weight, spec) <= _split_error(
-            *best[:2], *_source_group_params(best[0], sources, spec), weight, spec):
+    importance = clip[0] if clip is not None else None
+    if spec.ocs_split == "qa" or _split_error(qa, qa_index, scale, zero, weight, spec, importance) <= _split_error(
+            *best, weight, spec, importance):
         return qa, qa_index, scale, zero
     return best
 
@@ -229,30 +242,39 @@ def _grid(expanded: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, zero
     return grid
 
 
-def _split(weight: torch.Tensor, spec: LayerSpec):  # noqa: ANN202
+def _split(weight: torch.Tensor, spec: LayerSpec, clip: Clip | None = None):  # noqa: ANN202
     """Split outlier channels, fit the grid on the split weight, then (``"qa"``) re-split on that grid.
 
-    ``"auto"`` builds both and keeps the one whose quantized, folded-back weight is closer to ``weight``.
+    ``"auto"`` builds both and keeps the one whose quantized, folded-back weight is closer to ``weight``
+    (weighted by the clip's input importance, when clipped for the output error).
     """
     if _source_group_layout(spec):
-        return _split_source_group(weight, spec)
+        return _split_source_group(weight, spec, clip)
     n = num_duplicated(spec)
     expanded, index, chosen = split_channels(weight, n, "naive")
-    scale, zero = rtn.grid_params(expanded, spec)
+    importance = None
+    if clip is not None:
+        importance, factors = clip
+        wide = torch.cat([importance, importance[index.long()]])  # a duplicated column sees its source's input
+        scale, zero = search_clip_qparams(expanded, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype,
+                                          factors=factors, importance=wide)
+    else:
+        scale, zero = rtn.grid_params(expanded, spec)
     if spec.ocs_split == "naive" or not n:
         return expanded, index, scale, zero
     qa, qa_index, _ = split_channels(weight, n, "qa", delta=scale, group_size=spec.group_size, order=chosen)
-    if spec.ocs_split == "qa" or _split_error(qa, qa_index, scale, zero, weight, spec) <= _split_error(
-            expanded, index, scale, zero, weight, spec):
+    if spec.ocs_split == "qa" or _split_error(qa, qa_index, scale, zero, weight, spec, importance) <= _split_error(
+            expanded, index, scale, zero, weight, spec, importance):
         return qa, qa_index, scale, zero
     return expanded, index, scale, zero
 
 
 def _split_error(expanded: torch.Tensor, index: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 weight: torch.Tensor, spec: LayerSpec) -> float:
+                 weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor | None = None) -> float:
+    """Squared error of the folded quantized weight (each input weighted by ``importance`` when given)."""
     grid = _grid(expanded, index, scale, zero, spec)
-    restored = fold_back(grid.values(grid.nearest_codes()), index, spec.in_features)
-    return float((restored - weight.float()).pow(2).sum())
+    error = (fold_back(grid.values(grid.nearest_codes()), index, spec.in_features) - weight.float()).pow(2)
+    return float(error.sum() if importance is None else (error * importance.float()).sum())
 
 
 def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
@@ -380,6 +402,10 @@ class OCSFormat(QuantFormat):
             return None  # the kernel terms fold the copies into their sources
         index = tensors.get("weight_dup_index")
         return index.long() if index is not None and index.numel() else None
+
+    def clipped_grid(self, weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor,
+                     factors: tuple[float, ...]) -> ElementGrid:
+        return _grid(*_split(weight, spec, (importance, factors)), spec)
 
     def channel_order(self, weight: torch.Tensor, spec: LayerSpec) -> list[int] | None:
         return split_channels(weight, num_duplicated(spec), "naive")[2]

@@ -15,8 +15,9 @@ which can run on the returned grid.
 The stored format does not change: the grid's ``state`` holds the same tensors as the method's own
 :func:`element_grid` (``weight_scale``, ``weight_zero``, and for OCS ``weight_dup_index``), only with
 other values, so :func:`hf_splitquant.methods.pack_grid_codes` stores the codes chosen on it and the
-method's ``dequantize`` reads them back. Supported: the RTN and OCS formats. SplitQuant's per-cluster
-grids span exactly their members and are not clipped.
+method's ``dequantize`` reads them back. Each format builds its clipped grid
+(:meth:`hf_splitquant.methods.base.QuantFormat.clipped_grid`): RTN and OCS (both layouts); SplitQuant's
+per-cluster grids span exactly their members and are not clipped.
 
 Results (``benchmarks/study_layers.py``, ``benchmarks/results/layer_study.md``; SmolLM2-135M,
 ``layers.5`` q/v/o/down_proj and ``layers.20`` up_proj, ``H`` from 8 x 256 calibration tokens, error
@@ -37,9 +38,9 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.grid import ElementGrid, dequantize_codes, quantize_codes, search_clip_qparams
+from ..quant.grid import ElementGrid
 from ..spec import LayerSpec
-from . import ocs, rtn
+from . import get_format
 
 __all__ = ["OUTPUT_CLIP_FACTORS", "output_clip_grid", "diagonal_objective", "input_importance"]
 
@@ -68,35 +69,6 @@ def diagonal_objective(values: torch.Tensor, weight: torch.Tensor, importance: t
     return float(((values.double() - weight.double()) ** 2 * importance.double()).sum())
 
 
-def _params(weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor, factors: tuple[float, ...]):  # noqa: ANN202
-    return search_clip_qparams(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype,
-                               factors=factors, importance=importance)
-
-
-def _ocs_grid(weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor,
-              factors: tuple[float, ...]) -> ElementGrid:
-    """OCS's split (``hf_splitquant/methods/ocs.py``) with the output-aware grid of the expanded weight."""
-    n = spec.num_duplicated
-    expanded, index, chosen = ocs.split_channels(weight, n, "naive")
-    wide = torch.cat([importance, importance[index.long()]])  # a duplicated column sees its source's input
-    scale, zero = _params(expanded, spec, wide, factors)
-    if spec.ocs_split != "naive" and n:
-        qa, qa_index, _ = ocs.split_channels(weight, n, "qa", delta=scale, group_size=spec.group_size, order=chosen)
-
-        def error(e: torch.Tensor, idx: torch.Tensor) -> float:  # output-weighted error of the folded weight
-            codes = quantize_codes(e, scale, zero, spec.bits, spec.group_size)
-            restored = ocs.fold_back(dequantize_codes(codes, scale, zero, spec.bits, spec.group_size), idx,
-                                     spec.in_features)
-            return diagonal_objective(restored, weight, importance)
-
-        if spec.ocs_split == "qa" or error(qa, qa_index) <= error(expanded, index):
-            expanded, index = qa, qa_index
-    grid = rtn.grid_from_params(expanded, scale, zero, spec)
-    grid.input_index = index
-    grid.state["weight_dup_index"] = index.to(torch.int32)
-    return grid
-
-
 def output_clip_grid(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor,
                      factors: tuple[float, ...] = OUTPUT_CLIP_FACTORS) -> ElementGrid:
     """The :class:`ElementGrid` of ``spec``'s format whose groups are clipped for the output error.
@@ -120,9 +92,4 @@ def output_clip_grid(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tenso
         raise ValueError(f"H has {importance.shape[0]} inputs but the layer {spec.in_features}")
     if not factors or factors[0] != 1.0:
         raise ValueError("factors must start with 1.0 (no clipping)")
-    if spec.transform == "rtn":
-        scale, zero = _params(weight, spec, importance, factors)
-        return rtn.grid_from_params(weight, scale, zero, spec)
-    if spec.transform == "ocs":
-        return _ocs_grid(weight, spec, importance, factors)
-    raise ValueError(f"output-aware clipping supports the 'rtn' and 'ocs' transforms, not {spec.transform!r}")
+    return get_format(spec).clipped_grid(weight, spec, importance, factors)

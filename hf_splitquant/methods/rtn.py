@@ -114,3 +114,9 @@ class RTNFormat(QuantFormat):
 
     def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
         return pack_grid_codes(grid, codes, spec)
+
+    def clipped_grid(self, weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor,
+                     factors: tuple[float, ...]) -> ElementGrid:
+        scale, zero = search_clip_qparams(weight, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype,
+                                          factors=factors, importance=importance)
+        return grid_from_params(weight, scale, zero, spec)
