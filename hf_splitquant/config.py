@@ -13,6 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .methods import format_names, get_format
 from .methods.attention_round import AttentionRoundOptions
+from .methods.gptq import GPTQOptions
 from .spec import LayerSpec
 
 __all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
@@ -25,7 +26,7 @@ ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 ALLOWED_TRANSFORMS = (None, *format_names())
 ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length")
 #: rounding method -> the class validating its ``rounding_options``
-ROUNDING_OPTIONS: dict[str, Any] = {"attention_round": AttentionRoundOptions}
+ROUNDING_OPTIONS: dict[str, Any] = {"attention_round": AttentionRoundOptions, "gptq": GPTQOptions}
 ALLOWED_ROUNDINGS = (None, *ROUNDING_OPTIONS)
 ALLOWED_ERRORS = ("mse", "mae")
 
@@ -84,10 +85,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
         mixquant_error: round-off error metric, ``"mse"`` or ``"mae"``.
         coding_length_eps: with ``bit_allocation="coding_length"``: the distortion ``eps`` of the lossy
             coding length ``L(W) = (m+n)/2 log2 det(I + m/(n eps^2) W W^T)``; needs ``target_bits``.
-        rounding: ``None`` (round to nearest) or ``"attention_round"`` (Attention Round: codes optimised
-            on calibration data; needs :func:`hf_splitquant.quantize` with ``calibration_data``).
-        rounding_options: hyper-parameters of the rounding optimiser (see
-            :mod:`hf_splitquant.methods.attention_round`); ``None`` for its defaults.
+        rounding: ``None`` (round to nearest), ``"gptq"`` (GPTQ error feedback on the output-aware clipped
+            grid, damped) or ``"attention_round"`` (Attention Round): codes chosen on calibration data;
+            needs :func:`hf_splitquant.calibrate` (or ``quantize`` with ``calibration_data``).
+        rounding_options: hyper-parameters of the rounding method (:class:`~hf_splitquant.methods.gptq.GPTQOptions`,
+            :class:`~hf_splitquant.methods.attention_round.AttentionRoundOptions`); ``None`` for its defaults.
         qat: quantization-aware training: ``from_pretrained`` returns fake-quant layers (float
             weights, straight-through estimator) that the stock ``Trainer`` trains;
             ``hf_splitquant.freeze(model)`` packs them.

@@ -232,6 +232,44 @@ def test_heldout_batches_decide_which_layers_keep_their_optimised_codes() -> Non
     assert all(i["heldout_tokens"] == 24 and i["tokens"] == 24 for i in kept.values())  # 2 x 2 samples x 6 each
 
 
+def _gptq_ratios(damping: float, keep_best: bool = False) -> tuple[float, float, dict]:
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = SplitQuantConfig(bits=2, group_size=32, rounding="gptq",
+                              rounding_options={"damping": damping, "keep_best": keep_best})
+    hf_splitquant.quantize(model, config, calibration_data=token_samples(16, length=6, seed=1), batch_size=4,
+                           progress=False, heldout_fraction=0.5)
+    layers = model.calibration_report["layers"].values()
+    fit = sum(i["mse"] / i["mse_rtn"] for i in layers) / len(layers)
+    held = sum(i["mse_heldout"] / i["mse_rtn_heldout"] for i in layers) / len(layers)
+    return fit, held, model.calibration_report
+
+
+def test_gptq_damping_trades_fit_for_generalisation() -> None:
+    """Little damping fits the 48 calibration tokens best and generalises worst; much damping is
+    round to nearest; the default sits between and beats round to nearest on held-out inputs."""
+    low, mid, high = (_gptq_ratios(d) for d in (0.01, 1.0, 100.0))
+    assert low[0] < mid[0] < high[0] <= 1.0 + 1e-6
+    assert low[1] > 1.0 > mid[1]  # overfits / generalises
+    assert high[0] > 0.95 and abs(high[1] - 1.0) < 0.05
+    assert {i["damping"] for i in mid[2]["layers"].values()} == {1.0}
+
+
+def test_gptq_calibrated_model_reloads_exactly(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = SplitQuantConfig(bits=3, group_size=32, transform="ocs", rounding="gptq")
+    hf_splitquant.quantize(model, config, calibration_data=token_samples(20), batch_size=5, progress=False)
+    report = model.calibration_report
+    assert report["options"]["clip"] == "output" and report["heldout_batches"] == 1
+    assert all(i["mse"] <= i["mse_rtn"] and i["mse_heldout"] <= i["mse_rtn_heldout"] for i in report["layers"].values())
+    assert report["mean_mse_ratio"] < 0.9
+    expected = model_output(model, input_ids)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(model_output(reloaded, input_ids), expected)
+
+
 def test_heldout_batch_count() -> None:
     from hf_splitquant.calibration.loop import heldout_batches
 

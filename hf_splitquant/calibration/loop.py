@@ -18,11 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..config import SplitQuantConfig
+from ..config import ROUNDING_OPTIONS, SplitQuantConfig
 from ..integrations.transformers import attach_quantizer, quantize_model
 from ..memory import release_freed_memory
-from ..methods import element_grid, pack_grid_codes
+from ..methods import element_grid, get_format, pack_grid_codes
 from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian, layer_objective
+from ..methods.gptq import GPTQOptions, gptq_round
+from ..methods.output_clip import output_clip_grid
 from ..modeling import (
     float_weight,
     iter_packed_modules,
@@ -34,6 +36,7 @@ from ..modeling import (
     spec_for_module,
 )
 from ..nn.packed_linear import PackedLinear
+from ..quant.grid import ElementGrid
 from ..spec import LayerSpec
 from .blocks import (
     MemoryMeter,
@@ -80,12 +83,14 @@ def calibrate_and_quantize(
     accelerator: Any = None,
     heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
 ) -> nn.Module:
-    """Quantize ``model`` in place with calibration data (Attention Round) and return it, packed.
+    """Quantize ``model`` in place with calibration data (``config.rounding``: GPTQ or Attention Round)
+    and return it, packed.
 
     Args:
         model: a float transformers model (or any ``nn.Module`` whose Linear layers ``config`` selects).
-        config: the :class:`~hf_splitquant.SplitQuantConfig`; ``rounding="attention_round"`` with its
-            ``rounding_options`` (see :class:`~hf_splitquant.methods.attention_round.AttentionRoundOptions`).
+        config: the :class:`~hf_splitquant.SplitQuantConfig`; ``rounding="gptq"`` or ``"attention_round"``
+            with its ``rounding_options`` (:class:`~hf_splitquant.methods.gptq.GPTQOptions`,
+            :class:`~hf_splitquant.methods.attention_round.AttentionRoundOptions`).
             Not modified; the model gets a copy with ``layers`` filled in.
         calibration_data: a ``datasets.Dataset`` (a ``text`` column, or one string column, or tokenized
             ``input_ids``), a list of strings (or of token-id lists), a 2-D tensor of token ids, or a
@@ -215,7 +220,7 @@ class _LayerRounder:
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.options = AttentionRoundOptions.from_dict(self.config.rounding_options)
+        self.options = ROUNDING_OPTIONS[self.config.rounding].from_dict(self.config.rounding_options)
         self.order = {name: i for i, name in enumerate(self.specs)}  # seeds of the layers (model order)
 
     def statistics(self, names: Sequence[str]) -> InputStatistics:
@@ -365,13 +370,36 @@ def execution_stages(names: Sequence[str], modules: Mapping[str, nn.Module],
     return stages + [[name] for name in names if name not in called]
 
 
+RoundingOptions = AttentionRoundOptions | GPTQOptions
+
+
+def _choose_codes(grid: ElementGrid, hessian: torch.Tensor, count: int, options: RoundingOptions,
+                  seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The rounding method's codes on ``grid`` (no keep-best selection: the caller decides)."""
+    if isinstance(options, GPTQOptions):
+        codes, info = gptq_round(grid, hessian, damping=options.damping, block_size=options.block_size,
+                                 act_order=options.act_order)
+        return codes, {"damping": info["damping"], "rounding_seconds": info["seconds"]}
+    codes, info = attention_round(grid, hessian, count, dataclasses.replace(options, keep_best=False), seed=seed)
+    return codes, {k: v for k, v in info.items() if k not in ("iterations", "mse", "mse_rtn", "kept_rtn")}
+
+
+def _layer_grid(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tensor, options: RoundingOptions,
+                seed: int) -> ElementGrid:
+    """The grid the codes are chosen on: the format's own, or its output-aware clipped grid."""
+    if options.clip == "output" and get_format(spec).has_clipped_grids:
+        return output_clip_grid(weight, spec, hessian)
+    return element_grid(weight, spec, seed=seed)
+
+
 def round_layer(name: str, module: nn.Module, spec: LayerSpec, fit: InputStatistics, heldout: InputStatistics | None,
-                options: AttentionRoundOptions, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimised rounding of one layer from its summed input statistics: ``(packed tensors, info)``.
+                options: RoundingOptions, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Calibrated rounding of one layer from its summed input statistics: ``(packed tensors, info)``.
 
     The codes are fitted on ``fit``; with ``options.keep_best`` the layer keeps them only if they beat
-    round-to-nearest on the fitted inputs and on the held-out ones (``heldout``, when given). ``info``
-    holds both objectives (``mse``, ``mse_rtn`` and, held out, ``mse_heldout``, ``mse_rtn_heldout``).
+    round-to-nearest (on the same grid) on the fitted inputs and on the held-out ones (``heldout``, when
+    given). ``info`` holds both objectives (``mse``, ``mse_rtn`` and, held out, ``mse_heldout``,
+    ``mse_rtn_heldout``), the layer's output MSE ``|X (W_q - W)^T|^2 / (tokens * out)``.
     """
     weight = float_weight(module).float().cpu()
     if not torch.isfinite(weight).all():
@@ -382,14 +410,16 @@ def round_layer(name: str, module: nn.Module, spec: LayerSpec, fit: InputStatist
     hessian = fit.hessian(name)
     input_power = float(torch.diagonal(hessian).sum()) / count  # mean |x|^2 of the inputs it was fitted on
     try:
-        grid = element_grid(weight, spec, seed=seed)
+        grid = _layer_grid(weight, spec, hessian, options, seed)
     except ValueError as err:
         raise ValueError(f"cannot quantize layer `{name}`: {err}") from None
     hessian = expand_hessian(hessian, grid.input_index)
-    codes, info = attention_round(grid, hessian, count, dataclasses.replace(options, keep_best=False), seed=seed)
+    codes, extra = _choose_codes(grid, hessian, count, options, seed)
     rtn = grid.nearest_codes()
+    info = {"tokens": count, "input_power": input_power,
+            "mse_rtn": layer_objective(grid.values(rtn), grid.weight, hessian, count),
+            "mse": layer_objective(grid.values(codes), grid.weight, hessian, count), **extra}
     worse = info["mse"] > info["mse_rtn"]
-    info = {"tokens": count, "input_power": input_power, **{k: v for k, v in info.items() if k != "iterations"}}
     held_count = heldout.count(name) if heldout is not None else 0
     if held_count:
         held_hessian = expand_hessian(heldout.hessian(name), grid.input_index)

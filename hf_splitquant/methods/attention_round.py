@@ -91,7 +91,10 @@ class AttentionRoundOptions:
         mode: ``"expectation"`` (the layer uses ``sum_k p_k q_k``) or ``"sample"`` (one level drawn
             from ``p`` per element and step, seeded; straight-through gradient).
         objective: ``"layer"``: the layer's output MSE on its calibration inputs.
-        keep_best: keep round-to-nearest for a layer whose hardened codes are worse on the objective.
+        keep_best: keep round-to-nearest for a layer whose hardened codes are worse on the objective
+            (in calibration: on the fitted or the held-out inputs).
+        clip: ``None`` (default): the format's min-max grid; ``"output"``: the output-aware clipped grid
+            (:mod:`hf_splitquant.methods.output_clip`), chosen in calibration from the layer's ``H``.
     """
 
     iterations: int = 100
@@ -104,6 +107,7 @@ class AttentionRoundOptions:
     mode: str = "expectation"
     objective: str = "layer"
     keep_best: bool = True
+    clip: str | None = None
 
     def __post_init__(self) -> None:
         def number(name: str, low: float, high: float = math.inf, low_open: bool = True) -> None:
@@ -137,6 +141,8 @@ class AttentionRoundOptions:
                              "(block-wise reconstruction is not implemented)")
         if not isinstance(self.keep_best, bool):
             raise ValueError(f"rounding_options['keep_best'] must be True or False, got {self.keep_best!r}")
+        if self.clip not in (None, "output"):
+            raise ValueError(f"rounding_options['clip'] must be None or 'output', got {self.clip!r}")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> AttentionRoundOptions:

@@ -47,6 +47,8 @@ class QuantFormat:
     refits_clusters: ClassVar[bool] = False
     #: whether the clipped straight-through estimator is meaningful (each weight has one grid position)
     supports_clipped_ste: ClassVar[bool] = True
+    #: whether :meth:`clipped_grid` exists (grids with ranges that may be shrunk)
+    has_clipped_grids: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- stored tensors
 

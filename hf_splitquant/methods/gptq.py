@@ -57,7 +57,10 @@ over the 5 layers, at INT2 g64 / INT3 g128 / INT4 g128):
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -65,7 +68,7 @@ import torch
 from ..quant.grid import ElementGrid
 from .attention_round import expand_hessian
 
-__all__ = ["DAMPING_CANDIDATES", "DEFAULT_DAMPING", "damp_hessian", "gptq_round", "hessian_objective",
+__all__ = ["DAMPING_CANDIDATES", "DEFAULT_DAMPING", "GPTQOptions", "damp_hessian", "gptq_round", "hessian_objective",
            "select_damping"]
 
 #: Relative dampening of ``H`` (fraction of the mean diagonal); chosen by the held-out layer study
@@ -221,3 +224,57 @@ def select_damping(grid: ElementGrid, fold_hessians: list[torch.Tensor],
         scores[damping] = sum(ratios) / len(ratios)
     best = min(candidates, key=lambda d: scores[d])
     return best, scores
+
+
+#: grids GPTQ (and Attention Round) may round on: the format's min-max grid or the output-aware clip
+CLIPS = (None, "output")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """Options of ``rounding="gptq"`` (``SplitQuantConfig.rounding_options``).
+
+    Attributes:
+        damping: relative dampening of ``H`` (:func:`damp_hessian`); default from the held-out layer study.
+        block_size: columns per lazy block (speed only).
+        act_order: columns in order of decreasing ``H_jj``.
+        clip: ``"output"`` (default): round on the output-aware clipped grid
+            (:mod:`hf_splitquant.methods.output_clip`; formats without clipped grids, SplitQuant, keep
+            their own grid); ``None``: the format's min-max grid.
+        keep_best: keep round-to-nearest (on the same grid) for a layer whose GPTQ codes are worse on
+            the fitted or the held-out inputs.
+    """
+
+    damping: float = DEFAULT_DAMPING
+    block_size: int = 128
+    act_order: bool = True
+    clip: str | None = "output"
+    keep_best: bool = True
+
+    def __post_init__(self) -> None:
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            raise ValueError(f"rounding_options['damping'] must be a number >= 0, got {d!r}")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise ValueError(f"rounding_options['block_size'] must be an integer >= 1, got {self.block_size!r}")
+        for name in ("act_order", "keep_best"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"rounding_options[{name!r}] must be True or False, got {getattr(self, name)!r}")
+        if self.clip not in CLIPS:
+            raise ValueError(f"rounding_options['clip'] must be one of {CLIPS}, got {self.clip!r}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> GPTQOptions:
+        """Validate ``rounding_options``: unknown keys and bad values raise ``ValueError``."""
+        if options is None:
+            return cls()
+        if not isinstance(options, Mapping):
+            raise ValueError(f"rounding_options must be a dict or None, got {type(options).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown rounding_options {unknown} for gptq; known options are {known}")
+        return cls(**dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -337,6 +337,7 @@ class OCSFormat(QuantFormat):
     """Outlier channel splitting: an affine grid over the expanded weight, duplicated inputs gathered."""
 
     name = "ocs"
+    has_clipped_grids = True
     spec_fields = ("ocs_expand_ratio", "ocs_split", "ocs_layout")
     supports_clipped_ste = False  # a weight's copies sit on different grid positions
 

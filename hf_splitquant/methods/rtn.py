@@ -97,6 +97,7 @@ class RTNFormat(QuantFormat):
     """Plain round-to-nearest on an affine grid per output channel or group (``transform="rtn"``)."""
 
     name = "rtn"
+    has_clipped_grids = True
 
     def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return tensor_shapes(spec)
