@@ -11,6 +11,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .patterns import compile_module_patterns
 from .spec import CLIPS, OCS_SPLITS, SCALE_DTYPES, SPLITQUANT_RANGES, LayerSpec
 
 __all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
@@ -27,6 +28,16 @@ ALLOWED_ERRORS = ("mse", "mae")
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_copy(value: Any) -> Any:
+    """Copy of a JSON value (dicts and lists rebuilt, scalars shared): several times cheaper than
+    ``copy.deepcopy`` on a large per-layer map, which transformers copies several times per load."""
+    if isinstance(value, dict):
+        return {k: _json_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_copy(v) for v in value]
+    return value
 
 
 class SplitQuantConfig(QuantizationConfigMixin):
@@ -239,6 +250,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
             )
         if self.modules_to_not_convert is not None:
             self.modules_to_not_convert = list(self.modules_to_not_convert)
+            compile_module_patterns(self.modules_to_not_convert)  # a bad regex fails here, naming the field
         if not _is_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
         if self.layers is not None:
@@ -281,7 +293,12 @@ class SplitQuantConfig(QuantizationConfigMixin):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: copy.deepcopy(getattr(self, name)) for name in self._field_names()}
+        return {name: _json_copy(getattr(self, name)) for name in self._field_names()}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SplitQuantConfig:
+        new = copy.copy(self)  # every field is already validated JSON: no need to validate again
+        new.__dict__ = _json_copy(self.__dict__)
+        return new
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

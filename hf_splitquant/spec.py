@@ -68,6 +68,9 @@ class LayerSpec:
             not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1
         ):
             raise ValueError(f"layer spec field `group_size` must be a positive integer or None, got {self.group_size!r}")
+        for name in ("symmetric", "has_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"layer spec field `{name}` must be true or false, got {getattr(self, name)!r}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"layer spec field `transform` must be one of {TRANSFORMS}, got {self.transform!r}")
         if self.scale_dtype not in tuple(SCALE_DTYPES):

@@ -7,19 +7,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import model_output
-from transformers import AutoModelForCausalLM
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM
 
+import hf_splitquant
 from hf_splitquant import SplitQuantConfig
+from hf_splitquant.checkpoint import (
+    DIGEST_METADATA_PREFIX,
+    LAYER_MAP_METADATA_KEY,
+    CheckpointError,
+    tensor_digest,
+    verify_digests,
+)
 from hf_splitquant.cli import main
 from hf_splitquant.saving import atomic_directory_write, clean_stale_temporaries, save_quantized
 
@@ -159,3 +171,178 @@ def test_swap_leaves_a_checkpoint_at_the_path_at_every_instant(packed_llama, tmp
         stop.set()
         watcher.join()
     assert not missing
+
+
+# ---- helpers for hostile checkpoints ----------------------------------------------------------
+
+LAYER = "model.layers.0.mlp.down_proj"
+MAP_KEY = "layers.0.mlp.down_proj"  # 96 inputs, groups of 16: 6 groups
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory, packed_llama) -> Path:
+    path = tmp_path_factory.mktemp("packed") / "ckpt"
+    packed_llama.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def copy(packed_dir, tmp_path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(packed_dir, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def packed_gpt2_dir(tmp_path_factory, float_checkpoints) -> Path:
+    path = tmp_path_factory.mktemp("packed_gpt2") / "ckpt"
+    model = AutoModelForCausalLM.from_pretrained(float_checkpoints["gpt2"],
+                                                 quantization_config=SplitQuantConfig(bits=4, group_size=16))
+    model.save_pretrained(path)
+    return path
+
+
+def _rewrite(file: Path, edit) -> None:  # noqa: ANN001
+    """Let ``edit(tensors, metadata)`` change a safetensors file, then write it back."""
+    with safe_open(file, "pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = load_file(file)
+    edit(tensors, metadata)
+    save_file(tensors, file, metadata=metadata)
+
+
+def _config(folder: Path, edit) -> None:  # noqa: ANN001
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    edit(data["quantization_config"])
+    path.write_text(json.dumps(data))
+
+
+def _load(folder: Path):  # noqa: ANN202
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+# ---- 2. config edits the layout check cannot see -----------------------------------------------
+
+
+def test_group_size_with_the_same_number_of_groups_is_refused(copy):
+    _config(copy, lambda q: q["layers"][MAP_KEY].__setitem__("group_size", 17))  # ceil(96/17) == ceil(96/16)
+    with pytest.raises(CheckpointError, match="layers_sha256"):
+        _load(copy)
+
+
+def test_checkpoint_without_map_digest_still_loads(copy, packed_llama, input_ids):
+    """A checkpoint written before the map digest existed: the header has no such key."""
+    _rewrite(copy / "model.safetensors", lambda t, m: m.pop(LAYER_MAP_METADATA_KEY))
+    reloaded = _load(copy).eval()
+    assert torch.equal(model_output(reloaded, input_ids), model_output(packed_llama, input_ids))
+
+
+def test_map_saying_no_bias_while_the_file_has_one_is_refused(packed_gpt2_dir, tmp_path):
+    folder = tmp_path / "gpt2"
+    shutil.copytree(packed_gpt2_dir, folder)
+    _config(folder, lambda q: q["layers"]["h.0.mlp.c_fc"].__setitem__("has_bias", False))
+    with pytest.raises(CheckpointError, match="has_bias"):
+        _load(folder)
+    # even with the map digest stripped too (an older checkpoint), the file's bias gives it away
+    _rewrite(folder / "model.safetensors", lambda t, m: m.pop(LAYER_MAP_METADATA_KEY))
+    with pytest.raises(CheckpointError, match="has no bias"):
+        _load(folder)
+
+
+def test_missing_float_tensor_is_refused(copy):
+    _rewrite(copy / "model.safetensors", lambda t, m: t.pop("model.layers.1.post_attention_layernorm.weight"))
+    with pytest.raises(CheckpointError, match=r"post_attention_layernorm.weight.*in none of the checkpoint's files"):
+        _load(copy)
+
+
+def test_tensor_without_digest_is_refused(copy):
+    _rewrite(copy / "model.safetensors", lambda t, m: t.__setitem__("model.extra", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match="model.extra.*no checksum"):
+        _load(copy)
+
+
+def test_sharded_index_omitting_a_shard_is_refused(packed_llama, tmp_path, input_ids):
+    folder = tmp_path / "sharded"
+    packed_llama.save_pretrained(folder, max_shard_size="20KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    reloaded = _load(folder).eval()  # intact: loads
+    assert torch.equal(model_output(reloaded, input_ids), model_output(packed_llama, input_ids))
+    shard = index["weight_map"]["model.embed_tokens.weight"]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"embed_tokens.*in none of the checkpoint's files"):
+        _load(folder)
+
+
+def test_shards_of_two_different_saves_are_refused(packed_llama, float_checkpoints, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    packed_llama.save_pretrained(first, max_shard_size="20KB")
+    other = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"])
+    with torch.no_grad():
+        for param in other.parameters():
+            param.mul_(1.5)
+    other = hf_splitquant.quantize(other, SplitQuantConfig(bits=4, group_size=16), progress=False)
+    other.save_pretrained(second, max_shard_size="20KB")  # same map and layout, other data
+    shard = sorted(p.name for p in first.glob("model-*.safetensors"))[0]
+    assert (second / shard).exists()
+    shutil.copy(second / shard, first / shard)
+    with pytest.raises(CheckpointError, match="disagree"):
+        _load(first)
+
+
+# ---- 3. digests are verified in flat memory ----------------------------------------------------
+
+
+def test_verify_digests_memory_stays_flat(tmp_path):
+    tensor = torch.arange(16 * 2**20, dtype=torch.float32)  # 64 MiB
+    file = tmp_path / "big.safetensors"
+    metadata = {DIGEST_METADATA_PREFIX + "big": tensor_digest(tensor)}
+    save_file({"big": tensor}, file, metadata=metadata)
+    del tensor
+    tracemalloc.start()
+    try:
+        verify_digests([file], metadata)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB while hashing a 64 MiB tensor"
+    data = bytearray(file.read_bytes())  # and a corrupt byte is still caught
+    data[-5] ^= 1
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        verify_digests([file], metadata)
+
+
+# ---- 4. the per-layer map is bounded by the model ----------------------------------------------
+
+
+def test_padded_map_is_refused_quickly(copy):
+    def pad(q: dict) -> None:
+        for i in range(50_000):
+            q["layers"][f"layers.{i + 2}.mlp.down_proj"] = q["layers"][MAP_KEY]
+
+    _config(copy, pad)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="more than 8 modules"):
+        _load(copy)
+    assert time.perf_counter() - start < 60
+
+
+def test_base_model_tolerates_a_few_head_entries(packed_dir, tmp_path):
+    """Loading the base model from a head checkpoint: a missing head entry is fine, a padded map is not."""
+    folder = tmp_path / "base"
+    shutil.copytree(packed_dir, folder)
+    _config(folder, lambda q: q["layers"].__setitem__("lm_head", q["layers"][MAP_KEY]))
+    _rewrite(folder / "model.safetensors", lambda t, m: m.pop(LAYER_MAP_METADATA_KEY))
+    assert AutoModel.from_pretrained(folder) is not None
+
+    def pad(q: dict) -> None:
+        for i in range(20):
+            q["layers"][f"head{i}"] = q["layers"][MAP_KEY]
+
+    _config(folder, pad)
+    with pytest.raises(CheckpointError, match="more than 8 modules"):
+        AutoModel.from_pretrained(folder)

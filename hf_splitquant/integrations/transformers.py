@@ -6,7 +6,7 @@ Checked against transformers 5.23 (see ``DESIGN.md`` section 4 for the load orde
 
 from __future__ import annotations
 
-import re
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,24 +22,32 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
-from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from ..checkpoint import (
     DIGEST_METADATA_PREFIX,
     FORMAT_METADATA_KEY,
+    LAYER_MAP_METADATA_KEY,
     CheckpointError,
+    check_checkpoint_files,
     check_format_version,
+    check_layer_map_digest,
     check_layout,
     check_values,
+    concurrent_write_note,
+    layer_map_digest,
+    model_checkpoint_keys,
     read_headers,
     tensor_digest,
+    unknown_map_entries,
     verify_digests,
 )
 from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
 from ..memory import release_freed_memory
 from ..methods import tensor_shapes
 from ..nn.packed_linear import PackedLinear
+from ..patterns import compile_module_patterns, matches_any
+from ..saving import guard_save_pretrained
 from ..spec import LayerSpec
 
 logger = logging.get_logger(__name__)
@@ -121,9 +129,7 @@ def is_skipped(name: str, patterns: list[str]) -> bool:
     plus a whole run of path components anywhere: ``"intermediate"`` skips
     ``bert.encoder.layer.0.intermediate.dense`` and ``"layer.1"`` does not skip ``layer.11``.
     """
-    if not should_convert_module(name, patterns):
-        return True
-    return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns)
+    return matches_any(name, compile_module_patterns(patterns))  # bounded cost: see hf_splitquant.patterns
 
 
 def select_modules(model: nn.Module, config: SplitQuantConfig) -> list[tuple[str, nn.Module]]:
@@ -181,6 +187,9 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
     """
     resolved: dict[str, str] = {}
     if pre_quantized:
+        # refuse a map padded with modules the model lacks before any per-entry work
+        unknown_map_entries(config.layers or {}, (n for n, _ in model.named_modules()),
+                            _base_prefix(model) if _has_prefix_module(model) else "")
         specs = config.layer_specs()
         if not specs:
             raise ValueError(
@@ -304,13 +313,26 @@ class SplitQuantHfQuantizer(HfQuantizer):
         resolved = _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
         if self.pre_quantized and checkpoint_files:
             # Headers only: refuse a mismatched or corrupt checkpoint before any tensor is read.
-            metadata, tensors = read_headers(checkpoint_files)
-            check_format_version(metadata, FORMAT_VERSION)
-            specs = self.quantization_config.layer_specs()
-            check_layout({key: (specs[key], _stored_prefixes(model, key, name)) for key, name in resolved.items()},
-                         tensors)
-            quantized_prefixes = [p for key, name in resolved.items() for p in _stored_prefixes(model, key, name)]
-            verify_digests(checkpoint_files, metadata, required=quantized_prefixes)
+            folder = getattr(model.config, "_name_or_path", None)
+            folder = folder if folder and os.path.isdir(folder) else None
+            check_checkpoint_files(checkpoint_files, folder)
+            try:
+                metadata, tensors = read_headers(checkpoint_files)
+                check_format_version(metadata, FORMAT_VERSION)
+                specs = self.quantization_config.layer_specs()
+                check_layout({key: (specs[key], _stored_prefixes(model, key, name)) for key, name in resolved.items()},
+                             tensors)
+                check_layer_map_digest(metadata, self.quantization_config.layers)
+                quantized_prefixes = [p for key, name in resolved.items() for p in _stored_prefixes(model, key, name)]
+                verify_digests(checkpoint_files, metadata, required=quantized_prefixes,
+                               tied=getattr(model, "all_tied_weights_keys", None) or {},
+                               wanted=model_checkpoint_keys(model.state_dict(), _base_prefix(model)))
+            except CheckpointError as err:
+                note = concurrent_write_note(folder or os.path.dirname(os.path.abspath(checkpoint_files[0])),
+                                             self.quantization_config.layers)
+                if note is None:
+                    raise
+                raise CheckpointError(f"{note}. ({err})") from None
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -355,11 +377,13 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 check_values(name, module.spec, tensors)
         model.config.quantization_config = self.quantization_config
         _tag(model)
+        guard_save_pretrained(model)
         release_freed_memory()
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
-        metadata = {FORMAT_METADATA_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+        metadata = {FORMAT_METADATA_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD,
+                    LAYER_MAP_METADATA_KEY: layer_map_digest(self.quantization_config.layers)}
         # A digest of every tensor as it will be written, checked on load (see checkpoint.verify_digests).
         for key, tensor in model.state_dict().items():
             metadata[DIGEST_METADATA_PREFIX + key] = tensor_digest(tensor)
@@ -436,6 +460,7 @@ def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     _tag(model)
+    guard_save_pretrained(model)
     if hasattr(model, "config"):
         model.config.quantization_config = config
         for module in model.modules():
