@@ -51,6 +51,8 @@ __all__ = [
     "model_checkpoint_keys",
     "unknown_map_entries",
     "concurrent_write_note",
+    "file_identities",
+    "check_files_unchanged",
 ]
 
 FORMAT_METADATA_KEY = "hf_splitquant_format_version"
@@ -397,6 +399,36 @@ def unknown_map_entries(keys: Iterable[str], module_names: Iterable[str], prefix
                     "was padded; use the config.json saved with the weights"
                 )
     return unknown
+
+
+def file_identities(files: Iterable[str | Path]) -> dict[str, tuple[int, ...]]:
+    """What identifies each file's current content at its path (device, inode, size, times)."""
+    identities = {}
+    for file in files:
+        st = os.stat(file)
+        identities[os.fspath(file)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return identities
+
+
+def check_files_unchanged(identities: Mapping[str, tuple[int, ...]]) -> None:
+    """The files verified before loading must be the ones still at their paths after loading.
+
+    A save swapping a new checkpoint in between the checks and the tensor reads would otherwise
+    give a model mixing the two.
+
+    Raises:
+        CheckpointError: a file was replaced or removed meanwhile.
+    """
+    for file, identity in identities.items():
+        try:
+            current = file_identities([file])[file]
+        except OSError:
+            current = None
+        if current != identity:
+            raise CheckpointError(
+                f"{Path(file).name} was replaced while the model loaded (the checkpoint is being written): the "
+                "loaded tensors may mix two saves; load again once the save has finished"
+            )
 
 
 def concurrent_write_note(folder: str | Path | None, loaded_layers: Mapping[str, Any] | None = None) -> str | None:

@@ -27,13 +27,17 @@ import hf_splitquant
 from hf_splitquant import SplitQuantConfig
 from hf_splitquant.checkpoint import (
     DIGEST_METADATA_PREFIX,
+    FORMAT_METADATA_KEY,
     LAYER_MAP_METADATA_KEY,
     CheckpointError,
     tensor_digest,
     verify_digests,
 )
 from hf_splitquant.cli import main
+from hf_splitquant.integrations.transformers import is_skipped
+from hf_splitquant.patterns import compile_module_patterns, matches_any
 from hf_splitquant.saving import atomic_directory_write, clean_stale_temporaries, save_quantized
+from hf_splitquant.spec import LayerSpec
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +350,113 @@ def test_base_model_tolerates_a_few_head_entries(packed_dir, tmp_path):
     _config(folder, pad)
     with pytest.raises(CheckpointError, match="more than 8 modules"):
         AutoModel.from_pretrained(folder)
+
+
+# ---- 6. user regexes -----------------------------------------------------------------------------
+
+
+def _reference_is_skipped(name: str, patterns: list[str]) -> bool:
+    """The matching rules as they were implemented before (transformers' helper plus component runs)."""
+    import re
+
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    if not should_convert_module(name, patterns):
+        return True
+    return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns)
+
+
+def test_bounded_matching_keeps_the_matching_rules():
+    names = ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.11.attention.self.query",
+             "bert.encoder.layer.1.output.dense", "model.layers.1.mlp.gate_proj", "lm_head", "classifier",
+             "transformer.h.0.mlp.c_fc", "model.decoder.layers.23.fc1", "mlp.gate"]
+    patterns = ["intermediate", "layer.1", "layer.*", "fc1", "lm_head", "mlp.gate", "classifier", "query",
+                r"h\.\d+\.mlp", "attention.self", "dense", "encoder", "^bert", "layers.1.mlp", "c_fc", "ate"]
+    for name in names:
+        for pattern in patterns:
+            assert matches_any(name, compile_module_patterns([pattern])) == _reference_is_skipped(name, [pattern]), (
+                name, pattern)
+    assert is_skipped("bert.encoder.layer.0.intermediate.dense", ["intermediate"])
+    assert not is_skipped("bert.encoder.layer.11.output.dense", ["layer.1"])
+
+
+@pytest.mark.parametrize("pattern", ["(", "[a-", "*x", "(?P<x"])
+def test_invalid_pattern_fails_when_the_config_is_built(pattern):
+    with pytest.raises(ValueError, match="modules_to_not_convert"):
+        SplitQuantConfig(modules_to_not_convert=["lm_head", pattern])
+
+
+def test_pathological_pattern_is_bounded():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"modules_to_not_convert.*took over"):
+        matches_any("a" * 40 + ".b", compile_module_patterns(["(a|a)+!"]))
+    assert time.perf_counter() - start < 10
+
+
+_QUANTIZE_WITH_PATTERN = """
+import sys, hf_splitquant
+from transformers import AutoModelForCausalLM
+config = hf_splitquant.SplitQuantConfig(bits=4, modules_to_not_convert=["([a-z0-9.]+)+!", "lm_head"])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=config)
+print(len(list(hf_splitquant.integrations.transformers.iter_packed_modules(model))))
+"""
+
+
+@pytest.mark.slow
+def test_backtracking_pattern_does_not_hang_quantize_on_load(float_checkpoints):
+    proc = subprocess.run([sys.executable, "-c", _QUANTIZE_WITH_PATTERN, float_checkpoints["llama"]],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) == 14  # every Linear of the two layers quantized
+
+
+# ---- 7. paths outside the checkpoint -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_index_pointing_outside_the_folder_is_refused(packed_llama, tmp_path, absolute):
+    folder = tmp_path / "ckpt"
+    packed_llama.save_pretrained(folder, max_shard_size="20KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "outside").mkdir()
+    shutil.move(folder / shard, tmp_path / "outside" / shard)
+    entry = str(tmp_path / "outside" / shard) if absolute else f"../outside/{shard}"
+    index["weight_map"] = {k: entry if v == shard else v for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside"):
+        _load(folder)
+
+
+def test_save_pretrained_into_a_file_path_raises(packed_llama, packed_dir, tmp_path):
+    file = tmp_path / "not_a_folder"
+    file.write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file"):
+        packed_llama.save_pretrained(file)
+    with pytest.raises(FileExistsError, match="is a file"):
+        _load(packed_dir).save_pretrained(file)  # a reloaded packed model too
+    assert file.read_text() == "mine"
+    packed_llama.save_pretrained(tmp_path / "folder")  # a folder still saves
+    assert (tmp_path / "folder" / "model.safetensors").is_file()
+
+
+# ---- 8. validation gaps --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [("has_bias", "yes"), ("symmetric", "false"), ("has_bias", 1),
+                                              ("symmetric", None)])
+def test_layer_spec_booleans_are_booleans(copy, field, value):
+    spec = {"in_features": 8, "out_features": 8, "bits": 4, field: value}
+    with pytest.raises(ValueError, match=field):
+        LayerSpec.from_dict(spec)
+    _config(copy, lambda q: q["layers"][MAP_KEY].__setitem__(field, value))
+    with pytest.raises(ValueError, match=field):
+        _load(copy)
+
+
+@pytest.mark.parametrize("version", ["-5", "0", "\uff11", "+1", " 1", "1.0", "01"])
+def test_header_format_version_must_be_a_positive_ascii_integer(copy, version):
+    _rewrite(copy / "model.safetensors", lambda t, m: m.__setitem__(FORMAT_METADATA_KEY, version))
+    with pytest.raises(CheckpointError, match="invalid hf_splitquant format version"):
+        _load(copy)

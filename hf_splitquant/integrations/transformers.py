@@ -30,11 +30,13 @@ from ..checkpoint import (
     LAYER_MAP_METADATA_KEY,
     CheckpointError,
     check_checkpoint_files,
+    check_files_unchanged,
     check_format_version,
     check_layer_map_digest,
     check_layout,
     check_values,
     concurrent_write_note,
+    file_identities,
     layer_map_digest,
     model_checkpoint_keys,
     read_headers,
@@ -316,7 +318,9 @@ class SplitQuantHfQuantizer(HfQuantizer):
             folder = getattr(model.config, "_name_or_path", None)
             folder = folder if folder and os.path.isdir(folder) else None
             check_checkpoint_files(checkpoint_files, folder)
+            self._checkpoint_folder = folder or os.path.dirname(os.path.abspath(checkpoint_files[0]))
             try:
+                self._checkpoint_identities = file_identities(checkpoint_files)
                 metadata, tensors = read_headers(checkpoint_files)
                 check_format_version(metadata, FORMAT_VERSION)
                 specs = self.quantization_config.layer_specs()
@@ -328,8 +332,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
                                tied=getattr(model, "all_tied_weights_keys", None) or {},
                                wanted=model_checkpoint_keys(model.state_dict(), _base_prefix(model)))
             except CheckpointError as err:
-                note = concurrent_write_note(folder or os.path.dirname(os.path.abspath(checkpoint_files[0])),
-                                             self.quantization_config.layers)
+                note = concurrent_write_note(self._checkpoint_folder, self.quantization_config.layers)
                 if note is None:
                     raise
                 raise CheckpointError(f"{note}. ({err})") from None
@@ -355,6 +358,12 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized and getattr(self, "_checkpoint_identities", None):
+            try:  # the files read are the ones verified (no save swapped them in between)
+                check_files_unchanged(self._checkpoint_identities)
+            except CheckpointError as err:
+                note = concurrent_write_note(self._checkpoint_folder, self.quantization_config.layers)
+                raise CheckpointError(f"{note}. ({err})" if note else str(err)) from None
         if self.conversion_errors:
             more = f" (and {len(self.conversion_errors) - 1} more layers)" if len(self.conversion_errors) > 1 else ""
             raise ValueError(self.conversion_errors[0] + more)
