@@ -21,7 +21,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = [
     "concurrent_write_note",
     "file_identities",
     "check_files_unchanged",
+    "pin_files",
 ]
 
 FORMAT_METADATA_KEY = "hf_splitquant_format_version"
@@ -431,11 +432,54 @@ def check_files_unchanged(identities: Mapping[str, tuple[int, ...]]) -> None:
             )
 
 
-def concurrent_write_note(folder: str | Path | None, loaded_layers: Mapping[str, Any] | None = None) -> str | None:
+def pin_files(files: list[str]) -> Callable[[], None] | None:
+    """Make ``files`` (in place) name the exact files open now, whatever is saved at their paths later.
+
+    Each file is opened and the list entry replaced by a symbolic link, in a private temporary
+    folder and under the same file name, to ``/proc/<pid>/fd/<n>``: everything read through the list
+    afterwards (the checks, then transformers' tensor reads) sees the content that was verified,
+    even if a save swaps a new checkpoint into the folder meanwhile or removes the old one. Linux
+    only (``/proc``); elsewhere nothing changes and ``None`` is returned.
+
+    Returns:
+        a function that closes the descriptors and removes the links (idempotent), or ``None``.
+    """
+    proc = Path(f"/proc/{os.getpid()}/fd")
+    if not proc.is_dir() or not files:
+        return None
+    import shutil
+    import tempfile
+
+    links = Path(tempfile.mkdtemp(prefix="hf_splitquant-pins-"))
+    fds: list[int] = []
+
+    def release() -> None:
+        while fds:
+            os.close(fds.pop())
+        shutil.rmtree(links, ignore_errors=True)
+
+    try:
+        pinned = []
+        for file in files:
+            fds.append(os.open(file, os.O_RDONLY))
+            link = links / f"{len(pinned)}" / Path(file).name
+            link.parent.mkdir()
+            os.symlink(proc / str(fds[-1]), link)
+            pinned.append(str(link))
+    except OSError:
+        release()
+        raise
+    files[:] = pinned
+    return release
+
+
+def concurrent_write_note(folder: str | Path | None, loaded_layers: Mapping[str, Any] | None = None,
+                          identities: Mapping[str, tuple[int, ...]] | None = None) -> str | None:
     """Why a load may have failed other than corruption: the checkpoint is being written right now.
 
-    True when a live process is saving into ``folder`` (an atomic save's temporary beside it), or when
-    ``config.json`` on disk no longer holds the map this load read (it was replaced during the load).
+    True when a live process is saving into ``folder`` (an atomic save's temporary beside it), when
+    ``config.json`` on disk no longer holds the map this load read, or when the weight files now at
+    their paths are not the ones this load read (``identities``, from :func:`file_identities`).
     """
     if folder is None:
         return None
@@ -446,6 +490,12 @@ def concurrent_write_note(folder: str | Path | None, loaded_layers: Mapping[str,
     if pid is not None:
         return (f"the checkpoint in {folder} is being written by process {pid} right now; retry when that "
                 "save has finished (the files are not corrupt)")
+    if identities:
+        try:
+            check_files_unchanged(identities)
+        except CheckpointError:
+            return (f"the checkpoint in {folder} was replaced while it loaded (it is being written, or was "
+                    "rewritten meanwhile); retry")
     if loaded_layers is not None:
         try:
             current = json.loads((folder / "config.json").read_text()).get("quantization_config", {}).get("layers")

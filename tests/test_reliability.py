@@ -460,3 +460,65 @@ def test_header_format_version_must_be_a_positive_ascii_integer(copy, version):
     _rewrite(copy / "model.safetensors", lambda t, m: m.__setitem__(FORMAT_METADATA_KEY, version))
     with pytest.raises(CheckpointError, match="invalid hf_splitquant format version"):
         _load(copy)
+
+
+# ---- concurrency: a reader loading while a writer saves ----------------------------------------
+
+_WRITER = """
+import sys, time, hf_splitquant
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from hf_splitquant.saving import save_quantized
+source, target, stop = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+models = [AutoModelForCausalLM.from_pretrained(source, quantization_config=hf_splitquant.SplitQuantConfig(bits=b,
+          group_size=16)) for b in (4, 3)]
+saves = 0
+while not stop.exists():
+    save_quantized(models[saves % 2], target, overwrite=True)
+    saves += 1
+print(saves)
+"""
+
+
+@pytest.mark.slow
+def test_reader_never_sees_a_mix_of_two_saves(float_checkpoints, tmp_path, input_ids):
+    """A writer process saves two different checkpoints (4 and 3 bits) alternately into one folder
+    while this process loads it in a loop: every load is one of the two models, or an error that
+    says the checkpoint is being written."""
+    source = float_checkpoints["llama"]
+    expected = []
+    for bits in (4, 3):
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=SplitQuantConfig(bits=bits,
+                                                                                                  group_size=16))
+        expected.append(model_output(model.eval(), input_ids))
+    target, stop = tmp_path / "shared", tmp_path / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, source, str(target), str(stop)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    seen = {0: 0, 1: 0}
+    errors: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (target / "model.safetensors").exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer did not start"
+            time.sleep(0.05)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                out = model_output(AutoModelForCausalLM.from_pretrained(target).eval(), input_ids)
+            except (ValueError, OSError, RuntimeError) as err:
+                errors.append(str(err))
+                continue
+            matches = [i for i, want in enumerate(expected) if torch.equal(out, want)]
+            assert matches, "a load returned a model that is neither the old nor the new checkpoint"
+            seen[matches[0]] += 1
+    finally:
+        stop.touch()
+        out, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err[-2000:]
+    assert int(out.split()[-1]) >= 5  # the writer really saved over and over
+    assert seen[0] + seen[1] >= 5, (seen, errors)
+    print(f"loads: {seen}, errors: {len(errors)}")
+    for message in errors:
+        assert "being written" in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared", "stop"]

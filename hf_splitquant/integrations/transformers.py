@@ -7,6 +7,7 @@ Checked against transformers 5.23 (see ``DESIGN.md`` section 4 for the load orde
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,7 @@ from ..checkpoint import (
     file_identities,
     layer_map_digest,
     model_checkpoint_keys,
+    pin_files,
     read_headers,
     tensor_digest,
     unknown_map_entries,
@@ -319,8 +321,16 @@ class SplitQuantHfQuantizer(HfQuantizer):
             folder = folder if folder and os.path.isdir(folder) else None
             check_checkpoint_files(checkpoint_files, folder)
             self._checkpoint_folder = folder or os.path.dirname(os.path.abspath(checkpoint_files[0]))
+            originals = list(checkpoint_files)
+            device_map = kwargs.get("device_map")
+            self._release_pins = None
+            if not (isinstance(device_map, dict) and "disk" in device_map.values()):
+                # what is verified below is what transformers reads, even if a save replaces the folder
+                release = pin_files(checkpoint_files)
+                self._release_pins = weakref.finalize(self, release) if release is not None else None
+            # the identity of what is read, by the path it came from (a change means a save in between)
+            self._checkpoint_identities = dict(zip(originals, file_identities(checkpoint_files).values()))
             try:
-                self._checkpoint_identities = file_identities(checkpoint_files)
                 metadata, tensors = read_headers(checkpoint_files)
                 check_format_version(metadata, FORMAT_VERSION)
                 specs = self.quantization_config.layer_specs()
@@ -332,7 +342,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
                                tied=getattr(model, "all_tied_weights_keys", None) or {},
                                wanted=model_checkpoint_keys(model.state_dict(), _base_prefix(model)))
             except CheckpointError as err:
-                note = concurrent_write_note(self._checkpoint_folder, self.quantization_config.layers)
+                note = concurrent_write_note(self._checkpoint_folder, self.quantization_config.layers,
+                                             self._checkpoint_identities)
                 if note is None:
                     raise
                 raise CheckpointError(f"{note}. ({err})") from None
@@ -358,8 +369,10 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        if self.pre_quantized and getattr(self, "_checkpoint_identities", None):
-            try:  # the files read are the ones verified (no save swapped them in between)
+        if getattr(self, "_release_pins", None) is not None:
+            self._release_pins()  # pinned: what was read is what was verified
+        elif self.pre_quantized and getattr(self, "_checkpoint_identities", None):
+            try:  # not pinned (no /proc, disk offload): no save may have swapped the files in between
                 check_files_unchanged(self._checkpoint_identities)
             except CheckpointError as err:
                 note = concurrent_write_note(self._checkpoint_folder, self.quantization_config.layers)
