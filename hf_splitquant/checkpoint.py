@@ -345,37 +345,37 @@ def check_checkpoint_files(files: Iterable[str | Path], folder: str | Path | Non
 
     Args:
         files: the weight files transformers resolved.
-        folder: the checkpoint folder when loading from a local folder; otherwise all files must
-            share one folder.
+        folder: the checkpoint folder when loading from a local folder (the files may lie in a
+            subfolder of it); otherwise the files must only share one folder.
 
     Raises:
-        CheckpointError: a file lies outside the folder (or the files in different folders).
+        CheckpointError: the files lie in different folders or outside ``folder``, or the index maps
+            a tensor to something that is not a plain file name.
     """
-    paths = [os.path.normpath(os.fspath(f)) for f in files]
+    paths = [os.path.abspath(os.fspath(f)) for f in files]  # abspath also normalises `..`
     if not paths:
         return
-    home = os.path.normpath(os.path.abspath(os.fspath(folder))) if folder is not None else None
-    index = Path(home or os.path.dirname(os.path.abspath(paths[0]))) / "model.safetensors.index.json"
-    if home is not None and index.is_file():
+    dirs = sorted({os.path.dirname(p) for p in paths})
+    home = os.path.abspath(os.fspath(folder)) if folder is not None else None
+    if len(dirs) > 1 or (home is not None and os.path.commonpath([home, dirs[0]]) != home):
+        inside = home if home is not None else dirs[0]
+        outside = next((p for p in paths if os.path.dirname(p) != inside), paths[0])
+        raise CheckpointError(
+            f"weight file {outside} lies outside the checkpoint folder {inside}: files outside the folder are "
+            "never read; fix model.safetensors.index.json"
+        )
+    for index in sorted(Path(dirs[0]).glob("*.safetensors.index.json")):
         try:
             weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            entries = list(weight_map.items())
         except (OSError, ValueError, AttributeError) as err:
             raise CheckpointError(f"{index.name} is not a valid index: {err}") from None
-        for key, value in weight_map.items():
+        for key, value in entries:
             if not isinstance(value, str) or value != os.path.basename(value) or value in ("", ".", ".."):
                 raise CheckpointError(
                     f"{index.name} maps `{key}` to {value!r}, which is not a file name inside the checkpoint "
                     "folder: weight files outside the folder are never read; fix or remove the index"
                 )
-    dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
-    if home is not None:
-        dirs.add(home)
-    if len(dirs) > 1:
-        outside = sorted(p for p in paths if home is None or os.path.dirname(os.path.abspath(p)) != home)
-        raise CheckpointError(
-            f"weight file {outside[0]} lies outside the checkpoint folder: files outside the folder are "
-            "never read; fix model.safetensors.index.json"
-        )
 
 
 def unknown_map_entries(keys: Iterable[str], module_names: Iterable[str], prefix: str = "",

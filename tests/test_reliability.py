@@ -429,6 +429,12 @@ def test_index_pointing_outside_the_folder_is_refused(packed_llama, tmp_path, ab
         _load(folder)
 
 
+def test_checkpoint_in_a_subfolder_still_loads(packed_llama, tmp_path, input_ids):
+    packed_llama.save_pretrained(tmp_path / "repo" / "packed", max_shard_size="20KB")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="packed").eval()
+    assert torch.equal(model_output(reloaded, input_ids), model_output(packed_llama, input_ids))
+
+
 def test_save_pretrained_into_a_file_path_raises(packed_llama, packed_dir, tmp_path):
     file = tmp_path / "not_a_folder"
     file.write_text("mine")
