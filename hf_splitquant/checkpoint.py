@@ -221,11 +221,20 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _hash_region(view: memoryview, start: int, end: int) -> str:
-    """SHA-256 of ``view[start:end]`` hashed in chunks of the mapping itself (no copy is made)."""
+def _hash_region(data: mmap.mmap, view: memoryview, start: int, end: int) -> str:
+    """SHA-256 of ``data[start:end]`` hashed in chunks of the mapping itself (no copy is made).
+
+    Each chunk's pages are released from the mapping once hashed (``MADV_DONTNEED``; they stay in
+    the page cache), so the resident size does not grow with the tensor either.
+    """
     digest = hashlib.sha256()
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
     for offset in range(start, end, DIGEST_CHUNK_BYTES):
-        digest.update(view[offset : min(offset + DIGEST_CHUNK_BYTES, end)])
+        stop = min(offset + DIGEST_CHUNK_BYTES, end)
+        digest.update(view[offset:stop])
+        if dontneed is not None:
+            page = offset - offset % mmap.PAGESIZE
+            data.madvise(dontneed, page, stop - page)
     return digest.hexdigest()
 
 
@@ -276,7 +285,7 @@ def verify_digests(files: Iterable[str | Path], metadata: Mapping[str, str], req
                             "after saving; remove it or save the checkpoint again"
                         )
                     start, end = entry["data_offsets"]
-                    if _hash_region(view, base + start, base + end) != expected:
+                    if _hash_region(data, view, base + start, base + end) != expected:
                         raise CheckpointError(
                             f"the data of `{key}` in {name} does not match the SHA-256 digest recorded when "
                             "it was saved: the checkpoint is corrupt; download or save it again"
