@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import struct
+import weakref
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ __all__ = [
     "file_identities",
     "check_files_unchanged",
     "pin_files",
+    "CheckpointReadGuard",
 ]
 
 FORMAT_METADATA_KEY = "hf_splitquant_format_version"
@@ -459,7 +461,11 @@ def pin_files(files: list[str]) -> Callable[[], None] | None:
     import shutil
     import tempfile
 
-    links = Path(tempfile.mkdtemp(prefix="hf_splitquant-pins-"))
+    try:
+        links = Path(tempfile.mkdtemp(prefix="hf_splitquant-pins-"))
+    except OSError as err:  # no writable temporary folder: load unpinned (checked after loading instead)
+        logger.debug(f"Checkpoint files not pinned: {err}")
+        return None
     fds: list[int] = []
 
     def release() -> None:
@@ -475,9 +481,10 @@ def pin_files(files: list[str]) -> Callable[[], None] | None:
             link.parent.mkdir()
             os.symlink(proc / str(fds[-1]), link)
             pinned.append(str(link))
-    except OSError:
+    except OSError as err:  # unreadable files fail in the checks that follow, with their own message
+        logger.debug(f"Checkpoint files not pinned: {err}")
         release()
-        raise
+        return None
     files[:] = pinned
     return release
 
@@ -520,3 +527,67 @@ def expected_bytes(spec: LayerSpec) -> int:
     """Bytes of a layer's packed tensors (used to bound allocations)."""
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
                for shape, dtype in tensor_shapes(spec).values())
+
+
+class CheckpointReadGuard:
+    """Everything checked around transformers' reading of a packed checkpoint's files.
+
+    Built before the tensors are read (``_process_model_before_weight_loading``): the weight files
+    must lie in the checkpoint folder (:func:`check_checkpoint_files`), and they are pinned
+    (:func:`pin_files`) so that what :meth:`verify` checks is what transformers reads. :meth:`finish`,
+    after loading, releases the pins (or, unpinned, checks the files were not replaced meanwhile).
+    An error caused by a save running into the folder says the checkpoint is being written.
+
+    Args:
+        files: transformers' list of weight files (rewritten in place when pinned).
+        folder: the checkpoint folder if loading from a local folder (``config._name_or_path``).
+        pin: pin the files (not with disk offload, which reopens files by path later).
+    """
+
+    def __init__(self, files: list[str], folder: str | os.PathLike | None, pin: bool = True) -> None:
+        folder = os.fspath(folder) if folder is not None and os.path.isdir(folder) else None
+        check_checkpoint_files(files, folder)
+        self.files = files
+        self.folder = folder or os.path.dirname(os.path.abspath(files[0]))
+        originals = list(files)
+        self._release: Callable[[], None] | None = None
+        if pin:
+            release = pin_files(files)
+            self._release = weakref.finalize(self, release) if release is not None else None
+        # what is read, by the path it came from: a change there means a save in between
+        self.identities = dict(zip(originals, file_identities(files).values()))
+
+    def _raise(self, err: CheckpointError, layers: Mapping[str, Any] | None, identities: bool = True) -> None:
+        note = concurrent_write_note(self.folder, layers, self.identities if identities else None)
+        if note is None:
+            raise err
+        raise CheckpointError(f"{note}. ({err})") from None
+
+    def verify(self, supported_version: int, layers: Mapping[str, Any] | None,
+               layout: Mapping[str, tuple[LayerSpec, list[str]]], required: Iterable[str] = (),
+               tied: Iterable[str] = (), wanted: Collection[str] | None = None) -> None:
+        """Headers, format version, layout, map digest and every tensor's digest (see the module doc).
+
+        Args:
+            supported_version: the newest packed format version this library reads.
+            layers: ``quantization_config.layers`` as read from ``config.json``.
+            layout, required, tied, wanted: as for :func:`check_layout` and :func:`verify_digests`.
+        """
+        try:
+            metadata, tensors = read_headers(self.files)
+            check_format_version(metadata, supported_version)
+            check_layout(layout, tensors)
+            check_layer_map_digest(metadata, layers)
+            verify_digests(self.files, metadata, required=required, tied=tied, wanted=wanted)
+        except CheckpointError as err:
+            self._raise(err, layers)
+
+    def finish(self, layers: Mapping[str, Any] | None) -> None:
+        """After loading: release the pins, or (unpinned) check that no file was replaced."""
+        if self._release is not None:
+            self._release()
+            return
+        try:
+            check_files_unchanged(self.identities)
+        except CheckpointError as err:
+            self._raise(err, layers, identities=False)

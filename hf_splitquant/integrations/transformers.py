@@ -6,8 +6,6 @@ Checked against transformers 5.23 (see ``DESIGN.md`` section 4 for the load orde
 
 from __future__ import annotations
 
-import os
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,21 +28,12 @@ from ..checkpoint import (
     FORMAT_METADATA_KEY,
     LAYER_MAP_METADATA_KEY,
     CheckpointError,
-    check_checkpoint_files,
-    check_files_unchanged,
-    check_format_version,
-    check_layer_map_digest,
-    check_layout,
+    CheckpointReadGuard,
     check_values,
-    concurrent_write_note,
-    file_identities,
     layer_map_digest,
     model_checkpoint_keys,
-    pin_files,
-    read_headers,
     tensor_digest,
     unknown_map_entries,
-    verify_digests,
 )
 from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
 from ..memory import release_freed_memory
@@ -317,36 +306,16 @@ class SplitQuantHfQuantizer(HfQuantizer):
         resolved = _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
         if self.pre_quantized and checkpoint_files:
             # Headers only: refuse a mismatched or corrupt checkpoint before any tensor is read.
-            folder = getattr(model.config, "_name_or_path", None)
-            folder = folder if folder and os.path.isdir(folder) else None
-            check_checkpoint_files(checkpoint_files, folder)
-            self._checkpoint_folder = folder or os.path.dirname(os.path.abspath(checkpoint_files[0]))
-            originals = list(checkpoint_files)
             device_map = kwargs.get("device_map")
-            self._release_pins = None
-            if not (isinstance(device_map, dict) and "disk" in device_map.values()):
-                # what is verified below is what transformers reads, even if a save replaces the folder
-                release = pin_files(checkpoint_files)
-                self._release_pins = weakref.finalize(self, release) if release is not None else None
-            # the identity of what is read, by the path it came from (a change means a save in between)
-            self._checkpoint_identities = dict(zip(originals, file_identities(checkpoint_files).values()))
-            try:
-                metadata, tensors = read_headers(checkpoint_files)
-                check_format_version(metadata, FORMAT_VERSION)
-                specs = self.quantization_config.layer_specs()
-                check_layout({key: (specs[key], _stored_prefixes(model, key, name)) for key, name in resolved.items()},
-                             tensors)
-                check_layer_map_digest(metadata, self.quantization_config.layers)
-                quantized_prefixes = [p for key, name in resolved.items() for p in _stored_prefixes(model, key, name)]
-                verify_digests(checkpoint_files, metadata, required=quantized_prefixes,
-                               tied=getattr(model, "all_tied_weights_keys", None) or {},
-                               wanted=model_checkpoint_keys(model.state_dict(), _base_prefix(model)))
-            except CheckpointError as err:
-                note = concurrent_write_note(self._checkpoint_folder, self.quantization_config.layers,
-                                             self._checkpoint_identities)
-                if note is None:
-                    raise
-                raise CheckpointError(f"{note}. ({err})") from None
+            self._read_guard = CheckpointReadGuard(checkpoint_files, getattr(model.config, "_name_or_path", None),
+                                                   pin=not (isinstance(device_map, dict) and "disk" in device_map.values()))
+            specs = self.quantization_config.layer_specs()
+            self._read_guard.verify(
+                FORMAT_VERSION, self.quantization_config.layers,
+                {key: (specs[key], _stored_prefixes(model, key, name)) for key, name in resolved.items()},
+                required=[p for key, name in resolved.items() for p in _stored_prefixes(model, key, name)],
+                tied=getattr(model, "all_tied_weights_keys", None) or {},
+                wanted=model_checkpoint_keys(model.state_dict(), _base_prefix(model)))
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -369,14 +338,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        if getattr(self, "_release_pins", None) is not None:
-            self._release_pins()  # pinned: what was read is what was verified
-        elif self.pre_quantized and getattr(self, "_checkpoint_identities", None):
-            try:  # not pinned (no /proc, disk offload): no save may have swapped the files in between
-                check_files_unchanged(self._checkpoint_identities)
-            except CheckpointError as err:
-                note = concurrent_write_note(self._checkpoint_folder, self.quantization_config.layers)
-                raise CheckpointError(f"{note}. ({err})" if note else str(err)) from None
+        if getattr(self, "_read_guard", None) is not None:
+            self._read_guard.finish(self.quantization_config.layers)  # the files read are the files verified
         if self.conversion_errors:
             more = f" (and {len(self.conversion_errors) - 1} more layers)" if len(self.conversion_errors) > 1 else ""
             raise ValueError(self.conversion_errors[0] + more)
