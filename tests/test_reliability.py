@@ -128,6 +128,7 @@ atomic_directory_write(sys.argv[2], write, overwrite=True)
 """
 
 
+@pytest.mark.slow
 def test_killed_save_temporaries_are_cleaned_by_the_next_save(float_checkpoints, packed_llama, tmp_path, input_ids):
     target = tmp_path / "ckpt"
     save_quantized(packed_llama, target)
@@ -335,6 +336,7 @@ def test_verify_digests_memory_stays_flat(tmp_path):
 # ---- 4. the per-layer map is bounded by the model ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_padded_map_is_refused_quickly(copy):
     def pad(q: dict) -> None:
         for i in range(50_000):
