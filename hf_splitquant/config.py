@@ -14,6 +14,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .methods import format_names, get_format
 from .methods.attention_round import AttentionRoundOptions
 from .methods.gptq import GPTQOptions
+from .patterns import compile_module_patterns
 from .spec import LayerSpec
 
 __all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
@@ -37,6 +38,16 @@ _FORMAT_FIELDS = ("splitquant_range", "ocs_expand_ratio", "ocs_split", "ocs_layo
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_copy(value: Any) -> Any:
+    """Copy of a JSON value (dicts and lists rebuilt, scalars shared): several times cheaper than
+    ``copy.deepcopy`` on a large per-layer map, which transformers copies several times per load."""
+    if isinstance(value, dict):
+        return {k: _json_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_copy(v) for v in value]
+    return value
 
 
 class SplitQuantConfig(QuantizationConfigMixin):
@@ -245,6 +256,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
             )
         if self.modules_to_not_convert is not None:
             self.modules_to_not_convert = list(self.modules_to_not_convert)
+            compile_module_patterns(self.modules_to_not_convert)  # a bad regex fails here, naming the field
         if not _is_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
         if self.layers is not None:
@@ -288,7 +300,12 @@ class SplitQuantConfig(QuantizationConfigMixin):
                          **self._layer_fields(self.bits if bits is None else bits))
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: copy.deepcopy(getattr(self, name)) for name in self._field_names()}
+        return {name: _json_copy(getattr(self, name)) for name in self._field_names()}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SplitQuantConfig:
+        new = copy.copy(self)  # every field is already validated JSON: no need to validate again
+        new.__dict__ = _json_copy(self.__dict__)
+        return new
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

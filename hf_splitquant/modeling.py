@@ -8,7 +8,6 @@ quantizer machinery of ``from_pretrained`` (that glue lives in
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,13 +15,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
-from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from .config import SplitQuantConfig
 from .memory import release_freed_memory
 from .methods import quantize_weight
 from .nn.packed_linear import PackedLinear
+from .patterns import compile_module_patterns, matches_any
 from .spec import LayerSpec
 
 logger = logging.get_logger(__name__)
@@ -115,9 +114,7 @@ def is_skipped(name: str, patterns: list[str]) -> bool:
     plus a whole run of path components anywhere: ``"intermediate"`` skips
     ``bert.encoder.layer.0.intermediate.dense`` and ``"layer.1"`` does not skip ``layer.11``.
     """
-    if not should_convert_module(name, patterns):
-        return True
-    return any(re.search(rf"(?:^|\.)(?:{p})(?:\.|$)", name) for p in patterns)
+    return matches_any(name, compile_module_patterns(patterns))  # bounded cost: see hf_splitquant.patterns
 
 
 def select_modules(model: nn.Module, config: SplitQuantConfig) -> list[tuple[str, nn.Module]]:

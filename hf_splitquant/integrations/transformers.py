@@ -23,13 +23,14 @@ from transformers.utils import logging
 from ..checkpoint import (
     DIGEST_METADATA_PREFIX,
     FORMAT_METADATA_KEY,
+    LAYER_MAP_METADATA_KEY,
     CheckpointError,
-    check_format_version,
-    check_layout,
+    CheckpointReadGuard,
     check_values,
-    read_headers,
+    layer_map_digest,
+    model_checkpoint_keys,
     tensor_digest,
-    verify_digests,
+    unknown_map_entries,
 )
 from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
 from ..memory import release_freed_memory
@@ -50,6 +51,7 @@ from ..modeling import (
 )
 from ..nn.packed_linear import PackedLinear
 from ..qat import pack_fake_quant, prepare_fake_quant
+from ..saving import guard_save_pretrained
 
 logger = logging.get_logger(__name__)
 
@@ -77,6 +79,9 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
     """
     resolved: dict[str, str] = {}
     if pre_quantized:
+        # refuse a map padded with modules the model lacks before any per-entry work
+        unknown_map_entries(config.layers or {}, (n for n, _ in model.named_modules()),
+                            base_prefix(model) if has_base_prefix_module(model) else "")
         specs = config.layer_specs()
         if not specs:
             raise ValueError(
@@ -191,13 +196,16 @@ class SplitQuantHfQuantizer(HfQuantizer):
         resolved = _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
         if self.pre_quantized and checkpoint_files:
             # Headers only: refuse a mismatched or corrupt checkpoint before any tensor is read.
-            metadata, tensors = read_headers(checkpoint_files)
-            check_format_version(metadata, FORMAT_VERSION)
+            device_map = kwargs.get("device_map")
+            self._read_guard = CheckpointReadGuard(checkpoint_files, getattr(model.config, "_name_or_path", None),
+                                                   pin=not (isinstance(device_map, dict) and "disk" in device_map.values()))
             specs = self.quantization_config.layer_specs()
-            check_layout({key: (specs[key], _stored_prefixes(model, key, name)) for key, name in resolved.items()},
-                         tensors)
-            quantized_prefixes = [p for key, name in resolved.items() for p in _stored_prefixes(model, key, name)]
-            verify_digests(checkpoint_files, metadata, required=quantized_prefixes)
+            self._read_guard.verify(
+                FORMAT_VERSION, self.quantization_config.layers,
+                {key: (specs[key], _stored_prefixes(model, key, name)) for key, name in resolved.items()},
+                required=[p for key, name in resolved.items() for p in _stored_prefixes(model, key, name)],
+                tied=getattr(model, "all_tied_weights_keys", None) or {},
+                wanted=model_checkpoint_keys(model.state_dict(), base_prefix(model)))
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -220,6 +228,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if getattr(self, "_read_guard", None) is not None:
+            self._read_guard.finish(self.quantization_config.layers)  # the files read are the files verified
         if self.conversion_errors:
             more = f" (and {len(self.conversion_errors) - 1} more layers)" if len(self.conversion_errors) > 1 else ""
             raise ValueError(self.conversion_errors[0] + more)
@@ -240,11 +250,13 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 check_values(name, module.spec, tensors)
         model.config.quantization_config = self.quantization_config
         _tag(model)
+        guard_save_pretrained(model)
         release_freed_memory()
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
-        metadata = {FORMAT_METADATA_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD}
+        metadata = {FORMAT_METADATA_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD,
+                    LAYER_MAP_METADATA_KEY: layer_map_digest(self.quantization_config.layers)}
         # A digest of every tensor as it will be written, checked on load (see checkpoint.verify_digests).
         for key, tensor in model.state_dict().items():
             metadata[DIGEST_METADATA_PREFIX + key] = tensor_digest(tensor)
@@ -302,6 +314,7 @@ def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
     _tag(model)
+    guard_save_pretrained(model)
     if hasattr(model, "config"):
         model.config.quantization_config = config
         for module in model.modules():
