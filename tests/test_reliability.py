@@ -34,7 +34,7 @@ from hf_splitquant.checkpoint import (
     verify_digests,
 )
 from hf_splitquant.cli import main
-from hf_splitquant.integrations.transformers import is_skipped
+from hf_splitquant.modeling import is_skipped
 from hf_splitquant.patterns import compile_module_patterns, matches_any
 from hf_splitquant.saving import atomic_directory_write, clean_stale_temporaries, save_quantized
 from hf_splitquant.spec import LayerSpec
@@ -412,7 +412,7 @@ import sys, hf_splitquant
 from transformers import AutoModelForSequenceClassification
 config = hf_splitquant.SplitQuantConfig(bits=4, modules_to_not_convert=["([a-z0-9.]+)+!", "classifier"])
 model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], quantization_config=config)
-print(len(list(hf_splitquant.integrations.transformers.iter_packed_modules(model))))
+print(len(list(hf_splitquant.modeling.iter_packed_modules(model))))
 """
 
 
