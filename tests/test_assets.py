@@ -1,4 +1,4 @@
-"""Tests for :mod:`hf_splitquant.assets` (real offline models and text).
+"""Tests for :mod:`splitquant_assets` (``assets/`` in the repository: real offline models and text).
 
 Caches: the Wikipedia, sentence and fine-food tests build into a temporary cache shared by this
 module (a few seconds each), so the build path itself is tested every run. The SmolLM2 test uses
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_splitquant import assets
+from splitquant_assets import loaders as assets
 
 _USER_CACHE = os.environ.get(assets.CACHE_ENV_VAR)
 

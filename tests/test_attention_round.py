@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from hf_splitquant import SplitQuantConfig, assets
+import splitquant_assets as assets
+from hf_splitquant import SplitQuantConfig
 from hf_splitquant.methods import dequantize_weight, element_grid, pack_grid_codes, quantize_weight
 from hf_splitquant.methods.attention_round import (
     AttentionRoundOptions,

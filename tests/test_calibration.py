@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import VOCAB, model_output, tiny_bert, tiny_llama
+from helpers import VOCAB, model_output, tiny_bert, tiny_llama
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -23,7 +23,8 @@ from transformers import (
 )
 
 import hf_splitquant
-from hf_splitquant import SplitQuantConfig, assets, quantization_report
+import splitquant_assets as assets
+from hf_splitquant import SplitQuantConfig, quantization_report
 from hf_splitquant.integrations.calibration import ExactSum, calibrate_and_quantize
 from hf_splitquant.methods.coding_length import (
     allocate_by_coding_length,

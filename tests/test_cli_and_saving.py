@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_output
+from helpers import model_output
 from transformers import AutoModelForCausalLM
 
 from hf_splitquant import SplitQuantConfig

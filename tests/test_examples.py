@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_hub import FakeHub, hub_env
+from helpers import FakeHub, hub_env
 
 from hf_splitquant import cli
 from hf_splitquant.commands import copy_arguments, run_command

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_output
+from helpers import model_output
 from transformers import AutoModelForCausalLM
 
 from hf_splitquant import PackedLinear, SplitQuantConfig, kernels

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TRAIN_SEQ as SEQ
+from helpers import TRAIN_VOCAB as VOCAB
+from helpers import (
+    dataset,
+    one_thread,  # noqa: F401  (autouse: one thread for this module)
+    small_bert,
+)
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-from training_helpers import SEQ, VOCAB, dataset, one_thread, small_bert  # noqa: F401
 from transformers import (
     AutoModelForSequenceClassification,
     Trainer,

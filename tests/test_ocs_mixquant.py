@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import model_output
+from helpers import model_output
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification

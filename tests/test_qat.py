@@ -7,9 +7,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import TRAIN_SEQ as SEQ
+from helpers import TRAIN_VOCAB as VOCAB
+from helpers import (
+    dataset,
+    one_thread,  # noqa: F401  (autouse: one thread for this module)
+    small_bert,
+    tiny_gpt2,
+)
 from safetensors import safe_open
-from training_helpers import SEQ, VOCAB, dataset, one_thread, small_bert  # noqa: F401
 from transformers import (
     AutoModelForSequenceClassification,
     Trainer,

@@ -7,7 +7,11 @@ import shutil
 
 import pytest
 import torch
-from training_helpers import SEQ, VOCAB, dataset, one_thread, small_bert  # noqa: F401
+from helpers import (
+    dataset,
+    one_thread,  # noqa: F401  (autouse: one thread for this module)
+    small_bert,
+)
 from transformers import (
     Trainer,
     TrainerCallback,

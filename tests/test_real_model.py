@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModel, AutoTokenizer
 
-from hf_splitquant import SplitQuantConfig, assets, quantization_report
+import splitquant_assets as assets
+from hf_splitquant import SplitQuantConfig, quantization_report
 
 
 @pytest.fixture(scope="module")
