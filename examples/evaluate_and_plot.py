@@ -83,8 +83,13 @@ def main() -> int:
     path = path_fn()
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = cls.from_pretrained(path)
-    kwargs = {"num_sentences": args.sentences} if task == "embedding-fidelity" else {
-        "num_blocks": args.num_blocks, "block_len": args.block_len}
+    # the data: real English sentences, or token blocks of the Wikipedia eval part (splitquant_assets)
+    if task == "embedding-fidelity":
+        kwargs = {"texts": assets.embedding_sentences(args.sentences),
+                  "dataset": f"{args.sentences} real English sentences (splitquant_assets.embedding_sentences)"}
+    else:
+        kwargs = {"token_blocks": assets.perplexity_token_blocks(tokenizer, args.num_blocks, args.block_len),
+                  "dataset": f"Wikipedia eval part (splitquant_assets), {args.num_blocks} blocks x {args.block_len} tokens"}
     results = []
     reference_value = None
     cache: dict = {}  # the float model's outputs, computed once for all configurations

@@ -118,3 +118,6 @@ def test_wheel_ships_optimum_register_module_metrics_and_template(tmp_path: Path
     assert "hf_splitquant/templates/model_card.md" in names
     for metric in ("perplexity_from_nll", "kl_fidelity", "embedding_cosine", "classification_accuracy"):
         assert f"hf_splitquant/metrics/{metric}/{metric}.py" in names
+    # the offline test data and the demo are the separate in-repo package assets/ (splitquant_assets)
+    assert not {n for n in names if n.startswith("splitquant_assets/")} | ({"hf_splitquant/assets.py",
+                                                                            "hf_splitquant/demo.py"} & names)
