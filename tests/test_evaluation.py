@@ -142,6 +142,7 @@ def test_fidelity_by_hand_with_padding() -> None:
     assert result["num_tokens"] == 5 and result["num_sequences"] == 2
 
 
+@pytest.mark.slow
 def test_fidelity_of_quantized_tiny_llama() -> None:
     torch.manual_seed(0)
     float_model = tiny_llama().eval()
@@ -162,6 +163,7 @@ def test_fidelity_of_quantized_tiny_llama() -> None:
     assert 0 < result["embedding_cosine"] < 1
 
 
+@pytest.mark.slow
 def test_classification_accuracy_matches_one_by_one() -> None:
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
     torch.manual_seed(0)
@@ -202,6 +204,7 @@ def test_pareto_front() -> None:
     assert evaluation.pareto_front(RESULTS[1:], "ppl", higher_is_better=True) == [0, 1]  # b, then c
 
 
+@pytest.mark.slow
 def test_plot_writes_png(tmp_path: Path) -> None:
     path = evaluation.plot_quality_vs_bits(RESULTS, tmp_path / "sub" / "plot.png", "ppl", higher_is_better=False,
                                            reference=20.0, log_y=True)
@@ -236,6 +239,7 @@ def smol_vocab_llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return {"float": root / "float", "packed": root / "packed"}
 
 
+@pytest.mark.slow
 def test_cli_evaluate_perplexity_json_and_card(smol_vocab_llama: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "eval.json"
@@ -265,6 +269,7 @@ def test_cli_evaluate_perplexity_json_and_card(smol_vocab_llama: dict[str, Path]
     assert row in card.text
 
 
+@pytest.mark.slow
 def test_cli_evaluate_errors(smol_vocab_llama: dict[str, Path], tmp_path: Path,
                              capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["evaluate", str(smol_vocab_llama["packed"]), "--task", "embedding-fidelity"]) == 2
@@ -275,6 +280,7 @@ def test_cli_evaluate_errors(smol_vocab_llama: dict[str, Path], tmp_path: Path,
         evaluation.evaluate_model(torch.nn.Linear(1, 1), "bleu", None)
 
 
+@pytest.mark.slow
 def test_reference_cache_gives_the_same_results(smol_vocab_llama: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smol_vocab_llama["packed"])
     packed = LlamaForCausalLM.from_pretrained(smol_vocab_llama["packed"])

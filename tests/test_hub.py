@@ -70,6 +70,7 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> dict:
         return {"hub": server, "summary": summary, "ref": torch.load(work / "ref.pt"), "storage": root / "storage"}
 
 
+@pytest.mark.slow
 def test_push_then_reload_bit_exact(pushed: dict) -> None:
     folder = pushed["storage"] / "tester" / "tiny-llama-sq3"
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
@@ -79,6 +80,7 @@ def test_push_then_reload_bit_exact(pushed: dict) -> None:
     assert pushed["summary"]["http_reload_equal"] is True  # from_pretrained("tester/...") through the server
 
 
+@pytest.mark.slow
 def test_push_sends_token_and_expected_endpoints(pushed: dict) -> None:
     requests = pushed["hub"].requests
     writes = [r for r in requests if r[0] == "POST"]
@@ -95,6 +97,7 @@ def test_push_sends_token_and_expected_endpoints(pushed: dict) -> None:
     assert ("GET", "/tester/tiny-llama-sq3/resolve/main/README.md") in reads
 
 
+@pytest.mark.slow
 def test_pushed_card_metadata(pushed: dict) -> None:
     card = ModelCard.load(pushed["storage"] / "tester" / "tiny-llama-sq3" / "README.md")
     data = card.data.to_dict()
@@ -110,6 +113,7 @@ def test_pushed_card_metadata(pushed: dict) -> None:
     assert 'from_pretrained("tester/tiny-llama-sq3")' in card.text
 
 
+@pytest.mark.slow
 def test_transformers_push_carries_tags_not_body(pushed: dict) -> None:
     folder = pushed["storage"] / "tester" / "tiny-llama-sq3-transformers"
     card = ModelCard.load(folder / "README.md")
@@ -120,6 +124,7 @@ def test_transformers_push_carries_tags_not_body(pushed: dict) -> None:
     assert torch.equal(model_output(reloaded, pushed["ref"]["input_ids"]), pushed["ref"]["logits"])
 
 
+@pytest.mark.slow
 def test_cli_quantize_push_to_hub(tmp_path: Path, float_checkpoints: dict[str, str]) -> None:
     with FakeHub(tmp_path / "storage") as server:
         env = hub_env(server, tmp_path / "hf")

@@ -53,6 +53,7 @@ def packed_dir(tmp_path_factory):  # noqa: ANN001, ANN201
     return path
 
 
+@pytest.mark.slow
 def test_lora_on_packed_base_trains_saves_reloads_and_merges(packed_dir, tmp_path) -> None:  # noqa: ANN001
     from transformers import TrainingArguments
 

@@ -150,6 +150,7 @@ def test_dequantize_returns_float_model(float_checkpoints, input_ids, arch):
     assert torch.allclose(model_output(model, input_ids), out, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loading_without_import_fails_loudly(float_checkpoints, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"], quantization_config=SplitQuantConfig(bits=8))
     model.save_pretrained(tmp_path)

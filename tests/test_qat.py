@@ -188,6 +188,7 @@ def test_from_pretrained_with_qat_gives_fake_quant_layers(tmp_path) -> None:  # 
                                float_model.bert.encoder.layer[0].attention.self.query.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", ["splitquant", None])
 def test_qat_train_checkpoint_resume_freeze_save_reload(tmp_path, transform) -> None:  # noqa: ANN001
     cfg = SplitQuantConfig(bits=2, group_size=16, transform=transform, qat=True)
