@@ -27,7 +27,8 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
 @pytest.mark.parametrize("transform", [None, "splitquant"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [pytest.param(2, marks=pytest.mark.slow), 3, 4,
+                                  pytest.param(8, marks=pytest.mark.slow)])  # 3 and 4 bits in make test-fast
 def test_quantize_on_load_save_reload_bit_exact(float_checkpoints, tmp_path, input_ids, arch, transform, bits):
     auto = AUTO[arch]
     cfg = SplitQuantConfig(bits=bits, group_size=16, transform=transform)
