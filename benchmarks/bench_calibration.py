@@ -120,7 +120,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     import hf_splitquant
-    from hf_splitquant import SplitQuantConfig, assets, quantization_report
+    import splitquant_assets as assets
+    from hf_splitquant import SplitQuantConfig, quantization_report
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

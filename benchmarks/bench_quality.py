@@ -119,13 +119,13 @@ class ModelInfo:
 
 
 def _minilm_path() -> Path:
-    from hf_splitquant import assets
+    import splitquant_assets as assets
 
     return assets.minilm_path()
 
 
 def _smollm2_path() -> Path:
-    from hf_splitquant import assets
+    import splitquant_assets as assets
 
     return assets.smollm2_path()
 
@@ -308,7 +308,7 @@ def enable_dequantized_cache(model: torch.nn.Module) -> None:
 
 
 def embeddings(model: torch.nn.Module, tokenizer: Any, sentences: list[str]) -> torch.Tensor:
-    from hf_splitquant import assets
+    import splitquant_assets as assets
 
     return assets.mean_pooled_embeddings(model, tokenizer, sentences)
 
@@ -337,7 +337,7 @@ class Evaluator:
     def __init__(self, info: ModelInfo, args: argparse.Namespace) -> None:
         from transformers import AutoTokenizer
 
-        from hf_splitquant import assets
+        import splitquant_assets as assets
 
         self.info = info
         self.tokenizer = AutoTokenizer.from_pretrained(info.path())

@@ -42,7 +42,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 import hf_splitquant
-from hf_splitquant import SplitQuantConfig, assets, quantization_report
+import splitquant_assets as assets
+from hf_splitquant import SplitQuantConfig, quantization_report
 
 CONFIGS = {
     "rtn-int2-g64": dict(bits=2, group_size=64),

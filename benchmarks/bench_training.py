@@ -2,7 +2,7 @@
 
 What it measures (offline, CPU):
 
-1. Fine-tune all-MiniLM-L6-v2 (``hf_splitquant.assets.minilm_path()``) with a new 2-way
+1. Fine-tune all-MiniLM-L6-v2 (``splitquant_assets.minilm_path()``) with a new 2-way
    classification head on the Amazon fine-food reviews (``assets.finefood_reviews``; label
    ``great`` vs ``other``) with the stock ``Trainer``: once plainly and once with each R2 variant
    (``R2LossCallback``; same seed, data order and steps).
@@ -64,7 +64,8 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import hf_splitquant  # noqa: E402
-from hf_splitquant import SplitQuantConfig, assets  # noqa: E402
+import splitquant_assets as assets  # noqa: E402
+from hf_splitquant import SplitQuantConfig  # noqa: E402
 from hf_splitquant.integrations.trainer import QATCallback, R2LossCallback  # noqa: E402
 from hf_splitquant.methods.r2_loss import R2Regularizer, weight_range  # noqa: E402
 from hf_splitquant.modeling import select_modules  # noqa: E402

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from hf_splitquant import assets
+    import splitquant_assets as assets
 
     hf_logging.set_verbosity_error()
     path = assets.smollm2_path()

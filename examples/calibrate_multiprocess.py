@@ -15,7 +15,7 @@ Launch (2 CPU processes, gloo)::
 
 (``accelerate launch --cpu --num_processes 2`` silently starts one process; use ``torchrun``.) Without
 ``torchrun`` (plain ``python``) it runs as one process. Calibration text: paragraphs of the
-Wikipedia ``"calibration"`` part of :mod:`hf_splitquant.assets` (disjoint from the ``"eval"`` part).
+Wikipedia ``"calibration"`` part of :mod:`splitquant_assets` (``assets/`` in the repository) (disjoint from the ``"eval"`` part).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from accelerate.utils import DataLoaderConfiguration, gather_object  # noqa: E40
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import hf_splitquant  # noqa: E402
-from hf_splitquant import assets  # noqa: E402
+import splitquant_assets as assets  # noqa: E402
 from hf_splitquant.saving import save_quantized  # noqa: E402
 
 

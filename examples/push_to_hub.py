@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import hf_splitquant
-from hf_splitquant import assets
+import splitquant_assets as assets
 from hf_splitquant.evaluation import evaluate_model
 from hf_splitquant.integrations.hub import push_to_hub, save_with_card
 
@@ -51,7 +51,8 @@ def main() -> int:
     )
     model = AutoModel.from_pretrained(path, quantization_config=config)  # quantized while loading
     result = evaluate_model(model, "embedding-fidelity", tokenizer, AutoModel.from_pretrained(path),
-                            num_sentences=args.sentences)
+                            texts=assets.embedding_sentences(args.sentences),
+                            dataset=f"{args.sentences} real English sentences (splitquant_assets.embedding_sentences)")
     print(f"{result['label']}: {result['bits_per_weight']:.3f} bits per weight, "
           f"cosine to float {result['metrics']['embedding_cosine']:.4f} on {args.sentences} sentences")
 

@@ -32,7 +32,8 @@ from transformers import (  # noqa: E402
 )
 
 import hf_splitquant  # noqa: E402
-from hf_splitquant import PackedLinear, QATCallback, SplitQuantConfig, assets  # noqa: E402
+import splitquant_assets as assets  # noqa: E402
+from hf_splitquant import PackedLinear, QATCallback, SplitQuantConfig  # noqa: E402
 
 
 def reviews(split: str, n: int, tokenizer, max_length: int) -> list[dict]:  # noqa: ANN001

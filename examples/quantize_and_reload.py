@@ -10,7 +10,7 @@ import argparse
 from transformers import AutoModel, AutoTokenizer
 
 import hf_splitquant
-from hf_splitquant import assets
+import splitquant_assets as assets
 from hf_splitquant.saving import save_quantized
 
 

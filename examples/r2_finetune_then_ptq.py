@@ -32,7 +32,8 @@ from transformers import (  # noqa: E402
 )
 
 import hf_splitquant  # noqa: E402
-from hf_splitquant import R2LossCallback, R2Regularizer, SplitQuantConfig, assets  # noqa: E402
+import splitquant_assets as assets  # noqa: E402
+from hf_splitquant import R2LossCallback, R2Regularizer, SplitQuantConfig  # noqa: E402
 
 LAMBDAS = {"linf": 8e-4, "margin": 0.05, "soft_min_max": 8e-4}
 

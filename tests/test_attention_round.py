@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from hf_splitquant import SplitQuantConfig, assets
+import splitquant_assets as assets
+from hf_splitquant import SplitQuantConfig
 from hf_splitquant.methods import dequantize_weight, element_grid, pack_grid_codes, quantize_weight
 from hf_splitquant.methods.attention_round import (
     AttentionRoundOptions,
@@ -170,6 +171,7 @@ def minilm_layer():
     return layer.weight.detach().clone(), calib, held
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", [None, "splitquant", "ocs"])
 def test_attention_round_beats_round_to_nearest_on_a_real_layer(minilm_layer, transform: str | None) -> None:
     weight, calib, held = minilm_layer
@@ -192,6 +194,7 @@ def test_attention_round_beats_round_to_nearest_on_a_real_layer(minilm_layer, tr
     assert math.isclose(layer_objective(grid.values(codes), grid.weight, h, calib.shape[0]), direct, rel_tol=1e-3)
 
 
+@pytest.mark.slow
 def test_sample_mode_is_seeded_and_improves(minilm_layer) -> None:
     weight, calib, _ = minilm_layer
     w, x = weight[:256], calib[:512]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -19,6 +21,7 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_ocs_mixquant_benchmark_quick(tmp_path):
     out = tmp_path / "ocs_mixquant.json"
     stdout = _run("bench_ocs_mixquant.py", "--quick", "--threads", "1", "--output", str(out))
@@ -30,6 +33,7 @@ def test_ocs_mixquant_benchmark_quick(tmp_path):
     assert "Best configuration within each budget" in stdout
 
 
+@pytest.mark.slow
 def test_speed_benchmark_quick(tmp_path):
     out = tmp_path / "speed.json"
     stdout = _run("bench_speed.py", "--quick", "--threads", "1", "--output", str(out))

@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import VOCAB, model_output, tiny_bert, tiny_llama
+from helpers import VOCAB, model_output, tiny_bert, tiny_llama
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
@@ -24,7 +24,8 @@ from transformers import (
 )
 
 import hf_splitquant
-from hf_splitquant import SplitQuantConfig, assets, quantization_report
+import splitquant_assets as assets
+from hf_splitquant import SplitQuantConfig, quantization_report
 from hf_splitquant.calibration import ExactSum, calibrate_and_quantize
 from hf_splitquant.methods.coding_length import (
     allocate_by_coding_length,
@@ -277,6 +278,7 @@ def test_heldout_batch_count() -> None:
     assert heldout_batches(3, 0.9) == 2 and heldout_batches(10, 0.0) == 0
 
 
+@pytest.mark.slow
 def test_every_data_form_gives_the_same_model() -> None:
     samples = token_samples(12, length=10, seed=5)
     forms = {
@@ -297,6 +299,7 @@ def test_every_data_form_gives_the_same_model() -> None:
             assert torch.equal(tensor, states["list"][key]), (name, key)
 
 
+@pytest.mark.slow
 def test_text_dataset_is_sampled_with_the_seed_and_padding_is_not_counted() -> None:
     tokenizer = AutoTokenizer.from_pretrained(assets.smollm2_path())
     texts = [p for a in assets.wikipedia_split("calibration")[:6] for p in a.split("\n") if len(p) > 80]
@@ -374,6 +377,7 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_folder: Path) -> None:
     from hf_splitquant.cli import main
 
@@ -391,6 +395,7 @@ def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_fo
                  "--calibration-data", str(tmp_path / "cal.xml")]) == 2
 
 
+@pytest.mark.slow
 def test_two_process_calibration_is_identical_to_one_process(tmp_path: Path, tiny_llama_folder: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     # 19 samples in batches of 3: 7 batches, 4 on process 0 and 3 on process 1 (uneven shards)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_output
+from helpers import model_output
 from transformers import AutoModelForCausalLM
 
 from hf_splitquant import SplitQuantConfig
@@ -48,6 +48,7 @@ def test_cli_rejects_bad_input(float_checkpoints, tmp_path, capsys):
     assert "not an hf_splitquant checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "hf-splitquant"
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
@@ -76,6 +77,7 @@ def test_failed_save_keeps_previous_checkpoint(float_checkpoints, tmp_path, inpu
     assert torch.equal(model_output(reloaded, input_ids), model_output(model, input_ids))
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_no_checkpoint(float_checkpoints, tmp_path):
     target = tmp_path / "killed"
     code = f"""

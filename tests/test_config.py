@@ -78,6 +78,7 @@ json_values = st.recursive(
 field_names = st.sampled_from(sorted(SplitQuantConfig()._field_names()) + ["bogus"])
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(field_names, json_values, max_size=5))
 def test_fuzzed_configs_raise_only_value_error_and_round_trip(data: dict) -> None:

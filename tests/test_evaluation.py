@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import card_number, tiny_llama
 from huggingface_hub import ModelCard
 from torch import nn
 from transformers import (
@@ -22,8 +24,8 @@ from transformers import (
 )
 
 import hf_splitquant
-from hf_splitquant import assets, cli, evaluation, metrics
-from hf_splitquant.integrations.hub import _fmt_value
+import splitquant_assets as assets
+from hf_splitquant import cli, evaluation, metrics
 
 
 class TableModel(nn.Module):
@@ -140,6 +142,7 @@ def test_fidelity_by_hand_with_padding() -> None:
     assert result["num_tokens"] == 5 and result["num_sequences"] == 2
 
 
+@pytest.mark.slow
 def test_fidelity_of_quantized_tiny_llama() -> None:
     torch.manual_seed(0)
     float_model = tiny_llama().eval()
@@ -160,6 +163,7 @@ def test_fidelity_of_quantized_tiny_llama() -> None:
     assert 0 < result["embedding_cosine"] < 1
 
 
+@pytest.mark.slow
 def test_classification_accuracy_matches_one_by_one() -> None:
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
     torch.manual_seed(0)
@@ -200,6 +204,7 @@ def test_pareto_front() -> None:
     assert evaluation.pareto_front(RESULTS[1:], "ppl", higher_is_better=True) == [0, 1]  # b, then c
 
 
+@pytest.mark.slow
 def test_plot_writes_png(tmp_path: Path) -> None:
     path = evaluation.plot_quality_vs_bits(RESULTS, tmp_path / "sub" / "plot.png", "ppl", higher_is_better=False,
                                            reference=20.0, log_y=True)
@@ -234,12 +239,15 @@ def smol_vocab_llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     return {"float": root / "float", "packed": root / "packed"}
 
 
+@pytest.mark.slow
 def test_cli_evaluate_perplexity_json_and_card(smol_vocab_llama: dict[str, Path], tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "eval.json"
+    text_file = tmp_path / "wikipedia_eval.jsonl"  # the texts come from the caller: one JSON line per article
+    text_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in assets.wikipedia_split("eval")))
     code = cli.main(["evaluate", str(smol_vocab_llama["packed"]), "--task", "perplexity", "--reference",
                      str(smol_vocab_llama["float"]), "--num-blocks", "2", "--block-len", "24", "--json", str(out),
-                     "--write-card", "--base-model", "org/tiny"])
+                     "--write-card", "--base-model", "org/tiny", "--text-file", str(text_file)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["task"] == "perplexity" and result["num_examples"] == 2 * 23
@@ -257,10 +265,11 @@ def test_cli_evaluate_perplexity_json_and_card(smol_vocab_llama: dict[str, Path]
     assert "perplexity" in capsys.readouterr().out
     card = ModelCard.load(smol_vocab_llama["packed"] / "README.md")
     assert card.data.base_model == "org/tiny" and "int4" in card.data.tags
-    row = f"| perplexity | {_fmt_value(result['metrics']['perplexity'])} | {_fmt_value(result['reference_metrics']['perplexity'])} |"
+    row = f"| perplexity | {card_number(result['metrics']['perplexity'])} | {card_number(result['reference_metrics']['perplexity'])} |"
     assert row in card.text
 
 
+@pytest.mark.slow
 def test_cli_evaluate_errors(smol_vocab_llama: dict[str, Path], tmp_path: Path,
                              capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["evaluate", str(smol_vocab_llama["packed"]), "--task", "embedding-fidelity"]) == 2
@@ -271,11 +280,12 @@ def test_cli_evaluate_errors(smol_vocab_llama: dict[str, Path], tmp_path: Path,
         evaluation.evaluate_model(torch.nn.Linear(1, 1), "bleu", None)
 
 
+@pytest.mark.slow
 def test_reference_cache_gives_the_same_results(smol_vocab_llama: dict[str, Path]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smol_vocab_llama["packed"])
     packed = LlamaForCausalLM.from_pretrained(smol_vocab_llama["packed"])
     reference = LlamaForCausalLM.from_pretrained(smol_vocab_llama["float"])
-    kwargs = {"num_blocks": 3, "block_len": 16, "batch_size": 2}
+    kwargs = {"num_blocks": 3, "block_len": 16, "batch_size": 2, "texts": assets.wikipedia_split("eval")}
     plain = evaluation.evaluate_model(packed, "perplexity", tokenizer, reference, **kwargs)
     cache: dict = {}
     first = evaluation.evaluate_model(packed, "perplexity", tokenizer, reference, cache=cache, **kwargs)
@@ -293,3 +303,116 @@ def test_reference_cache_gives_the_same_results(smol_vocab_llama: dict[str, Path
     assert evaluation.fidelity(reference, packed, blocks, 2, float_outputs=outputs) == pytest.approx(fid, rel=1e-12)
     with pytest.raises(ValueError, match="batches"):
         evaluation.fidelity(reference, packed, blocks, 3, float_outputs=outputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The caller's data: text files, token blocks, evaluate_model without any bundled dataset
+# ------------------------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """One token per character (its code point): enough to check how texts become blocks."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True, verbose: bool = True) -> dict[str, list[int]]:
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([0] + ids) if add_special_tokens else ids}
+
+
+def test_read_texts_formats(tmp_path: Path) -> None:
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "first\\nwith a newline", "id": 1}\n\n"a plain string"\n{"text": "  "}\n')
+    assert evaluation.read_texts(jsonl) == ["first\nwith a newline", "a plain string"]
+    array = tmp_path / "b.json"
+    array.write_text(json.dumps([{"text": "x"}, "y"]))
+    assert evaluation.read_texts(array) == ["x", "y"]
+    plain = tmp_path / "c.txt"
+    plain.write_text("one line\n\n  two  \n")
+    assert evaluation.read_texts(plain) == ["one line", "two"]
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"text": "ok"}\n{"title": "no text"}\n')
+    with pytest.raises(ValueError, match="d.jsonl:2"):
+        evaluation.read_texts(bad)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no text"):
+        evaluation.read_texts(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError):
+        evaluation.read_texts(tmp_path / "missing.txt")
+
+
+def test_token_blocks_from_texts_joins_with_a_blank_line() -> None:
+    texts = ["abc", "de", "f" * 50]
+    blocks = evaluation.token_blocks_from_texts(CharTokenizer(), texts, num_blocks=2, block_len=4)
+    expected = [ord(c) for c in "abc\n\nde\n\nfff"][:8]  # no special token in front
+    assert blocks.dtype == torch.long and blocks.flatten().tolist() == expected
+    with pytest.raises(ValueError, match="only 59 tokens"):
+        evaluation.token_blocks_from_texts(CharTokenizer(), texts, num_blocks=1, block_len=60)
+    with pytest.raises(TypeError, match="single string"):
+        evaluation.token_blocks_from_texts(CharTokenizer(), "abc", 1, 2)
+
+
+def test_evaluate_model_takes_its_data_as_arguments() -> None:
+    vocab = 5
+    uniform = TableModel([[0.0]] * vocab, [[0.7] * vocab] * vocab)
+    blocks = torch.tensor([[0, 1, 2, 3], [4, 4, 0, 1]])
+    result = evaluation.evaluate_model(uniform, "perplexity", None, token_blocks=blocks, batch_size=1)
+    assert result["metrics"]["perplexity"] == pytest.approx(vocab, rel=1e-12)
+    assert result["dataset"] == "2 blocks x 4 tokens" and result["num_examples"] == 2 * 3
+    with pytest.raises(ValueError, match="needs texts"):
+        evaluation.evaluate_model(uniform, "perplexity", None)
+    with pytest.raises(ValueError, match="not both"):
+        evaluation.evaluate_model(uniform, "perplexity", None, texts=["a"], token_blocks=blocks)
+    with pytest.raises(ValueError, match="needs texts"):
+        evaluation.evaluate_model(uniform, "embedding-fidelity", None, uniform)
+    with pytest.raises(ValueError, match="needs texts"):  # checked before any model is loaded
+        evaluation.evaluate_checkpoint("/nonexistent", "perplexity")
+
+
+def test_cli_evaluate_needs_a_text_file(float_checkpoints: dict[str, str], capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["evaluate", float_checkpoints["llama"], "--task", "perplexity"]) == 2
+    assert "--text-file" in capsys.readouterr().err
+
+
+def test_missing_extra_names_the_pip_extra() -> None:
+    from hf_splitquant.extras import require
+
+    with pytest.raises(ImportError, match=r"pip install 'hf-splitquant\[plot\]'"):
+        require("no_such_module_for_hf_splitquant_tests", "plot", "plotting")
+
+
+def test_demo_command_without_the_assets_package(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "splitquant_assets", None)  # as if hf-splitquant-assets were not installed
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert "splitquant_assets" in err and "make demo" in err
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the modules a source file imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(Path(hf_splitquant.__file__).parents[1]).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_import_cycles_between_evaluation_metrics_cli_and_commands() -> None:
+    root = Path(hf_splitquant.__file__).parent
+    functional = _imports(root / "metrics" / "functional.py")
+    assert not {name for name in functional if name.startswith("hf_splitquant")}
+    for name in metrics.METRICS:  # the metric scripts use the pure math only
+        used = {n for n in _imports(root / "metrics" / name / f"{name}.py") if n.startswith("hf_splitquant")}
+        assert used <= {"hf_splitquant.metrics.functional"} | {f"hf_splitquant.metrics.functional.{f}" for f in
+                                                               ("accuracy", "cosine_similarity", "kl_divergence",
+                                                                "perplexity_from_nll", "top1_agreement")}, used
+    for path in (root / "commands").glob("*.py"):  # commands never import the cli that is built from them
+        assert not any(n == "hf_splitquant.cli" or n.startswith("hf_splitquant.cli.") for n in _imports(path)), path
+    for path in root.rglob("*.py"):  # the library imports no asset code (only `demo` names it, lazily)
+        if path != root / "commands" / "demo.py":
+            assert not any(n.startswith("splitquant_assets") for n in _imports(path)), path

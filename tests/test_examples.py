@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_hub import FakeHub, hub_env
+from helpers import FakeHub, hub_env
 
 from hf_splitquant import cli
 from hf_splitquant.commands import copy_arguments, run_command
@@ -36,6 +36,7 @@ def _run(args: list[str], env: dict[str, str], cwd: Path, timeout: int = 300) ->
     return result
 
 
+@pytest.mark.slow
 def test_quantize_and_reload_example(tmp_path: Path) -> None:
     # RTN keeps the run short; the SplitQuant path of the same script is exercised by the demo tests
     result = _run([sys.executable, str(EXAMPLES / "quantize_and_reload.py"), "--sentences", "8", "--transform", "rtn",
@@ -45,6 +46,7 @@ def test_quantize_and_reload_example(tmp_path: Path) -> None:
     assert (tmp_path / "minilm" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_evaluate_and_plot_example_smoke(tmp_path: Path) -> None:
     _run([sys.executable, str(EXAMPLES / "evaluate_and_plot.py"), "--smoke", "--out-dir", str(tmp_path)], _env(),
          tmp_path)
@@ -57,6 +59,7 @@ def test_evaluate_and_plot_example_smoke(tmp_path: Path) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_push_to_hub_example_smoke(tmp_path: Path) -> None:
     with FakeHub(tmp_path / "storage") as server:
         env = hub_env(server, tmp_path / "hf")
@@ -70,6 +73,7 @@ def test_push_to_hub_example_smoke(tmp_path: Path) -> None:
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and "embedding_cosine" in card
 
 
+@pytest.mark.slow
 def test_optimum_cli_lists_and_runs_splitquant(tmp_path: Path, float_checkpoints: dict[str, str]) -> None:
     env = _env(PYTHONPATH=str(REPO_ROOT))  # also works without it once the package is (re)installed
     optimum_cli = str(BIN / "optimum-cli")
@@ -100,6 +104,7 @@ def test_optimum_arguments_are_hf_splitquant_arguments() -> None:
     assert {k: v for k, v in vars(ours).items() if k not in ("func", "command", "verbose")} == vars(copied)
 
 
+@pytest.mark.slow
 def test_wheel_ships_optimum_register_module_metrics_and_template(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
@@ -118,3 +123,6 @@ def test_wheel_ships_optimum_register_module_metrics_and_template(tmp_path: Path
     assert "hf_splitquant/templates/model_card.md" in names
     for metric in ("perplexity_from_nll", "kl_fidelity", "embedding_cosine", "classification_accuracy"):
         assert f"hf_splitquant/metrics/{metric}/{metric}.py" in names
+    # the offline test data and the demo are the separate in-repo package assets/ (splitquant_assets)
+    assert not {n for n in names if n.startswith("splitquant_assets/")} | ({"hf_splitquant/assets.py",
+                                                                            "hf_splitquant/demo.py"} & names)

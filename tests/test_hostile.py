@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_output, tiny_llama
+from helpers import model_output, tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -285,6 +285,7 @@ def test_nan_weight_is_an_error_naming_the_layer(float_checkpoints, tmp_path):
 # ---- determinism -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", [None, "splitquant", "ocs"])
 def test_same_model_config_seed_give_identical_bytes(float_checkpoints, tmp_path, transform):
     config = SplitQuantConfig(bits=3, group_size=16, transform=transform, seed=5)

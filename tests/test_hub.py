@@ -1,6 +1,6 @@
 """Model cards and Hub pushes, offline: a real HTTP server on 127.0.0.1 plays the Hub.
 
-:class:`FakeHub` answers the endpoints that huggingface_hub 2.4 and transformers 5.23 call to
+:class:`helpers.FakeHub` answers the endpoints that huggingface_hub 2.4 and transformers 5.23 call to
 create a repo, upload a folder (preupload in ``regular`` mode, NDJSON commit with base64 files),
 validate a card's YAML and read files back (``HEAD``/``GET .../resolve/...``, repo info). Uploaded
 files land in a temporary folder, one sub-folder per repo.
@@ -11,219 +11,35 @@ a subprocess whose environment points at the server (this test process keeps ``H
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
-import re
 import subprocess
 import sys
-import textwrap
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
-from conftest import model_output, tiny_llama
+from helpers import (
+    EVAL,
+    REPO_ROOT,
+    TOKEN,
+    FakeHub,
+    hub_env,
+    model_output,
+    quantized_tiny_llama,
+    run_python,
+    tiny_llama,
+)
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 import hf_splitquant
 from hf_splitquant.integrations import hub
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "hf_fake_token_for_tests"
-_REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
-
-
-class FakeHub:
-    """A minimal Hub on 127.0.0.1 (port chosen by the OS), storing files under ``root/<org>/<name>``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
-        self.commits: dict[str, list[str]] = {}  # repo -> commit oids
-        self._lock = threading.Lock()
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
-            def do_POST(self) -> None:
-                hub._dispatch(self, "POST")
-
-            def do_GET(self) -> None:
-                hub._dispatch(self, "GET")
-
-            def do_HEAD(self) -> None:
-                hub._dispatch(self, "HEAD")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeHub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def repo_dir(self, repo: str) -> Path:
-        return self.root / repo
-
-    @staticmethod
-    def _blob_oid(data: bytes) -> str:
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-    def _head_commit(self, repo: str) -> str:
-        return (self.commits.get(repo) or ["0" * 40])[-1]
-
-    @staticmethod
-    def _reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"", headers: dict | None = None,
-               head: bool = False) -> None:
-        handler.send_response(status)
-        for key, value in (headers or {}).items():
-            handler.send_header(key, value)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        if not head:
-            handler.wfile.write(body)
-
-    def _json(self, handler: BaseHTTPRequestHandler, status: int, payload: object, head: bool = False,
-              headers: dict | None = None) -> None:
-        self._reply(handler, status, json.dumps(payload).encode(),
-                    {"Content-Type": "application/json", **(headers or {})}, head)
-
-    def _not_found(self, handler: BaseHTTPRequestHandler, code: str, head: bool) -> None:
-        self._json(handler, 404, {"error": code}, head, {"X-Error-Code": code, "X-Error-Message": code})
-
-    # -- routing -------------------------------------------------------------------------------
-
-    def _dispatch(self, handler: BaseHTTPRequestHandler, method: str) -> None:
-        path = unquote(urlsplit(handler.path).path)
-        length = int(handler.headers.get("Content-Length") or 0)
-        body = handler.rfile.read(length) if length else b""
-        with self._lock:
-            self.requests.append((method, path, handler.headers.get("Authorization")))
-            head = method == "HEAD"
-            if method == "POST" and path == "/api/repos/create":
-                return self._create_repo(handler, json.loads(body))
-            if method == "POST" and path == "/api/validate-yaml":
-                return self._json(handler, 200, {"errors": [], "warnings": []})
-            match = re.fullmatch(rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", path)
-            if method == "POST" and match:
-                return self._preupload(handler, match["repo"], json.loads(body))
-            match = re.fullmatch(rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", path)
-            if method == "POST" and match:
-                return self._commit(handler, match["repo"], body)
-            match = re.fullmatch(rf"/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?", path)
-            if method in ("GET", "HEAD") and match:
-                return self._repo_info(handler, match["repo"], head)
-            match = re.fullmatch(rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
-            if method in ("GET", "HEAD") and match:
-                return self._resolve(handler, match["repo"], match["file"], head)
-            return self._json(handler, 404, {"error": f"fake hub: no route for {method} {path}"}, head)
-
-    def _create_repo(self, handler: BaseHTTPRequestHandler, payload: dict) -> None:
-        repo = f"{payload['organization']}/{payload['name']}"
-        if self.repo_dir(repo).exists():
-            return self._json(handler, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo}"})
-        self.repo_dir(repo).mkdir(parents=True)
-        self.commits[repo] = []
-        return self._json(handler, 200, {"url": f"{self.url}/{repo}", "name": repo})
-
-    def _preupload(self, handler: BaseHTTPRequestHandler, repo: str, payload: dict) -> None:
-        if not self.repo_dir(repo).is_dir():
-            return self._not_found(handler, "RepoNotFound", False)
-        files = []
-        for item in payload["files"]:
-            stored = self.repo_dir(repo) / item["path"]
-            oid = self._blob_oid(stored.read_bytes()) if stored.is_file() else None
-            files.append({"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": oid})
-        return self._json(handler, 200, {"files": files, "commitOid": self._head_commit(repo)})
-
-    def _commit(self, handler: BaseHTTPRequestHandler, repo: str, body: bytes) -> None:
-        if not self.repo_dir(repo).is_dir():
-            return self._not_found(handler, "RepoNotFound", False)
-        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-        if not lines or lines[0]["key"] != "header":
-            return self._json(handler, 400, {"error": "commit must start with a header line"})
-        for line in lines[1:]:
-            if line["key"] != "file" or line["value"].get("encoding") != "base64":
-                return self._json(handler, 400, {"error": f"fake hub accepts only base64 files, got {line['key']}"})
-            target = self.repo_dir(repo) / line["value"]["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(base64.b64decode(line["value"]["content"]))
-        oid = hashlib.sha1(body + str(len(self.commits[repo])).encode()).hexdigest()
-        self.commits[repo].append(oid)
-        return self._json(handler, 200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid,
-                                         "success": True})
-
-    def _repo_info(self, handler: BaseHTTPRequestHandler, repo: str, head: bool) -> None:
-        folder = self.repo_dir(repo)
-        if not folder.is_dir():
-            return self._not_found(handler, "RepoNotFound", head)
-        siblings = [{"rfilename": p.relative_to(folder).as_posix()} for p in sorted(folder.rglob("*")) if p.is_file()]
-        return self._json(handler, 200, {"id": repo, "modelId": repo, "sha": self._head_commit(repo),
-                                         "private": False, "siblings": siblings, "tags": []}, head)
-
-    def _resolve(self, handler: BaseHTTPRequestHandler, repo: str, file: str, head: bool) -> None:
-        folder = self.repo_dir(repo)
-        if not folder.is_dir():
-            return self._not_found(handler, "RepoNotFound", head)
-        target = folder / file
-        if not target.is_file():
-            return self._not_found(handler, "EntryNotFound", head)
-        data = target.read_bytes()
-        headers = {"ETag": f'"{self._blob_oid(data)}"', "X-Repo-Commit": self._head_commit(repo),
-                   "Content-Type": "application/octet-stream"}
-        return self._reply(handler, 200, data, headers, head)
-
-
-def hub_env(hub_server: FakeHub, home: Path) -> dict[str, str]:
-    """Environment of a subprocess that talks to ``hub_server`` instead of huggingface.co."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
-    env.update({
-        "HF_ENDPOINT": hub_server.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_HOME": str(home),
-        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "NO_PROXY": "127.0.0.1,localhost",
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO_ROOT / "tests"),
-    })
-    return env
-
-
-def run_python(code: str, env: dict[str, str], cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, f"subprocess failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    return result
-
-
-def quantized_tiny_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = tiny_llama().eval()
-    return hf_splitquant.quantize(model, hf_splitquant.SplitQuantConfig(bits=3, group_size=16, transform="splitquant"),
-                                  progress=False)
-
-
-EVAL = {"task": "perplexity", "dataset": "a test text", "metrics": {"perplexity": 12.5, "top1_agreement": 0.75},
-        "reference_metrics": {"perplexity": 11.25}}
-
 PUSH_SCRIPT = """
     import json, sys, torch
     import hf_splitquant
     from hf_splitquant.integrations.hub import push_to_hub
-    from test_hub import quantized_tiny_llama, EVAL
-    from conftest import model_output
+    from helpers import quantized_tiny_llama, EVAL, model_output
 
     model = quantized_tiny_llama()
     ids = torch.randint(3, 120, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -254,6 +70,7 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> dict:
         return {"hub": server, "summary": summary, "ref": torch.load(work / "ref.pt"), "storage": root / "storage"}
 
 
+@pytest.mark.slow
 def test_push_then_reload_bit_exact(pushed: dict) -> None:
     folder = pushed["storage"] / "tester" / "tiny-llama-sq3"
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in folder.iterdir()}
@@ -263,6 +80,7 @@ def test_push_then_reload_bit_exact(pushed: dict) -> None:
     assert pushed["summary"]["http_reload_equal"] is True  # from_pretrained("tester/...") through the server
 
 
+@pytest.mark.slow
 def test_push_sends_token_and_expected_endpoints(pushed: dict) -> None:
     requests = pushed["hub"].requests
     writes = [r for r in requests if r[0] == "POST"]
@@ -279,6 +97,7 @@ def test_push_sends_token_and_expected_endpoints(pushed: dict) -> None:
     assert ("GET", "/tester/tiny-llama-sq3/resolve/main/README.md") in reads
 
 
+@pytest.mark.slow
 def test_pushed_card_metadata(pushed: dict) -> None:
     card = ModelCard.load(pushed["storage"] / "tester" / "tiny-llama-sq3" / "README.md")
     data = card.data.to_dict()
@@ -294,6 +113,7 @@ def test_pushed_card_metadata(pushed: dict) -> None:
     assert 'from_pretrained("tester/tiny-llama-sq3")' in card.text
 
 
+@pytest.mark.slow
 def test_transformers_push_carries_tags_not_body(pushed: dict) -> None:
     folder = pushed["storage"] / "tester" / "tiny-llama-sq3-transformers"
     card = ModelCard.load(folder / "README.md")
@@ -304,6 +124,7 @@ def test_transformers_push_carries_tags_not_body(pushed: dict) -> None:
     assert torch.equal(model_output(reloaded, pushed["ref"]["input_ids"]), pushed["ref"]["logits"])
 
 
+@pytest.mark.slow
 def test_cli_quantize_push_to_hub(tmp_path: Path, float_checkpoints: dict[str, str]) -> None:
     with FakeHub(tmp_path / "storage") as server:
         env = hub_env(server, tmp_path / "hf")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_output
+from helpers import model_output
 from transformers import AutoModelForCausalLM
 
 from hf_splitquant import PackedLinear, SplitQuantConfig, kernels
@@ -126,6 +126,7 @@ def test_casting_a_packed_model_keeps_its_stored_grid():
         assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name])
 
 
+@pytest.mark.slow
 def test_torch_compile_runs_packed_model_without_graph_breaks(float_checkpoints, input_ids):
     config = SplitQuantConfig(bits=4, group_size=32)
     model = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"], quantization_config=config,

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TRAIN_SEQ as SEQ
+from helpers import TRAIN_VOCAB as VOCAB
+from helpers import (
+    dataset,
+    one_thread,  # noqa: F401  (autouse: one thread for this module)
+    small_bert,
+)
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
-from training_helpers import SEQ, VOCAB, dataset, one_thread, small_bert  # noqa: F401
 from transformers import (
     AutoModelForSequenceClassification,
     Trainer,
@@ -47,6 +53,7 @@ def packed_dir(tmp_path_factory):  # noqa: ANN001, ANN201
     return path
 
 
+@pytest.mark.slow
 def test_lora_on_packed_base_trains_saves_reloads_and_merges(packed_dir, tmp_path) -> None:  # noqa: ANN001
     from transformers import TrainingArguments
 

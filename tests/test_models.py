@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODELS, model_output
+from helpers import TINY_MODELS, model_output
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
@@ -28,7 +28,8 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
 @pytest.mark.parametrize("transform", [None, "splitquant"])
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [pytest.param(2, marks=pytest.mark.slow), 3, 4,
+                                  pytest.param(8, marks=pytest.mark.slow)])  # 3 and 4 bits in make test-fast
 def test_quantize_on_load_save_reload_bit_exact(float_checkpoints, tmp_path, input_ids, arch, transform, bits):
     auto = AUTO[arch]
     cfg = SplitQuantConfig(bits=bits, group_size=16, transform=transform)
@@ -151,6 +152,7 @@ def test_dequantize_returns_float_model(float_checkpoints, input_ids, arch):
     assert torch.allclose(model_output(model, input_ids), out, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loading_without_import_fails_loudly(float_checkpoints, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"], quantization_config=SplitQuantConfig(bits=8))
     model.save_pretrained(tmp_path)

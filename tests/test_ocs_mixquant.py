@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_output, tiny_llama
+from helpers import model_output, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -108,6 +108,7 @@ def test_budget_allocation_meets_target_and_prefers_sensitive_layers() -> None:
         mixquant.allocate_by_budget(errors, costs, sizes, target_bits=1.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", [None, "splitquant", "ocs"])
 @pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
 def test_mixed_precision_save_reload_bit_exact(float_checkpoints, tmp_path, input_ids, transform, arch):
@@ -131,6 +132,7 @@ def test_mixed_precision_save_reload_bit_exact(float_checkpoints, tmp_path, inpu
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_ocs_save_reload_and_float_ratio_zero(float_checkpoints, tmp_path, input_ids):
     cfg = SplitQuantConfig(bits=4, group_size=None, transform="ocs", ocs_expand_ratio=0.05, clip="mse")
     model = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"], quantization_config=cfg).eval()
@@ -141,6 +143,7 @@ def test_ocs_save_reload_and_float_ratio_zero(float_checkpoints, tmp_path, input
     assert torch.equal(model_output(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), input_ids), out)
 
 
+@pytest.mark.slow
 def test_cli_flags_for_ocs_and_mixquant(float_checkpoints, tmp_path, capsys):
     out = tmp_path / "mixed"
     assert main(["quantize", float_checkpoints["gpt2"], "-o", str(out), "--transform", "ocs", "--ocs-expand-ratio",

@@ -7,9 +7,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import TRAIN_SEQ as SEQ
+from helpers import TRAIN_VOCAB as VOCAB
+from helpers import (
+    dataset,
+    one_thread,  # noqa: F401  (autouse: one thread for this module)
+    small_bert,
+    tiny_gpt2,
+)
 from safetensors import safe_open
-from training_helpers import SEQ, VOCAB, dataset, one_thread, small_bert  # noqa: F401
 from transformers import (
     AutoModelForSequenceClassification,
     Trainer,
@@ -182,6 +188,7 @@ def test_from_pretrained_with_qat_gives_fake_quant_layers(tmp_path) -> None:  # 
                                float_model.bert.encoder.layer[0].attention.self.query.weight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform", ["splitquant", None])
 def test_qat_train_checkpoint_resume_freeze_save_reload(tmp_path, transform) -> None:  # noqa: ANN001
     cfg = SplitQuantConfig(bits=2, group_size=16, transform=transform, qat=True)

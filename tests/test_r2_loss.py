@@ -7,7 +7,11 @@ import shutil
 
 import pytest
 import torch
-from training_helpers import SEQ, VOCAB, dataset, one_thread, small_bert  # noqa: F401
+from helpers import (
+    dataset,
+    one_thread,  # noqa: F401  (autouse: one thread for this module)
+    small_bert,
+)
 from transformers import (
     Trainer,
     TrainerCallback,
@@ -187,7 +191,7 @@ def _manual_gradients(model, data, reg_variant: str, lam: float, clip: float | N
 
 
 @pytest.mark.parametrize("variant", ["linf", "margin", "soft_min_max"])
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_callback_gradient_equals_autograd_of_total_loss(tmp_path, variant, accumulation) -> None:  # noqa: ANN001
     lam = 0.5
     model = small_bert()
@@ -259,6 +263,7 @@ def baseline(tmp_path_factory):  # noqa: ANN001, ANN201
     return _train(tmp_path_factory.mktemp("r2"), None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("variant", "symmetric"), [("linf", True), ("margin", True), ("soft_min_max", False)])
 def test_each_variant_shrinks_its_range_during_training(tmp_path, baseline, variant, symmetric) -> None:  # noqa: ANN001
     plain_reg, plain_loss = baseline

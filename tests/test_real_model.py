@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModel, AutoTokenizer
 
-from hf_splitquant import SplitQuantConfig, assets, quantization_report
+import splitquant_assets as assets
+from hf_splitquant import SplitQuantConfig, quantization_report
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,7 @@ def _cosine(minilm, model) -> float:
     return float((assets.mean_pooled_embeddings(model.eval(), tokenizer, sentences) * reference).sum(-1).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_size", [None, 64])
 def test_splitquant_int2_beats_rtn_int2_on_minilm(minilm, tmp_path, group_size):
     path = minilm[0]
@@ -42,6 +44,7 @@ def test_splitquant_int2_beats_rtn_int2_on_minilm(minilm, tmp_path, group_size):
     assert bpw["splitquant"] > bpw[None] + 1.5, bpw
 
 
+@pytest.mark.slow
 def test_int8_is_near_lossless_on_minilm(minilm):
     model = AutoModel.from_pretrained(minilm[0], quantization_config=SplitQuantConfig(bits=8, group_size=None))
     assert _cosine(minilm, model) > 0.999

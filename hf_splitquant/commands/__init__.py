@@ -1,28 +1,73 @@
-"""Command-line pieces shared by ``hf-splitquant`` and ``optimum-cli splitquant``.
+"""The subcommands of ``hf-splitquant``, shared with ``optimum-cli splitquant``.
 
-``hf_splitquant.cli`` owns the argument definitions of ``quantize`` and ``inspect``;
-``optimum-cli splitquant <command>`` reuses them: :func:`copy_arguments` copies the options of
-``hf-splitquant <command>`` onto optimum's parser, and :func:`run_command` runs the same function
-``hf-splitquant`` runs (with its error handling).
+Each subcommand lives in its own module here (``quantize``, ``inspect``, ``evaluate``, ``demo``)
+with an ``add_<name>_arguments(parser)`` function and a ``cmd_<name>(args) -> int`` function;
+:data:`COMMANDS` lists them. :mod:`hf_splitquant.cli` builds the ``hf-splitquant`` parser from
+this table, and ``optimum-cli splitquant <command>`` reuses it: :func:`copy_arguments` copies the
+options of a command onto optimum's parser and :func:`run_command` runs the same function with the
+same error handling. Nothing here imports :mod:`hf_splitquant.cli` (the dependency goes one way).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-__all__ = ["copy_arguments", "run_command", "subcommand_parser"]
+__all__ = ["COMMANDS", "Command", "copy_arguments", "get_command", "run_command", "subcommand_parser"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, its one-line help and the module that implements it."""
+
+    name: str
+    help: str
+    module: str
+
+    def _attribute(self, prefix: str, suffix: str = "") -> Callable:
+        module = importlib.import_module(f"{__name__}.{self.module}")
+        return getattr(module, f"{prefix}{self.name}{suffix}")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add the command's options and positionals to ``parser``."""
+        return self._attribute("add_", "_arguments")(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        """Run the command on parsed ``args``; returns the exit code."""
+        return int(self._attribute("cmd_")(args) or 0)
+
+
+#: The subcommands, in the order ``hf-splitquant --help`` lists them.
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command("quantize", "quantize a float checkpoint into a packed one", "quantize"),
+        Command("inspect", "print the quantization report of a packed checkpoint (no weights loaded)", "inspect"),
+        Command("evaluate", "evaluate a packed checkpoint (perplexity, embedding fidelity) on your texts against "
+                "float", "evaluate"),
+        Command("demo", "quantize all-MiniLM-L6-v2 with SplitQuant INT2 and RTN INT2 (needs the in-repo "
+                "splitquant_assets package: make demo)", "demo"),
+    )
+}
+
+
+def get_command(name: str) -> Command:
+    """The :class:`Command` called ``name``.
+
+    Raises:
+        ValueError: there is no such command.
+    """
+    if name not in COMMANDS:
+        raise ValueError(f"hf-splitquant has no command {name!r}; available: {sorted(COMMANDS)}")
+    return COMMANDS[name]
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
-    """The parser of ``hf-splitquant <name>``, as built by :func:`hf_splitquant.cli.build_parser`."""
-    from ..cli import build_parser
-
-    root = build_parser()
-    for action in root._actions:  # argparse keeps sub-parsers in a _SubParsersAction's `choices`
-        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
-            return action.choices[name]
-    raise ValueError(f"hf-splitquant has no command {name!r}")
+    """A stand-alone parser for ``hf-splitquant <name>`` (the options ``hf-splitquant`` gives it)."""
+    return get_command(name).add_arguments(argparse.ArgumentParser(prog=f"hf-splitquant {name}", add_help=True))
 
 
 def copy_arguments(name: str, target: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,18 +87,25 @@ def copy_arguments(name: str, target: argparse.ArgumentParser) -> argparse.Argum
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
-    """Run ``hf-splitquant <name>`` on parsed ``args``; errors print as ``error: ...`` with exit code 2."""
+    """Run ``hf-splitquant <name>`` on parsed ``args``; returns the exit code.
+
+    User errors (bad values, missing or existing files) print as ``error: ...`` with exit code 2; a
+    missing optional dependency prints the ``pip install 'hf-splitquant[<extra>]'`` hint with exit
+    code 1.
+
+    Raises:
+        ValueError: there is no command ``name`` (a programming error, not a user error).
+    """
+    command = get_command(name)
     import hf_splitquant  # noqa: F401  (registers the quantizer)
 
-    from .. import cli
-
-    func = {"quantize": cli.cmd_quantize, "inspect": cli.cmd_inspect}.get(name)
-    if func is None and name == "evaluate":
-        from .evaluate import cmd_evaluate as func
-    if func is None:
-        raise ValueError(f"hf-splitquant has no command {name!r}")
     try:
-        return int(func(args) or 0)
+        return command.run(args)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:
+        if "hf-splitquant[" not in str(err):
+            raise  # not a missing extra: keep the traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1

@@ -2,7 +2,9 @@
 
 Each metric is a folder ``hf_splitquant/metrics/<name>/`` holding the script ``<name>.py``, the
 layout ``evaluate.load(path)`` expects for a local metric; nothing is fetched from the Hub.
-The math is shared with :mod:`hf_splitquant.evaluation`.
+The math is in :mod:`hf_splitquant.metrics.functional` (torch only, it imports nothing back), shared
+with :mod:`hf_splitquant.evaluation`. Loading a metric needs the ``eval`` extra
+(``pip install 'hf-splitquant[eval]'``: ``evaluate`` and ``datasets``).
 
 =========================  ========================================  ============================================
 metric                     inputs (one row each)                     result
@@ -44,8 +46,15 @@ def metric_path(name: str) -> Path:
 
 
 def load(name: str, **kwargs: Any) -> Any:  # -> evaluate.EvaluationModule
-    """``evaluate.load`` of a bundled metric from its local script (kept in memory by default)."""
-    import evaluate
+    """``evaluate.load`` of a bundled metric from its local script (kept in memory by default).
 
+    Raises:
+        ValueError: ``name`` is not one of :data:`METRICS`.
+        ImportError: ``evaluate`` or ``datasets`` is missing (the ``eval`` extra).
+    """
+    from ..extras import require
+
+    evaluate = require("evaluate", "eval", "hf_splitquant's evaluation metrics")
+    require("datasets", "eval", "hf_splitquant's evaluation metrics")
     kwargs.setdefault("keep_in_memory", True)
     return evaluate.load(str(metric_path(name)), **kwargs)

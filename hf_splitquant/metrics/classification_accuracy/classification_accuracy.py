@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from hf_splitquant.evaluation import accuracy
+from hf_splitquant.metrics.functional import accuracy
 
 _DESCRIPTION = "Fraction of predictions equal to the references."
 _KWARGS_DESCRIPTION = """

@@ -9,7 +9,7 @@ import datasets
 import evaluate
 import torch
 
-from hf_splitquant.evaluation import cosine_similarity
+from hf_splitquant.metrics.functional import cosine_similarity
 
 _DESCRIPTION = "Mean and minimum row-wise cosine similarity between two sets of embeddings."
 _KWARGS_DESCRIPTION = """

@@ -10,7 +10,7 @@ import datasets
 import evaluate
 import torch
 
-from hf_splitquant.evaluation import kl_divergence, top1_agreement
+from hf_splitquant.metrics.functional import kl_divergence, top1_agreement
 
 _DESCRIPTION = "Mean KL(float || quantized) of softmax distributions and top-1 agreement, from logits rows."
 _KWARGS_DESCRIPTION = """

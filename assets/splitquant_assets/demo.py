@@ -1,11 +1,13 @@
 """The main job: quantize the bundled all-MiniLM-L6-v2 with SplitQuant INT2 and plain RTN INT2,
 save packed checkpoints, reload them with plain ``from_pretrained`` and compare with float.
 
-Run with ``hf-splitquant demo`` (or ``python -m hf_splitquant.demo``).
+Run with ``make demo``, ``python -m splitquant_assets.demo`` or ``hf-splitquant demo`` (the latter
+needs this package installed: ``pip install -e ./assets``).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +16,21 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 from transformers.utils import logging
 
-from . import SplitQuantConfig, assets, quantization_report
-from .saving import save_quantized
+from hf_splitquant import SplitQuantConfig, quantization_report
+from hf_splitquant.commands.demo import add_demo_arguments
+from hf_splitquant.saving import save_quantized
+
+from . import loaders as assets
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["DemoRow", "run_demo"]
+__all__ = ["DemoRow", "main", "run_demo"]
 
 
 @dataclass
 class DemoRow:
+    """One line of the demo table."""
+
     name: str
     bits_per_weight: float
     disk_mb: float
@@ -32,6 +39,7 @@ class DemoRow:
 
 
 def _disk_mb(folder: Path) -> float:
+    """Size of the folder's safetensors files in MB."""
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e6
 
 
@@ -79,7 +87,16 @@ def run_demo(output_dir: str = "out/demo", num_sentences: int = 300, group_size:
     return rows
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: parse the options and run the demo."""
+    parser = add_demo_arguments(argparse.ArgumentParser(prog="python -m splitquant_assets.demo",
+                                                        description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
     logging.set_verbosity_warning()
     logging.disable_progress_bar()
-    run_demo()
+    run_demo(output_dir=args.output_dir, num_sentences=args.num_sentences, group_size=args.group_size)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
