@@ -20,7 +20,9 @@ Every method chooses a grid and codes from the fit ``H`` only; the layer output 
   AR on the output-clipped grid, started from GPTQ's codes there, whose objective uses the damped ``H``
   (a regulariser against overfitting);
 * ``...@cv``: the damping chosen per layer by 2-fold cross-validation on the fit tokens
-  (:func:`hf_splitquant.methods.gptq.select_damping`; the fit ``H`` is kept as two halves).
+  (:func:`hf_splitquant.methods.gptq.select_damping`; the fit ``H`` is kept as two halves);
+  ``out_clip+gptq@1 (no act_order)``: columns in their natural order. The JSON also holds the
+  quantiles of the output-aware clip's shrink factors (``clip_factors``).
 
 Widths: INT2 g64, INT3 g128, INT4 g128 (asymmetric, fp16 scales). Seconds are per layer, one thread.
 
@@ -104,6 +106,17 @@ def collect_hessians(model: torch.nn.Module, blocks: torch.Tensor, names: list[s
     return {short[n]: (sums[n], counts[n]) for n in full}
 
 
+def clip_factors(weight: torch.Tensor, grid: Any, spec: Any) -> dict[str, float]:
+    """Quantiles of the shrink factor each group of an (asymmetric) clipped grid got, and the share below 0.5."""
+    from hf_splitquant.quant.grid import group_view
+
+    gv = group_view(weight.float(), spec.group_size)
+    full = gv.amax(-1).clamp(min=0) - gv.amin(-1).clamp(max=0)
+    factor = (grid.state["weight_scale"].float() * (2**spec.bits - 1) / full).flatten()
+    q = torch.quantile(factor, torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {"p10": q[0], "p50": q[1], "p90": q[2], "below_0.5": float((factor < 0.5).float().mean())}
+
+
 def study_layer(weight: torch.Tensor, folds: list[torch.Tensor], h_held: torch.Tensor, count: int, bits: int,
                 group: int, ar_iterations: int, dampings: tuple[float, ...]) -> list[dict[str, Any]]:
     """All methods on one layer at one width: rows with fit / held-out objective and seconds.
@@ -146,7 +159,7 @@ def study_layer(weight: torch.Tensor, folds: list[torch.Tensor], h_held: torch.T
     mse_grid, t_mse = timed(lambda: element_grid(weight, mse_spec))
     record("mse_clip", mse_grid, mse_grid.nearest_codes(), t_mse)
     out_grid, t_out = timed(lambda: output_clip_grid(weight, spec, h32))
-    record("out_clip", out_grid, out_grid.nearest_codes(), t_out)
+    record("out_clip", out_grid, out_grid.nearest_codes(), t_out, clip_factors=clip_factors(weight, out_grid, spec))
 
     gptq_codes: dict[tuple[str, float], tuple[torch.Tensor, float]] = {}
     grids = {"": (grid, t_grid), "mse_clip+": (mse_grid, t_mse), "out_clip+": (out_grid, t_out)}
@@ -165,6 +178,9 @@ def study_layer(weight: torch.Tensor, folds: list[torch.Tensor], h_held: torch.T
             t += t_g
         gptq_codes[(prefix, "cv")] = (codes, t + t_cv)
         record(f"{prefix}gptq@cv", g, codes, t + t_cv, damping=best, cv_scores=scores)
+
+    (codes, _), t = timed(lambda: gptq_round(out_grid, h32, damping=1.0, act_order=False))
+    record("out_clip+gptq@1 (no act_order)", out_grid, codes, t + t_out, damping=1.0)
 
     def ar(g: Any, init: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         codes, _ = attention_round(g, h, count, {"iterations": ar_iterations}, init_codes=init)

@@ -52,7 +52,8 @@ over the 5 layers, at INT2 g64 / INT3 g128 / INT4 g128):
   than those codes (0.464 / 0.534 / 0.583 against 0.460 / 0.526 / 0.583) at about 10x the time (GPTQ: about 1 s per layer, AR about 9 s). So:
   output-aware clip + GPTQ, damping by cross-validation (or 1.0); AR only as an optional refinement
   on the damped ``H``, started from GPTQ's codes, with ``keep_best``.
-* ``act_order=True`` as in GPTQ (``block_size`` changes the speed only).
+* ``act_order=True``: on the output-clipped grid at damping 1.0 it gives 0.46 / 0.53 / 0.60 against
+  0.48 / 0.57 / 0.64 in the natural column order (``block_size`` changes the speed only).
 """
 
 from __future__ import annotations
