@@ -1,9 +1,11 @@
-"""Calibration benchmark: round-to-nearest vs Attention Round vs Attention Round with coding-length
-bit allocation, on SmolLM2-135M, by Wikipedia perplexity.
+"""Calibration benchmark: round-to-nearest vs GPTQ (ours) vs Attention Round vs Attention Round with
+coding-length bit allocation, on SmolLM2-135M, by Wikipedia perplexity.
 
 For each code width (INT2, INT3, INT4; group size 64, asymmetric, fp16 scales) it measures:
 
 * ``rtn``: plain round-to-nearest (no data);
+* ``gptq``: ``rounding="gptq"`` with the library defaults (GPTQ error feedback, damping 1.0, on the
+  output-aware clipped grid), same calibration data as ``ar``;
 * ``ar``: Attention Round (:func:`hf_splitquant.quantize` with ``calibration_data``), sequential
   block by block on ``--cal-samples`` blocks of ``--cal-len`` tokens of the Wikipedia
   ``"calibration"`` part, ``--iterations`` steps per layer;
@@ -99,7 +101,7 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 2) -> 
 
     for module in model.modules():  # dequantize once per layer instead of at every forward
         if isinstance(module, PackedLinear):
-            module.cache_dequantized = True
+            module.set_weight_cache(True)
     nll, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, blocks.shape[0], batch):
@@ -138,11 +140,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             kwargs.update(bit_allocation="coding_length", target_bits=job["target_bits"])
         if job["method"].startswith("ar"):
             kwargs.update(rounding="attention_round", rounding_options={"iterations": job["iterations"]})
+        if job["method"] == "gptq":
+            kwargs.update(rounding="gptq")  # library defaults: damping 1.0 on the output-aware clipped grid
         config = SplitQuantConfig(**kwargs)
         cal_blocks = assets.perplexity_token_blocks(tokenizer, job["cal_samples"], job["cal_len"], part="calibration")
         with PeakMemory() as memory:
             t0 = time.perf_counter()
-            if job["method"].startswith("ar"):
+            if config.rounding is not None:
                 hf_splitquant.quantize(model, config, calibration_data=cal_blocks, batch_size=4, progress=False)
             else:
                 hf_splitquant.quantize(model, config, progress=False)
@@ -176,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="RTN vs Attention Round (vs coding-length allocation) on SmolLM2-135M")
     parser.add_argument("--quick", action="store_true", help="smoke run: INT3 only, tiny data, 2 steps")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--methods", nargs="+", choices=["rtn", "ar", "rtn+cl", "ar+cl"],
-                        default=["rtn", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
+    parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"],
+                        default=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--cal-samples", type=int, default=8, help="calibration blocks (default 8)")
     parser.add_argument("--cal-len", type=int, default=256, help="tokens per calibration block (default 256)")

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..extras import require
+
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAX_LENGTH", "global_batches", "shard_batches", "load_calibration_file",
            "batch_size_of"]
 
@@ -47,7 +49,7 @@ def _token_samples(data: Any, tokenizer: Any, num_samples: int, max_length: int,
     """Token-id lists from a ``datasets.Dataset``, a list of strings or of token-id lists, or a 2-D tensor."""
     try:
         import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
+    except ImportError:  # an optional dependency: without it, no caller can pass a Dataset
         datasets = None
     if datasets is not None and isinstance(data, datasets.DatasetDict):
         raise ValueError("calibration_data is a DatasetDict: pass one split, e.g. dataset['train']")
@@ -93,7 +95,7 @@ def _token_samples(data: Any, tokenizer: Any, num_samples: int, max_length: int,
 def load_calibration_file(path: str | os.PathLike) -> Any:
     """A local calibration file as a ``datasets.Dataset``: ``.txt`` (one sample per line), ``.json`` /
     ``.jsonl`` or ``.csv`` (a ``text`` column, one string column, or ``input_ids``)."""
-    import datasets
+    datasets = require("datasets", "eval", "reading calibration files")
 
     suffix = os.path.splitext(str(path))[1].lower()
     builders = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}

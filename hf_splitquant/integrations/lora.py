@@ -36,7 +36,7 @@ try:  # peft is optional: only this module needs it
     from peft import LoraConfig, PeftModel, get_peft_model
     from peft.tuners.lora.layer import Linear as _LoraLinear
 except ImportError as err:  # pragma: no cover - exercised only without peft
-    raise ImportError("hf_splitquant.integrations.lora needs `peft` (pip install 'peft>=0.14')") from err
+    raise ImportError("hf_splitquant.integrations.lora needs `peft` (pip install 'hf-splitquant[peft]')") from err
 
 __all__ = ["PackedLoraLinear", "register_packed_lora", "get_packed_peft_model", "load_packed_adapter",
            "merge_into_float"]

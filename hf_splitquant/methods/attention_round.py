@@ -1,7 +1,7 @@
 """Attention Round (Diao, Li, Xu, Hao; arXiv 2207.03088): every weight may take *any* level of its
 grid, through a Gaussian "attention" over the levels that is annealed until it is hard.
 
-No reference code exists (see ``ALGORITHMS.md`` section 5); this is our reconstruction.
+No reference code exists; this is our reconstruction from the paper.
 
 Soft assignment
     Each element has a grid ``q_k = offset + k * scale`` (``k = 0 .. max_code``, from

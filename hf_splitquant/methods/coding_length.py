@@ -1,9 +1,9 @@
 """Per-layer bit widths from the lossy coding length (Attention Round's mixed precision).
 
-Coding length (Ma, Derksen, Hong, Wright 2007, as used by Attention Round; ``ALGORITHMS.md`` 5)
+Coding length (Ma, Derksen, Hong, Wright 2007, as used by Attention Round)
     ``L(W) = (m + n) / 2 * log2 det(I_m + m / (n eps^2) W W^T)`` for ``W`` of shape ``m x n``: the
     bits needed to code the ``n`` column vectors (each of dimension ``m``) of ``W`` up to a distortion
-    ``eps``. Following ``ALGORITHMS.md``, ``W`` is the layer's ``[out, in]`` weight, so ``m = out``
+    ``eps``. Here ``W`` is the layer's ``[out, in]`` weight, so ``m = out``
     (rows = output channels) and ``n = in``. With the singular values ``s_i`` of ``W``,
     ``det(I + c W W^T) = prod_i (1 + c s_i^2)``, so ``L = (m + n) / 2 * sum_i log2(1 + c s_i^2)``, computed
     in float64 with ``log1p`` (no determinant of a large matrix, no overflow).

@@ -2,7 +2,7 @@
 shrink each layer's range during full-precision training, so that a later post-training quantizer
 (RTN, SplitQuant, ...) gets finer grids.
 
-Three variants (see ``ALGORITHMS.md`` section 4; only the L-inf form is certain, the Margin and
+Three variants (our reading of the paper; only the L-inf form is certain, the Margin and
 Soft-Min-Max forms are **our reconstruction**, every constant below is configurable):
 
 ``"linf"``

@@ -1,6 +1,6 @@
 """Affine integer grids for weight matrices: per output channel or per group of inputs.
 
-Conventions (the storage format depends on them, see ``hf_splitquant/FORMAT.md``):
+Conventions (the storage format depends on them, see ``docs/format.md``):
 
 * A weight matrix is ``[out_features, in_features]``. Groups run along the input dimension:
   ``group_size=None`` means one group per output row (per-channel). When ``in_features`` is not a
