@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from .methods import stored_bytes, tensor_shapes
+from .methods import get_format, stored_bytes, tensor_shapes
 from .spec import LayerSpec
 
 logger = logging.get_logger(__name__)
@@ -78,7 +78,6 @@ _DTYPE_NAMES = {
     torch.float32: "F32",
     torch.float64: "F64",
 }
-_MAX_TRIT_BYTE = 3**5 - 1
 
 
 class CheckpointError(ValueError):
@@ -194,25 +193,13 @@ def check_layout(
                     )
 
 
-def _max(t: torch.Tensor) -> int:
-    return int(t.max()) if t.numel() else 0
-
-
 def check_values(name: str, spec: LayerSpec, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Loaded packed tensors hold sane values (finite positive scales, codes' companions in range)."""
-    scale = tensors["weight_scale"].float()
-    if not torch.isfinite(scale).all() or not (scale > 0).all():
-        raise CheckpointError(f"`{name}.weight_scale` holds NaN, Inf, zero or negative scales")
-    if "weight_min" in tensors and not torch.isfinite(tensors["weight_min"].float()).all():
-        raise CheckpointError(f"`{name}.weight_min` holds NaN or Inf values")
-    if "weight_zero" in tensors and _max(tensors["weight_zero"]) > 2**spec.bits - 1:
-        raise CheckpointError(f"`{name}.weight_zero` holds zero points above {2**spec.bits - 1} for {spec.bits}-bit codes")
-    if "weight_cluster" in tensors and _max(tensors["weight_cluster"]) > _MAX_TRIT_BYTE:
-        raise CheckpointError(f"`{name}.weight_cluster` holds bytes that are not five base-3 cluster ids")
-    if "weight_dup_index" in tensors:
-        index = tensors["weight_dup_index"]
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= spec.in_features):
-            raise CheckpointError(f"`{name}.weight_dup_index` points outside the layer's {spec.in_features} inputs")
+    """Loaded packed tensors hold sane values (finite positive scales, companions in range); the format
+    says what sane is (:meth:`hf_splitquant.methods.base.QuantFormat.invalid_values`)."""
+    problem = get_format(spec).invalid_values(tensors, spec)
+    if problem is not None:
+        suffix, message = problem
+        raise CheckpointError(f"`{name}.{suffix}` {message}")
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -15,13 +15,6 @@ from .spec import LayerSpec
 
 __all__ = ["LayerReport", "QuantizationReport", "quantization_report", "report_from_specs", "format_report"]
 
-_ROLE = {
-    "weight": "codes",
-    "weight_scale": "scales",
-    "weight_zero": "zero_points",
-    "weight_min": "minimums",
-    "weight_cluster": "cluster_ids",
-}
 
 
 @dataclass
@@ -107,7 +100,8 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def _layer_report(name: str, spec: LayerSpec) -> LayerReport:
-    by_role = {_ROLE.get(k, k): nbytes for k, nbytes in get_format(spec).tensor_bytes(spec).items()}
+    fmt = get_format(spec)
+    by_role = {fmt.tensor_roles.get(k, k): nbytes for k, nbytes in fmt.tensor_bytes(spec).items()}
     return LayerReport(
         name,
         spec.transform,

@@ -47,6 +47,8 @@ class QuantFormat:
     refits_clusters: ClassVar[bool] = False
     #: whether the clipped straight-through estimator is meaningful (each weight has one grid position)
     supports_clipped_ste: ClassVar[bool] = True
+    #: what each stored tensor is, for bits-per-weight reports (by state-dict suffix)
+    tensor_roles: ClassVar[dict[str, str]] = {"weight": "codes", "weight_scale": "scales", "weight_zero": "zero_points"}
     #: whether :meth:`clipped_grid` exists (grids with ranges that may be shrunk)
     has_clipped_grids: ClassVar[bool] = False
 
@@ -80,6 +82,19 @@ class QuantFormat:
     def dequantize(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
         """Stored tensors -> float ``[out, in]`` weight in ``dtype``."""
         raise NotImplementedError
+
+    def invalid_values(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> tuple[str, str] | None:
+        """``(tensor suffix, what is wrong)`` if loaded tensors hold values no save can have written
+        (checkpoint validation), else ``None``. The base checks the affine grid parameters."""
+        scale = tensors["weight_scale"].float()
+        if not torch.isfinite(scale).all() or not (scale > 0).all():
+            return "weight_scale", "holds NaN, Inf, zero or negative scales"
+        if "weight_min" in tensors and not torch.isfinite(tensors["weight_min"].float()).all():
+            return "weight_min", "holds NaN or Inf values"
+        zero = tensors.get("weight_zero")
+        if zero is not None and zero.numel() and int(zero.max()) > 2**spec.bits - 1:
+            return "weight_zero", f"holds zero points above {2**spec.bits - 1} for {spec.bits}-bit codes"
+        return None
 
     def element_grid(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
                      cache: dict | None = None) -> ElementGrid:

@@ -338,6 +338,7 @@ class OCSFormat(QuantFormat):
 
     name = "ocs"
     has_clipped_grids = True
+    tensor_roles = QuantFormat.tensor_roles | {"weight_dup_index": "duplicate_index"}
     spec_fields = ("ocs_expand_ratio", "ocs_split", "ocs_layout")
     supports_clipped_ste = False  # a weight's copies sit on different grid positions
 
@@ -360,6 +361,12 @@ class OCSFormat(QuantFormat):
 
     def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
         return pack_grid_codes(grid, codes, spec)
+
+    def invalid_values(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> tuple[str, str] | None:
+        index = tensors["weight_dup_index"]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= spec.in_features):
+            return "weight_dup_index", f"points outside the layer's {spec.in_features} inputs"
+        return super().invalid_values(tensors, spec)
 
     def element_param_index(self, state: Mapping[str, torch.Tensor], spec: LayerSpec) -> torch.Tensor:
         if not _source_group_layout(spec):

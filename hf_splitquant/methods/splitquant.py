@@ -269,6 +269,7 @@ class SplitQuantFormat(QuantFormat):
     name = "splitquant"
     spec_fields = ("splitquant_range",)
     refits_clusters = True
+    tensor_roles = QuantFormat.tensor_roles | {"weight_min": "minimums", "weight_cluster": "cluster_ids"}
 
     def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return tensor_shapes(spec)
@@ -292,6 +293,12 @@ class SplitQuantFormat(QuantFormat):
         ids = unpack_trits(state["weight_cluster"].reshape(spec.out_features, -1), spec.in_features).long()
         plane = spec.out_features * num_groups(spec.in_features, spec.group_size)
         return ids * plane + super().element_param_index(state, spec).to(ids.device)
+
+    def invalid_values(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> tuple[str, str] | None:
+        clusters = tensors["weight_cluster"]
+        if clusters.numel() and int(clusters.max()) > 3**5 - 1:
+            return "weight_cluster", "holds bytes that are not five base-3 cluster ids"
+        return super().invalid_values(tensors, spec)
 
     def int4_terms(self, spec: LayerSpec) -> int:
         return 2 * NUM_CLUSTERS
