@@ -65,9 +65,13 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 import hf_splitquant  # noqa: E402
 import splitquant_assets as assets  # noqa: E402
-from hf_splitquant import SplitQuantConfig  # noqa: E402
-from hf_splitquant.integrations.trainer import QATCallback, R2LossCallback  # noqa: E402
-from hf_splitquant.methods.r2_loss import R2Regularizer, weight_range  # noqa: E402
+from hf_splitquant import (  # noqa: E402
+    QATCallback,
+    R2LossCallback,
+    R2Regularizer,
+    SplitQuantConfig,  # noqa: E402
+)
+from hf_splitquant.methods.r2_loss import weight_range  # noqa: E402
 from hf_splitquant.modeling import select_modules  # noqa: E402
 
 VARIANTS = ("plain", "linf", "margin", "soft_min_max")

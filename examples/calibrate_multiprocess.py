@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 import hf_splitquant  # noqa: E402
 import splitquant_assets as assets  # noqa: E402
-from hf_splitquant.saving import save_quantized  # noqa: E402
+from hf_splitquant import save_quantized  # noqa: E402
 
 
 def calibration_paragraphs(min_chars: int = 200) -> datasets.Dataset:

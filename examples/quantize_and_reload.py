@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import hf_splitquant
 import splitquant_assets as assets
-from hf_splitquant.saving import save_quantized
+from hf_splitquant import save_quantized
 
 
 def main() -> None:
