@@ -140,8 +140,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             kwargs.update(bit_allocation="coding_length", target_bits=job["target_bits"])
         if job["method"].startswith("ar"):
             kwargs.update(rounding="attention_round", rounding_options={"iterations": job["iterations"]})
-        if job["method"] == "gptq":
-            kwargs.update(rounding="gptq")  # library defaults: damping 1.0 on the output-aware clipped grid
+        if job["method"] == "gptq":  # library defaults (damping 1.0, output-aware clipped grid) unless --damping
+            kwargs.update(rounding="gptq", rounding_options=None if job.get("damping") is None else
+                          {"damping": job["damping"]})
         config = SplitQuantConfig(**kwargs)
         cal_blocks = assets.perplexity_token_blocks(tokenizer, job["cal_samples"], job["cal_len"], part="calibration")
         with PeakMemory() as memory:
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cal-len", type=int, default=256, help="tokens per calibration block (default 256)")
     parser.add_argument("--iterations", type=int, default=10,
                         help="Attention Round steps per layer (default 10; the library default is 100)")
+    parser.add_argument("--damping", type=float, default=None, help="gptq: damping (default: the library's)")
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1,
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_blocks, args.eval_len = 1, 128
     output = Path(args.output or HERE / "results" / ("calibration_quick.json" if args.quick else "calibration.json"))
     common = {key: getattr(args, key) for key in ("group_size", "cal_samples", "cal_len", "iterations", "eval_blocks",
-                                                  "eval_len", "threads")}
+                                                  "eval_len", "threads", "damping")}
 
     started = time.perf_counter()
     rows = [run_child({**common, "method": "float", "bits": 32})]
