@@ -22,6 +22,16 @@ torch.set_num_threads(2)
 hf_logging.disable_progress_bar()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on 2 shared cores, 2-thread elementwise kernels are many times slower.
+    Modules that optimise rounding use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def float_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Each tiny model saved once as a float safetensors checkpoint."""

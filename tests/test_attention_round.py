@@ -25,14 +25,7 @@ from hf_splitquant.methods.attention_round import (
 )
 from hf_splitquant.methods.ocs import gather_inputs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on 2 shared cores, 2-thread elementwise kernels are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec(bits: int, cols: int = 48, rows: int = 16, transform: str | None = None, group: int | None = 16):

@@ -38,13 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AR_FAST = {"iterations": 20}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (2-thread kernels are many times slower on 2 shared cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_samples(n: int, length: int | None = None, seed: int = 0) -> list[list[int]]:

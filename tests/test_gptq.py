@@ -21,14 +21,7 @@ from hf_splitquant.methods.output_clip import diagonal_objective, output_clip_gr
 from hf_splitquant.quant.grid import search_clip_qparams
 from hf_splitquant.spec import LayerSpec
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on 2 shared cores, 2-thread elementwise kernels are many times slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_spec(bits: int = 3, cols: int = 96, rows: int = 24, group: int | None = 32, **kw) -> LayerSpec:

@@ -52,12 +52,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..quant.grid import ElementGrid
+from .base import options_from_dict
 
 __all__ = [
     "AttentionRoundOptions",
@@ -147,15 +148,7 @@ class AttentionRoundOptions:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> AttentionRoundOptions:
         """Validate ``rounding_options``: unknown keys and bad values raise ``ValueError``."""
-        if options is None:
-            return cls()
-        if not isinstance(options, Mapping):
-            raise ValueError(f"rounding_options must be a dict or None, got {type(options).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"unknown rounding_options {unknown} for attention_round; known options are {known}")
-        return cls(**dict(options))
+        return options_from_dict(cls, options, "attention_round")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

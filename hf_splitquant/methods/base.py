@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import ClassVar
+from dataclasses import fields
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,10 +26,24 @@ from ..quant.grid import ElementGrid, expand_params, num_groups
 from ..quant.int4 import Int4Term, affine_terms
 from ..spec import LayerSpec
 
-__all__ = ["QuantFormat", "TensorShapes"]
+__all__ = ["QuantFormat", "TensorShapes", "options_from_dict"]
 
 #: state-dict suffix -> (shape, dtype) of a packed layer's stored tensors
 TensorShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def options_from_dict(cls: type, options: Mapping[str, Any] | None, method: str) -> Any:
+    """Build a rounding method's frozen options dataclass from ``rounding_options``: ``None`` gives the
+    defaults; unknown keys and bad values raise ``ValueError`` naming them (the dataclass validates)."""
+    if options is None:
+        return cls()
+    if not isinstance(options, Mapping):
+        raise ValueError(f"rounding_options must be a dict or None, got {type(options).__name__}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown rounding_options {unknown} for {method}; known options are {known}")
+    return cls(**dict(options))
 
 
 class QuantFormat:

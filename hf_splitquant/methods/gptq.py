@@ -61,13 +61,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..quant.grid import ElementGrid
 from .attention_round import expand_hessian
+from .base import options_from_dict
 
 __all__ = ["DAMPING_CANDIDATES", "DEFAULT_DAMPING", "GPTQOptions", "damp_hessian", "gptq_round", "hessian_objective",
            "select_damping"]
@@ -267,15 +268,7 @@ class GPTQOptions:
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> GPTQOptions:
         """Validate ``rounding_options``: unknown keys and bad values raise ``ValueError``."""
-        if options is None:
-            return cls()
-        if not isinstance(options, Mapping):
-            raise ValueError(f"rounding_options must be a dict or None, got {type(options).__name__}")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"unknown rounding_options {unknown} for gptq; known options are {known}")
-        return cls(**dict(options))
+        return options_from_dict(cls, options, "gptq")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -342,25 +342,14 @@ class OCSFormat(QuantFormat):
     spec_fields = ("ocs_expand_ratio", "ocs_split", "ocs_layout")
     supports_clipped_ste = False  # a weight's copies sit on different grid positions
 
-    def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return tensor_shapes(spec)
-
+    # the module's functions are the format's implementation
+    tensor_shapes = staticmethod(tensor_shapes)
+    quantize = staticmethod(quantize)
+    dequantize = staticmethod(dequantize)
+    element_grid = staticmethod(element_grid)
+    pack_grid_codes = staticmethod(pack_grid_codes)
     def columns(self, spec: LayerSpec) -> int:
         return spec.in_features + num_duplicated(spec)
-
-    def quantize(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
-                 cache: dict | None = None) -> dict[str, torch.Tensor]:
-        return quantize(weight, spec, seed, cache)
-
-    def dequantize(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(tensors, spec, dtype)
-
-    def element_grid(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
-                     cache: dict | None = None) -> ElementGrid:
-        return element_grid(weight, spec, seed, cache)
-
-    def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
-        return pack_grid_codes(grid, codes, spec)
 
     def invalid_values(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> tuple[str, str] | None:
         index = tensors["weight_dup_index"]

@@ -99,22 +99,12 @@ class RTNFormat(QuantFormat):
     name = "rtn"
     has_clipped_grids = True
 
-    def tensor_shapes(self, spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return tensor_shapes(spec)
-
-    def quantize(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
-                 cache: dict | None = None) -> dict[str, torch.Tensor]:
-        return quantize(weight, spec, seed, cache)
-
-    def dequantize(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(tensors, spec, dtype)
-
-    def element_grid(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
-                     cache: dict | None = None) -> ElementGrid:
-        return element_grid(weight, spec, seed, cache)
-
-    def pack_grid_codes(self, grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:
-        return pack_grid_codes(grid, codes, spec)
+    # the module's functions are the format's implementation
+    tensor_shapes = staticmethod(tensor_shapes)
+    quantize = staticmethod(quantize)
+    dequantize = staticmethod(dequantize)
+    element_grid = staticmethod(element_grid)
+    pack_grid_codes = staticmethod(pack_grid_codes)
 
     def clipped_grid(self, weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor,
                      factors: tuple[float, ...]) -> ElementGrid:
