@@ -372,20 +372,21 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_folder: Path) -> None:
+@pytest.mark.parametrize("rounding", ["attention_round", "gptq"])
+def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_folder: Path, rounding: str) -> None:
     from hf_splitquant.cli import main
 
     lines = [p for a in assets.wikipedia_split("calibration")[:2] for p in a.split("\n")]
     (tmp_path / "cal.txt").write_text("\n".join(lines))
     args = ["quantize", str(tiny_llama_folder), "-o", str(tmp_path / "out"), "--bits", "3", "--rounding",
-            "attention_round", "--calibration-data", str(tmp_path / "cal.txt"), "--num-samples", "6"]
+            rounding, "--calibration-data", str(tmp_path / "cal.txt"), "--num-samples", "6"]
     assert main(args) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert config["rounding"] == "attention_round" and len(config["layers"]) == 14
+    assert config["rounding"] == rounding and len(config["layers"]) == 14
     AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert main(["quantize", str(tiny_llama_folder), "-o", str(tmp_path / "x"), "--rounding", "attention_round"]) == 2
+    assert main(["quantize", str(tiny_llama_folder), "-o", str(tmp_path / "x"), "--rounding", rounding]) == 2
     (tmp_path / "cal.xml").write_text("<a/>")
-    assert main(["quantize", str(tiny_llama_folder), "-o", str(tmp_path / "y"), "--rounding", "attention_round",
+    assert main(["quantize", str(tiny_llama_folder), "-o", str(tmp_path / "y"), "--rounding", rounding,
                  "--calibration-data", str(tmp_path / "cal.xml")]) == 2
 
 
