@@ -318,3 +318,34 @@ def quantized_tiny_llama() -> torch.nn.Module:
 
 EVAL = {"task": "perplexity", "dataset": "a test text", "metrics": {"perplexity": 12.5, "top1_agreement": 0.75},
         "reference_metrics": {"perplexity": 11.25}}
+
+
+def rewrite_safetensors(path: Path, edit) -> None:  # noqa: ANN001
+    """Let ``edit(tensors, metadata)`` change a safetensors file (or a folder's ``model.safetensors``),
+    then write it back: how the hostile-input tests corrupt checkpoints."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors" if path.is_dir() else path
+    with safe_open(file, "pt") as handle:
+        metadata = dict(handle.metadata())
+    tensors = load_file(file)
+    edit(tensors, metadata)
+    save_file(tensors, file, metadata=metadata)
+
+
+def edit_quantization_config(folder: Path, edit) -> None:  # noqa: ANN001
+    """Let ``edit(quantization_config)`` change a checkpoint's ``config.json`` in place."""
+    import json
+
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    edit(data["quantization_config"])
+    path.write_text(json.dumps(data))
+
+
+def load_causal_lm(folder: Path) -> torch.nn.Module:
+    """Plain ``AutoModelForCausalLM.from_pretrained`` (the call a user makes)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder)

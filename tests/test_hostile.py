@@ -3,7 +3,6 @@ cleanly; saves are deterministic."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -12,11 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import edit_quantization_config as _config
+from helpers import load_causal_lm as _load
 from helpers import model_output, tiny_llama
+from helpers import rewrite_safetensors as _rewrite
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import hf_splitquant
@@ -47,27 +49,6 @@ def copy(packed_dir, tmp_path) -> Path:
     target = tmp_path / "copy"
     shutil.copytree(packed_dir, target)
     return target
-
-
-def _rewrite(folder: Path, edit) -> None:  # noqa: ANN001
-    """Load the safetensors file, let ``edit(tensors, metadata)`` change it, write it back."""
-    file = folder / "model.safetensors"
-    with safe_open(file, "pt") as handle:
-        metadata = dict(handle.metadata())
-    tensors = load_file(file)
-    edit(tensors, metadata)
-    save_file(tensors, file, metadata=metadata)
-
-
-def _config(folder: Path, edit) -> None:  # noqa: ANN001
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    edit(data["quantization_config"])
-    path.write_text(json.dumps(data))
-
-
-def _load(folder: Path):  # noqa: ANN202
-    return AutoModelForCausalLM.from_pretrained(folder)
 
 
 def test_every_saved_tensor_has_a_digest(packed_dir):

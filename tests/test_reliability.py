@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import edit_quantization_config as _config
+from helpers import load_causal_lm as _load
 from helpers import model_output
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from helpers import rewrite_safetensors as _rewrite
+from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_splitquant
@@ -217,26 +219,6 @@ def packed_gpt2_dir(tmp_path_factory, float_checkpoints) -> Path:
                                                  quantization_config=SplitQuantConfig(bits=4, group_size=16))
     model.save_pretrained(path)
     return path
-
-
-def _rewrite(file: Path, edit) -> None:  # noqa: ANN001
-    """Let ``edit(tensors, metadata)`` change a safetensors file, then write it back."""
-    with safe_open(file, "pt") as handle:
-        metadata = dict(handle.metadata())
-    tensors = load_file(file)
-    edit(tensors, metadata)
-    save_file(tensors, file, metadata=metadata)
-
-
-def _config(folder: Path, edit) -> None:  # noqa: ANN001
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    edit(data["quantization_config"])
-    path.write_text(json.dumps(data))
-
-
-def _load(folder: Path):  # noqa: ANN202
-    return AutoModelForCausalLM.from_pretrained(folder)
 
 
 # ---- 2. config edits the layout check cannot see -----------------------------------------------
