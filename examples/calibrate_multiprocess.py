@@ -66,6 +66,16 @@ def state_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def rounding_options(args: argparse.Namespace) -> dict | None:
+    """``--rounding-options`` (JSON) plus ``--iterations`` for Attention Round."""
+    options = json.loads(args.rounding_options) if args.rounding_options else {}
+    if args.iterations is not None:
+        if args.rounding != "attention_round":
+            raise SystemExit("--iterations is an Attention Round option; use --rounding attention_round")
+        options["iterations"] = args.iterations
+    return options or None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="float causal-LM folder (default: SmolLM2-135M from assets)")
@@ -78,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=None, help="default 128 (--smoke: 16)")
     parser.add_argument("--max-length", type=int, default=None, help="default 256 (--smoke: 64)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounding", choices=["attention_round", "gptq"], default="attention_round")
+    parser.add_argument("--rounding-options", default=None,
+                        help='rounding options as JSON, e.g. \'{"target": "float"}\' (see SplitQuantConfig)')
     parser.add_argument("--iterations", type=int, default=None,
                         help="Attention Round steps per layer (default: the library's; --smoke: 10)")
     parser.add_argument("--smoke", action="store_true",
@@ -87,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     smoke = {"num_samples": 16, "max_length": 64, "iterations": 10} if args.smoke else {"num_samples": 128,
                                                                                        "max_length": 256}
+    if args.rounding != "attention_round":
+        smoke.pop("iterations", None)
     for key, value in smoke.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -103,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     model.to(accelerator.device)
     config = hf_splitquant.SplitQuantConfig(
         bits=args.bits, group_size=args.group_size, transform=None if args.transform == "rtn" else args.transform,
-        bit_allocation=args.bit_allocation, target_bits=args.target_bits, rounding="attention_round",
-        rounding_options=None if args.iterations is None else {"iterations": args.iterations},
+        bit_allocation=args.bit_allocation, target_bits=args.target_bits, rounding=args.rounding,
+        rounding_options=rounding_options(args),
     )
     hf_splitquant.quantize(model, config, calibration_data=calibration_paragraphs(), tokenizer=tokenizer,
                            num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,

@@ -281,3 +281,70 @@ def test_layer_study_quick(tmp_path: Path) -> None:
     # the output-aware clip + GPTQ beats RTN on the data it was fitted to, on every layer
     assert all(r["fit_vs_rtn"] < 1.0 for r in rows if r["method"] == "out_clip+gptq@0.1")
     assert out.with_suffix(".md").read_text().startswith("# Layer study")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The float model as the target (methods/float_target.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _float_and_quantized_inputs(cols: int = 48, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float inputs X and the same tokens' inputs X~ after some upstream quantization error."""
+    x = correlated_inputs(cols, n=n, seed=4)
+    drift = torch.randn(cols, cols, generator=torch.Generator().manual_seed(5)) * 0.08
+    return x, x + x @ drift + 0.05 * torch.randn(n, cols, generator=torch.Generator().manual_seed(6))
+
+
+def test_float_target_is_the_weight_when_the_inputs_are_the_float_ones() -> None:
+    from hf_splitquant.methods.float_target import float_model_target
+
+    x = correlated_inputs(48, n=500, seed=2)
+    w = weight(8, 48)
+    h = x.t() @ x
+    assert torch.allclose(float_model_target(w, h, h, damping=0.1), w, atol=1e-5)
+    xf, xq = _float_and_quantized_inputs()
+    hq, c = xq.t() @ xq, xf.t() @ xq
+    assert not torch.allclose(float_model_target(w, hq, c, damping=0.1), w, atol=1e-2)
+    assert torch.allclose(float_model_target(w, hq, c, damping=1e6), w, atol=1e-3)  # regularised back to W
+
+
+def test_float_target_minimises_the_float_model_objective() -> None:
+    """Undamped, W* is the least-squares solution of X~ W*^T = X W^T; the objective helper equals the direct
+    |X~ V^T - X W^T|^2 / (N out), also for OCS-expanded values."""
+    from hf_splitquant.methods.float_target import float_model_objective, float_model_target
+
+    x, xq = _float_and_quantized_inputs()
+    w = weight(8, 48)
+    hq, c, hf = xq.t() @ xq, x.t() @ xq, x.t() @ x
+    target = float_model_target(w, hq, c, damping=0.0)
+    expected = torch.linalg.lstsq(xq.double(), (x @ w.t()).double()).solution.t().float()
+    assert torch.allclose(target, expected, atol=1e-3, rtol=1e-3)
+    n = x.shape[0]
+
+    def direct(v: torch.Tensor, xin: torch.Tensor) -> float:
+        return float(((xin.double() @ v.double().t() - x.double() @ w.double().t()) ** 2).sum()) / (n * v.shape[0])
+
+    assert float_model_objective(target, w, hq, c, hf, n) == pytest.approx(direct(target, xq), rel=1e-4)
+    assert float_model_objective(w, w, hq, c, hf, n) == pytest.approx(direct(w, xq), rel=1e-4)
+    assert float_model_objective(target, w, hq, c, hf, n) < 0.5 * float_model_objective(w, w, hq, c, hf, n)
+    index = torch.tensor([3, 7])  # OCS: inputs 3 and 7 duplicated, each half in both copies
+    expanded = torch.cat([w, w[:, index] * 0.5], dim=1)
+    expanded[:, index] *= 0.5
+    assert float_model_objective(expanded, w, hq, c, hf, n, input_index=index) == pytest.approx(direct(w, xq), rel=1e-4)
+
+
+def test_float_target_rejects_mismatched_statistics() -> None:
+    from hf_splitquant.methods.float_target import float_model_target
+
+    with pytest.raises(ValueError, match="must both be"):
+        float_model_target(weight(8, 48), torch.eye(48), torch.eye(40))
+
+
+def test_gptq_options_validate_the_target() -> None:
+    from hf_splitquant.methods.gptq import GPTQOptions
+
+    assert GPTQOptions.from_dict({"target": "float"}).target == "float"
+    with pytest.raises(ValueError, match="target"):
+        GPTQOptions.from_dict({"target": "model"})
+    with pytest.raises(ValueError, match="target_damping"):
+        GPTQOptions.from_dict({"target_damping": -1})

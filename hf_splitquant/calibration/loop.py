@@ -5,6 +5,7 @@ quantized blocks before it, keeping one block's activations in memory (see
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -23,6 +24,7 @@ from ..integrations.transformers import attach_quantizer, quantize_model
 from ..memory import release_freed_memory
 from ..methods import element_grid, get_format, pack_grid_codes
 from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian, layer_objective
+from ..methods.float_target import float_model_objective, float_model_target
 from ..methods.gptq import GPTQOptions, gptq_round
 from ..methods.output_clip import output_clip_grid
 from ..modeling import (
@@ -223,14 +225,25 @@ class _LayerRounder:
         self.options = ROUNDING_OPTIONS[self.config.rounding].from_dict(self.config.rounding_options)
         self.order = {name: i for i, name in enumerate(self.specs)}  # seeds of the layers (model order)
 
-    def statistics(self, names: Sequence[str]) -> InputStatistics:
-        return InputStatistics({n: self.modules[n] for n in names},
-                               {n: module_shape(self.modules[n])[0] for n in names})
+    @property
+    def float_target(self) -> bool:
+        """Whether the layers are fitted to the float model's outputs (needs a float copy of each block)."""
+        return getattr(self.options, "target", "layer") == "float"
+
+    def statistics(self, names: Sequence[str], reference: Mapping[str, nn.Module] | None = None) -> InputStatistics:
+        """Statistics of ``names``; with ``reference`` (the same layers in a float copy of the block) also the
+        float inputs' statistics and the cross products (:attr:`InputStatistics.reference`)."""
+        sizes = {n: module_shape(self.modules[n])[0] for n in names}
+        ref = InputStatistics({n: reference[n] for n in names}, sizes) if reference is not None else None
+        return InputStatistics({n: self.modules[n] for n in names}, sizes, reference=ref)
 
     def quantize(self, names: list[str], fit: InputStatistics, heldout: InputStatistics | None) -> None:
-        fit.reduce(self.accelerator)
-        if heldout is not None:
-            heldout.reduce(self.accelerator, alias=fit.alias)
+        for stats, alias in ((fit, None), (heldout, fit.alias)):
+            if stats is None:
+                continue
+            if stats.reference is not None:
+                stats.reference.reduce(self.accelerator, alias=alias)
+            stats.reduce(self.accelerator, alias=alias)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         owners = assign_owners(names, self.specs, world)
         mine = {name: round_layer(name, self.modules[name], self.specs[name], fit, heldout, self.options,
@@ -247,23 +260,34 @@ class _LayerRounder:
 
 
 def _collect(rounder: _LayerRounder, names: list[str], passes: Sequence[tuple[Callable[[], Any], Any]],
-             device: torch.device) -> tuple[InputStatistics, InputStatistics | None]:
+             device: torch.device, reference: tuple[Mapping[str, nn.Module], Sequence[Callable[[], Any]]] | None = None,
+             ) -> tuple[InputStatistics, InputStatistics | None]:
     """Run every pass with hooks summing the inputs of ``names`` (padding tokens masked out), into the
     fitted statistics or, for held-out batches, the held-out ones (``None`` when nothing is held out on
-    any process)."""
-    fit = rounder.statistics(names)
-    heldout = rounder.statistics(names) if rounder.heldout_count else None  # every process reduces both
+    any process). With ``reference`` ``(float layers by name, float passes)``, each batch's float pass runs
+    first and the statistics also hold the float inputs and the cross products."""
+    modules = reference[0] if reference is not None else None
+    fit = rounder.statistics(names, modules)
+    heldout = rounder.statistics(names, modules) if rounder.heldout_count else None  # every process reduces both
+    everything = [s for s in (fit, heldout, fit.reference, heldout.reference if heldout else None) if s is not None]
     try:
-        for (run, mask), fitted in zip(passes, rounder.fitted):
+        for index, ((run, mask), fitted) in enumerate(zip(passes, rounder.fitted)):
             stats, other = (fit, heldout) if fitted else (heldout, fit)
+            mask = None if mask is None else mask.to(device)
             if other is not None:
                 other.pause()
-            stats.new_batch(None if mask is None else mask.to(device))
+                if other.reference is not None:
+                    other.reference.pause()
+            if stats.reference is not None:
+                stats.pause()
+                stats.reference.new_batch(mask)
+                reference[1][index]()
+                stats.reference.active = False  # its inputs of this batch stay for the quantized pass
+            stats.new_batch(mask)
             run()
     finally:
-        fit.remove()
-        if heldout is not None:
-            heldout.remove()
+        for s in everything:
+            s.remove()
     return fit, heldout
 
 
@@ -304,16 +328,23 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
             leftover.append(name)
     activation_peak = 0
     stored = _capture_block_inputs(model, blocks[0], batches, device) if blocks else []
+    float_stored = stored if rounder.float_target else None  # the float model's block inputs
     bar = tqdm(total=len(blocks) + (1 if leftover else 0), desc=f"Calibrating ({rounder.config.rounding})",
                unit="block", disable=not show)
     for index, block in enumerate(blocks):
+        float_block = copy.deepcopy(block) if float_stored is not None else None  # before any layer is replaced
         if in_block[index]:
             passes = [(lambda a=args, k=kwargs, b=block: b(*a, **k), mask) for (args, kwargs), mask in zip(stored, masks)]
+            reference = None
+            if float_block is not None:
+                local = f"{prefix}{index}."
+                layers = {n: float_block.get_submodule(n[len(local):]) for n in in_block[index]}
+                reference = (layers, [lambda a=args, k=kwargs, f=float_block: f(*a, **k) for args, kwargs in float_stored])
             # sequentially inside the block too: each stage's inputs come from the already quantized stages
             stages = (execution_stages(in_block[index], rounder.modules, passes[0][0])
                       if rounder.accelerator.is_main_process else None)  # process 0 always holds batch 0
             for stage in broadcast(stages, 0, rounder.accelerator):
-                fit, heldout = _collect(rounder, stage, passes, device)
+                fit, heldout = _collect(rounder, stage, passes, device, reference)
                 memory.sample()
                 rounder.quantize(stage, fit, heldout)
                 del fit, heldout
@@ -321,8 +352,12 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
             outputs = [with_hidden(args, kwargs, first_output(block(*args, **kwargs))) for args, kwargs in stored]
             activation_peak = max(activation_peak, tensor_bytes([hidden_of(*s) for s in stored]) +
                                   tensor_bytes([hidden_of(*s) for s in outputs]))
+            if float_stored is not None:
+                float_stored = [with_hidden(a, k, first_output(float_block(*a, **k))) for a, k in float_stored]
+                activation_peak += tensor_bytes([hidden_of(*s) for s in float_stored])
             memory.sample()
             stored = outputs
+        float_block = None  # freed before the next block is copied
         for module in block.modules():  # drop the dequantized copies used for this block's passes
             if isinstance(module, PackedLinear):
                 module.set_weight_cache(False)
@@ -409,27 +444,43 @@ def round_layer(name: str, module: nn.Module, spec: LayerSpec, fit: InputStatist
         raise ValueError(f"layer `{name}` saw no calibration token (is it used by the model's forward pass?)")
     hessian = fit.hessian(name)
     input_power = float(torch.diagonal(hessian).sum()) / count  # mean |x|^2 of the inputs it was fitted on
+    cross = fit.cross(name)
     try:
-        grid = _layer_grid(weight, spec, hessian, options, seed)
+        # with the float model as the target, the codes are fitted to W* (methods/float_target.py) and the
+        # fallback is round-to-nearest of the float weight on its own grid
+        target = weight if cross is None else float_model_target(weight, hessian, cross, options.target_damping)
+        grid = _layer_grid(target, spec, hessian, options, seed)
+        plain = grid if cross is None else _layer_grid(weight, spec, hessian, options, seed)
     except ValueError as err:
         raise ValueError(f"cannot quantize layer `{name}`: {err}") from None
-    hessian = expand_hessian(hessian, grid.input_index)
-    codes, extra = _choose_codes(grid, hessian, count, options, seed)
-    rtn = grid.nearest_codes()
-    info = {"tokens": count, "input_power": input_power,
-            "mse_rtn": layer_objective(grid.values(rtn), grid.weight, hessian, count),
-            "mse": layer_objective(grid.values(codes), grid.weight, hessian, count), **extra}
+
+    matrices: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def objective(values: torch.Tensor, on: ElementGrid, stats: InputStatistics, tokens: int) -> float:
+        if id(stats) not in matrices:
+            h = hessian if stats is fit else stats.hessian(name)
+            matrices[id(stats)] = ((expand_hessian(h, grid.input_index),) if cross is None else
+                                   (h, stats.cross(name), stats.reference.hessian(name)))
+        m = matrices[id(stats)]
+        if cross is None:
+            return layer_objective(values, grid.weight, m[0], tokens)
+        return float_model_objective(values, weight, *m, tokens, on.input_index)  # OCS: W* may split other inputs
+
+    codes, extra = _choose_codes(grid, expand_hessian(hessian, grid.input_index), count, options, seed)
+    rtn = plain.nearest_codes()
+    values, rtn_values = grid.values(codes), plain.values(rtn)
+    info = {"tokens": count, "input_power": input_power, "target": "layer" if cross is None else "float",
+            "mse_rtn": objective(rtn_values, plain, fit, count), "mse": objective(values, grid, fit, count), **extra}
     worse = info["mse"] > info["mse_rtn"]
     held_count = heldout.count(name) if heldout is not None else 0
     if held_count:
-        held_hessian = expand_hessian(heldout.hessian(name), grid.input_index)
         info["heldout_tokens"] = held_count
-        info["mse_rtn_heldout"] = layer_objective(grid.values(rtn), grid.weight, held_hessian, held_count)
-        info["mse_heldout"] = layer_objective(grid.values(codes), grid.weight, held_hessian, held_count)
+        info["mse_rtn_heldout"] = objective(rtn_values, plain, heldout, held_count)
+        info["mse_heldout"] = objective(values, grid, heldout, held_count)
         worse = worse or info["mse_heldout"] > info["mse_rtn_heldout"]
     info["kept_rtn"] = bool(options.keep_best and worse)
     if info["kept_rtn"]:
-        codes = rtn
+        grid, codes = plain, rtn
         info["mse"] = info["mse_rtn"]
         if held_count:
             info["mse_heldout"] = info["mse_rtn_heldout"]

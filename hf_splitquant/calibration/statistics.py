@@ -61,9 +61,15 @@ class InputStatistics:
 
     Layers called on the very same input tensor (q/k/v, gate/up) share one sum: the later ones are
     recorded as aliases of the first. ``X^T X`` is symmetric, so only its upper triangle is summed.
+
+    With a ``reference`` (the statistics of the same layers in a float copy of the block, run on the float
+    model's inputs just before each of this object's passes, with the same padding mask), the cross
+    products ``C = X_ref^T X`` are summed too (:meth:`cross`): the float inputs against these ones, token
+    by token (:mod:`hf_splitquant.methods.float_target`).
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], sizes: Mapping[str, int]) -> None:
+    def __init__(self, layers: Mapping[str, nn.Module], sizes: Mapping[str, int],
+                 reference: InputStatistics | None = None) -> None:
         self.names = list(layers)
         self.sizes = dict(sizes)
         self.sums: dict[str, ExactSum] = {}
@@ -74,6 +80,12 @@ class InputStatistics:
         self.mask: torch.Tensor | None = None  # [batch, tokens] bool of the current batch
         self._last: tuple[torch.Tensor, str] | None = None
         self._triu: dict[int, torch.Tensor] = {}
+        self.reference = reference
+        self.cross_sums: dict[str, ExactSum] = {}
+        self.current: dict[str, torch.Tensor] = {}  # this batch's flattened inputs (read by a referencing object)
+        self.keep_current = False
+        if reference is not None:
+            reference.keep_current = True
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in layers.items()]
 
     def _upper(self, n: int) -> torch.Tensor:
@@ -101,12 +113,26 @@ class InputStatistics:
                 self.counts[name] = 0
             self.sums[name].add(h.reshape(-1).index_select(0, self._upper(n).to(h.device)))
             self.counts[name] += flat.shape[0]
+            if self.keep_current:
+                self.current[name] = flat
+            if self.reference is not None:
+                self._add_cross(name, flat)
             self._last = (x, name)
 
         return hook
 
+    def _add_cross(self, name: str, flat: torch.Tensor) -> None:
+        ref = self.reference.current.get(self.reference.leader(name)) if self.reference is not None else None
+        if ref is None or ref.shape != flat.shape:
+            raise RuntimeError(f"no float reference input of the same shape for layer `{name}` in this batch (the "
+                               "float copy of the block must run on the same batch first)")
+        if name not in self.cross_sums:
+            self.cross_sums[name] = ExactSum((flat.shape[1], flat.shape[1]))
+        self.cross_sums[name].add(ref.t() @ flat)
+
     def new_batch(self, mask: torch.Tensor | None) -> None:
         """Record the next forward pass (``mask``: its ``[batch, tokens]`` padding mask)."""
+        self.current = {}
         self.mask = mask
         self._last = None
         self.active = True
@@ -116,6 +142,7 @@ class InputStatistics:
         """Ignore forward passes until the next :meth:`new_batch` (another statistics object records them)."""
         self.active = False
         self._last = None
+        self.current = {}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -140,11 +167,16 @@ class InputStatistics:
                 n = self.sizes[name]
                 self.sums[name] = ExactSum((n * (n + 1) // 2,))
                 self.counts[name] = 0
+            if self.reference is not None and name not in self.alias and name not in self.cross_sums:
+                self.cross_sums[name] = ExactSum((self.sizes[name], self.sizes[name]))
+        self.current = {}
         if accelerator is None or accelerator.num_processes == 1:
             return
         leaders = [n for n in self.names if n not in self.alias]
         for name in leaders:
             self.sums[name].limbs = accelerator.reduce(self.sums[name].limbs, reduction="sum")
+            if self.reference is not None:
+                self.cross_sums[name].limbs = accelerator.reduce(self.cross_sums[name].limbs, reduction="sum")
         counts = accelerator.reduce(torch.tensor([self.counts[n] for n in leaders], dtype=torch.int64), reduction="sum")
         self.counts = {n: int(c) for n, c in zip(leaders, counts.tolist())}
 
@@ -165,4 +197,8 @@ class InputStatistics:
         full = full.reshape(n, n)
         return (full + full.triu(1).t()).float()
 
-
+    def cross(self, name: str) -> torch.Tensor | None:
+        """The summed ``C = X_ref^T X`` of ``name`` ``[in, in]`` float32 (``None`` without a reference)."""
+        if self.reference is None:
+            return None
+        return self.cross_sums[self.leader(name)].value().float()

@@ -231,6 +231,9 @@ def select_damping(grid: ElementGrid, fold_hessians: list[torch.Tensor],
 #: grids GPTQ (and Attention Round) may round on: the format's min-max grid or the output-aware clip
 CLIPS = (None, "output")
 
+#: what the rounding reproduces: the layer's float output on its actual inputs, or the float model's
+TARGETS = ("layer", "float")
+
 
 @dataclass(frozen=True)
 class GPTQOptions:
@@ -245,6 +248,12 @@ class GPTQOptions:
             their own grid); ``None``: the format's min-max grid.
         keep_best: keep round-to-nearest (on the same grid) for a layer whose GPTQ codes are worse on
             the fitted or the held-out inputs.
+        target: ``"layer"`` (classic GPTQ): reproduce the float layer's output on the inputs the partly
+            quantized model gives it; ``"float"``: reproduce the float *model's* output at this layer, so
+            that the error of the layers before it is corrected too
+            (:mod:`hf_splitquant.methods.float_target`; costs a float copy of one block and its inputs).
+        target_damping: with ``target="float"``, the relative regularisation of the target towards the
+            float weight (:func:`~hf_splitquant.methods.float_target.float_model_target`).
     """
 
     damping: float = DEFAULT_DAMPING
@@ -252,8 +261,15 @@ class GPTQOptions:
     act_order: bool = True
     clip: str | None = "output"
     keep_best: bool = True
+    target: str = "layer"
+    target_damping: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"rounding_options['target'] must be one of {TARGETS}, got {self.target!r}")
+        t = self.target_damping
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"rounding_options['target_damping'] must be a number >= 0, got {t!r}")
         d = self.damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
             raise ValueError(f"rounding_options['damping'] must be a number >= 0, got {d!r}")
