@@ -259,17 +259,29 @@ class _LayerRounder:
             self.report[normalise_name(self.model, name)] = {"bits": self.specs[name].bits, **info}
 
 
+def _stop_forward(module: nn.Module, args: tuple, output: Any) -> None:
+    raise StopForward
+
+
 def _collect(rounder: _LayerRounder, names: list[str], passes: Sequence[tuple[Callable[[], Any], Any]],
              device: torch.device, reference: tuple[Mapping[str, nn.Module], Sequence[Callable[[], Any]]] | None = None,
-             ) -> tuple[InputStatistics, InputStatistics | None]:
+             stop_after: str | None = None) -> tuple[InputStatistics, InputStatistics | None]:
     """Run every pass with hooks summing the inputs of ``names`` (padding tokens masked out), into the
     fitted statistics or, for held-out batches, the held-out ones (``None`` when nothing is held out on
     any process). With ``reference`` ``(float layers by name, float passes)``, each batch's float pass runs
-    first and the statistics also hold the float inputs and the cross products."""
+    first and the statistics also hold the float inputs and the cross products. With ``stop_after`` (the
+    last of ``names`` a pass calls), the passes stop there: the rest of the block is not needed."""
     modules = reference[0] if reference is not None else None
     fit = rounder.statistics(names, modules)
     heldout = rounder.statistics(names, modules) if rounder.heldout_count else None  # every process reduces both
     everything = [s for s in (fit, heldout, fit.reference, heldout.reference if heldout else None) if s is not None]
+    stops = []
+    if stop_after is not None:  # registered after the statistics hooks, so they still see the input
+        stops.append(rounder.modules[stop_after].register_forward_hook(_stop_forward))
+        if modules is not None:
+            stops.append(modules[stop_after].register_forward_hook(_stop_forward))
+    passes = [(_suppress_stop(run), mask) for run, mask in passes]
+    float_passes = [_suppress_stop(run) for run in reference[1]] if reference is not None else []
     try:
         for index, ((run, mask), fitted) in enumerate(zip(passes, rounder.fitted)):
             stats, other = (fit, heldout) if fitted else (heldout, fit)
@@ -281,14 +293,23 @@ def _collect(rounder: _LayerRounder, names: list[str], passes: Sequence[tuple[Ca
             if stats.reference is not None:
                 stats.pause()
                 stats.reference.new_batch(mask)
-                reference[1][index]()
+                float_passes[index]()
                 stats.reference.active = False  # its inputs of this batch stay for the quantized pass
             stats.new_batch(mask)
             run()
     finally:
         for s in everything:
             s.remove()
+        for handle in stops:
+            handle.remove()
     return fit, heldout
+
+
+def _suppress_stop(run: Callable[[], Any]) -> Callable[[], None]:
+    def wrapped() -> None:
+        with contextlib.suppress(StopForward):
+            run()
+    return wrapped
 
 
 def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[Mapping[str, Any]],
@@ -344,7 +365,7 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
             stages = (execution_stages(in_block[index], rounder.modules, passes[0][0])
                       if rounder.accelerator.is_main_process else None)  # process 0 always holds batch 0
             for stage in broadcast(stages, 0, rounder.accelerator):
-                fit, heldout = _collect(rounder, stage, passes, device, reference)
+                fit, heldout = _collect(rounder, stage, passes, device, reference, stop_after=stage[-1])
                 memory.sample()
                 rounder.quantize(stage, fit, heldout)
                 del fit, heldout
