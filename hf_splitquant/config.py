@@ -299,6 +299,23 @@ class SplitQuantConfig(QuantizationConfigMixin):
         return LayerSpec(in_features=in_features, out_features=out_features, source=source, has_bias=has_bias,
                          **self._layer_fields(self.bits if bits is None else bits))
 
+    @classmethod
+    def recipe(cls, name: str, **overrides: Any) -> SplitQuantConfig:
+        """The named preset ``name`` (:mod:`hf_splitquant.recipes`: ``"w4"``, ``"w3"``, ``"w2"``,
+        ``"w4-data-free"``, ``"w8-data-free"``), with ``overrides`` replacing single settings.
+
+        Example: ``SplitQuantConfig.recipe("w3")``; the calibrated recipes (``rounding`` set) need
+        ``hf_splitquant.quantize(model, config, calibration_data=...)``.
+        """
+        from .recipes import recipe_settings
+
+        settings = recipe_settings(name)
+        unknown = set(overrides) - set(cls._field_names())
+        if unknown:
+            raise ValueError(f"unknown SplitQuantConfig setting(s) {sorted(unknown)} in the overrides of recipe {name!r}")
+        settings.update(overrides)
+        return cls(**settings)
+
     def to_dict(self) -> dict[str, Any]:
         return {name: _json_copy(getattr(self, name)) for name in self._field_names()}
 

@@ -1,0 +1,64 @@
+"""Named presets (recipes): the settings that measured best at each budget, in one word.
+
+``SplitQuantConfig.recipe("w3")`` returns the configuration of the row ``w3`` below; keyword arguments
+override single settings (``SplitQuantConfig.recipe("w3", group_size=64)``). Every recipe is backed by a
+benchmark row (``benchmarks/bench_calibration.py``; the results, the command and the conditions are in
+``benchmarks/results/recipes.md`` and the README's recommendation table). Recipes with ``rounding`` set
+need calibration data: pass ``calibration_data`` to :func:`hf_splitquant.quantize` (or use
+``hf_splitquant.calibrate``); the data-free ones work with ``from_pretrained(..., quantization_config=...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Recipe", "RECIPES", "recipe_settings", "recipe_names"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A preset: ``settings`` are ``SplitQuantConfig`` keyword arguments."""
+
+    name: str
+    summary: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.settings.get("rounding") is not None
+
+
+#: GPTQ on the output-aware clipped grid, each layer fitted to the float model's outputs.
+_CALIBRATED = {"rounding": "gptq", "rounding_options": {"target": "float"}}
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("w4", "4-bit codes, groups of 128, calibrated (about 4.2 bits per weight)",
+           {"bits": 4, "group_size": 128, **_CALIBRATED}),
+    Recipe("w3", "3-bit codes, groups of 128, calibrated (about 3.2 bits per weight)",
+           {"bits": 3, "group_size": 128, **_CALIBRATED}),
+    Recipe("w2", "2-bit codes, groups of 64, calibrated (about 2.4 bits per weight); expect a clear quality "
+                 "loss on small models: train afterwards (QAT) where quality matters",
+           {"bits": 2, "group_size": 64, **_CALIBRATED}),
+    Recipe("w4-data-free", "4-bit codes, groups of 64, round to nearest: no calibration data, quantizes while "
+                           "loading (about 4.4 bits per weight)",
+           {"bits": 4, "group_size": 64}),
+    Recipe("w8-data-free", "8-bit codes per output channel, round to nearest: near-lossless, no data",
+           {"bits": 8, "group_size": None}),
+)}
+
+
+def recipe_names() -> tuple[str, ...]:
+    return tuple(RECIPES)
+
+
+def recipe_settings(name: str) -> dict[str, Any]:
+    """A copy of the settings of recipe ``name`` (``ValueError`` naming the recipes for an unknown one)."""
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; the recipes are: "
+                         + ", ".join(f"{r.name} ({r.summary})" for r in RECIPES.values()))
+    settings = dict(RECIPES[name].settings)
+    if isinstance(settings.get("rounding_options"), Mapping):
+        settings["rounding_options"] = dict(settings["rounding_options"])
+    return settings
