@@ -6,6 +6,9 @@ For each code width (INT2, INT3, INT4; group size 64, asymmetric, fp16 scales) i
 * ``rtn``: plain round-to-nearest (no data);
 * ``gptq``: ``rounding="gptq"`` with the library defaults (GPTQ error feedback, damping 1.0, on the
   output-aware clipped grid), same calibration data as ``ar``;
+* ``gptq-float``: the same with ``rounding_options={"target": "float"}`` (each layer fitted to the float
+  model's outputs, :mod:`hf_splitquant.methods.float_target`);
+* ``recipe``: ``SplitQuantConfig.recipe("w<bits>")`` (the named preset, with its own group size);
 * ``ar``: Attention Round (:func:`hf_splitquant.quantize` with ``calibration_data``), sequential
   block by block on ``--cal-samples`` blocks of ``--cal-len`` tokens of the Wikipedia
   ``"calibration"`` part, ``--iterations`` steps per layer;
@@ -143,7 +146,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if job["method"] == "gptq":  # library defaults (damping 1.0, output-aware clipped grid) unless --damping
             kwargs.update(rounding="gptq", rounding_options=None if job.get("damping") is None else
                           {"damping": job["damping"]})
+        if job["method"] == "gptq-float":  # the same, each layer fitted to the float model's outputs
+            kwargs.update(rounding="gptq", rounding_options={"target": "float", **(
+                {} if job.get("damping") is None else {"damping": job["damping"]})})
         config = SplitQuantConfig(**kwargs)
+        if job["method"] == "recipe":  # the named preset for this width, with its own group size
+            config = SplitQuantConfig.recipe(f"w{job['bits']}")
+            row["recipe"] = f"w{job['bits']}"
+            row["group_size"] = config.group_size
         cal_blocks = assets.perplexity_token_blocks(tokenizer, job["cal_samples"], job["cal_len"], part="calibration")
         with PeakMemory() as memory:
             t0 = time.perf_counter()
@@ -181,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="RTN vs Attention Round (vs coding-length allocation) on SmolLM2-135M")
     parser.add_argument("--quick", action="store_true", help="smoke run: INT3 only, tiny data, 2 steps")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"],
+    parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "gptq-float", "recipe", "ar", "rtn+cl", "ar+cl"],
                         default=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--cal-samples", type=int, default=8, help="calibration blocks (default 8)")
@@ -243,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for row in rows:
         name = "float32" if row["method"] == "float" else f"INT{row['bits']} {row['method']}"
+        if "recipe" in row:
+            name += f" ({row['recipe']}, group {row['group_size']})"
         if "bit_histogram" in row:
             name += " " + "/".join(f"{n}x{b}b" for b, n in row["bit_histogram"].items())
         mse = f"{row['mean_layer_mse_vs_rtn']:.3f}" if "mean_layer_mse_vs_rtn" in row else "-"
