@@ -350,8 +350,8 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
     activation_peak = 0
     stored = _capture_block_inputs(model, blocks[0], batches, device) if blocks else []
     float_stored = stored if rounder.float_target else None  # the float model's block inputs
-    bar = tqdm(total=len(blocks) + (1 if leftover else 0), desc=f"Calibrating ({rounder.config.rounding})",
-               unit="block", disable=not show)
+    # one tick per layer (not per block), so that the estimate of the remaining time moves steadily
+    bar = tqdm(total=len(names), desc=f"Calibrating ({rounder.config.rounding})", unit="layer", disable=not show)
     for index, block in enumerate(blocks):
         float_block = copy.deepcopy(block) if float_stored is not None else None  # before any layer is replaced
         if in_block[index]:
@@ -369,6 +369,8 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
                 memory.sample()
                 rounder.quantize(stage, fit, heldout)
                 del fit, heldout
+                bar.set_postfix_str(f"block {index + 1}/{len(blocks)}", refresh=False)
+                bar.update(len(stage))
         if index + 1 < len(blocks):
             outputs = [with_hidden(args, kwargs, first_output(block(*args, **kwargs))) for args, kwargs in stored]
             activation_peak = max(activation_peak, tensor_bytes([hidden_of(*s) for s in stored]) +
@@ -383,14 +385,13 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
             if isinstance(module, PackedLinear):
                 module.set_weight_cache(False)
         release_freed_memory()
-        bar.update(1)
     stored = []
     if leftover:  # layers outside the blocks, with the whole (quantized) model
         passes = [(lambda b=batch: model(**to_device(b, device)), mask) for batch, mask in zip(batches, masks)]
         fit, heldout = _collect(rounder, leftover, passes, device)
         memory.sample()
         rounder.quantize(leftover, fit, heldout)
-        bar.update(1)
+        bar.update(len(leftover))
     bar.close()
     return activation_peak
 
