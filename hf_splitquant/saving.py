@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
+import inspect
 import json
 import os
 import shutil
@@ -28,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from transformers.utils import logging
+
+from .checkpoint import mark_packed_config
 
 logger = logging.get_logger(__name__)
 
@@ -292,20 +295,40 @@ def save_quantized(model, output_dir: str | os.PathLike, tokenizer=None, overwri
     return path
 
 
+#: ``save_pretrained(push_to_hub=True, ...)`` keywords that belong to the upload, not to the save
+_HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision")
+
+
 def _guarded_save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
     if os.path.isfile(save_directory):
         raise FileExistsError(
             f"cannot save the packed model to {save_directory}: it is a file, not a folder (transformers would "
             "only log an error and save nothing); choose a folder path"
         )
-    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    save = type(self).save_pretrained
+    bound = inspect.signature(save).bind(self, save_directory, *args, **kwargs)
+    push = bound.arguments.pop("push_to_hub", False)
+    extra = bound.arguments.get("kwargs", {})
+    hub = {k: extra.pop(k) for k in _HUB_KWARGS if k in extra} if push else {}
+    result = save(*bound.args, **bound.kwargs)
+    if bound.arguments.get("is_main_process", True):
+        mark_packed_config(save_directory)  # transformers drops the guard field when it writes config.json
+    if push:
+        # transformers would upload from inside save_pretrained, before the guard is written and with its
+        # generic card: upload through the model's push_to_hub instead (it saves again, into a temporary folder)
+        token = bound.arguments.get("token")
+        self.push_to_hub(hub.pop("repo_id", Path(save_directory).name), token=token,
+                         max_shard_size=bound.arguments.get("max_shard_size", "50GB"), **hub)
+    return result
 
 
 def guard_save_pretrained(model) -> None:  # noqa: ANN001
-    """Make ``model.save_pretrained(path)`` raise when ``path`` is a file.
+    """Make ``model.save_pretrained(path)`` raise when ``path`` is a file, and write the guard against
+    readers without hf_splitquant into the saved ``config.json`` (:func:`~hf_splitquant.checkpoint.mark_packed_config`).
 
-    transformers logs an error and returns without saving in that case, so a script believes the
-    packed model was saved. The guard is bound to this instance only (its class is untouched).
+    transformers logs an error and returns without saving when ``path`` is a file, so a script believes the
+    packed model was saved. With ``push_to_hub=True`` the folder is saved, then uploaded by
+    ``model.push_to_hub``. The guard is bound to this instance only (its class is untouched).
     """
     current = model.__dict__.get("save_pretrained")
     if getattr(current, "__func__", None) is _guarded_save_pretrained:

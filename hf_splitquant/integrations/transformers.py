@@ -28,6 +28,7 @@ from ..checkpoint import (
     CheckpointError,
     CheckpointReadGuard,
     check_values,
+    clear_packed_marker,
     layer_map_digest,
     model_checkpoint_keys,
     tensor_digest,
@@ -187,6 +188,12 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 "quantizing while loading cannot offload layers to disk; quantize first with enough memory, "
                 "save, then load the packed checkpoint with device_map"
             )
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        # The quantizer's one look at the model config before transformers resolves the weight files: drop
+        # the guard that stops readers without hf_splitquant (checkpoint.mark_packed_config).
+        clear_packed_marker(config)
+        return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> None:
