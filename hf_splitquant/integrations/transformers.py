@@ -308,11 +308,12 @@ def register() -> None:
 
 
 def _tag(model: nn.Module) -> None:
-    """Hub tags (splitquant, the method, intN) so transformers' own push_to_hub carries them."""
+    """Hub tags (splitquant, the method, intN), and ``model.push_to_hub`` that writes our model card."""
     if any(True for _ in iter_packed_modules(model)):
-        from .hub import tag_model
+        from .hub import bind_push_to_hub, tag_model
 
         tag_model(model)
+        bind_push_to_hub(model)  # transformers' own push_to_hub would write its generic card
 
 
 def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:
