@@ -10,12 +10,6 @@ and cluster ids in range) and every tensor's bytes in the files are compared wit
 carry a digest of the per-layer map itself, binding ``config.json`` to the files: a map edited
 without the files (or files swapped under a map) is refused even where shapes still agree.
 Checkpoints written before that digest existed load without that one check.
-
-``config.json`` of a packed checkpoint also carries a guard for readers without hf_splitquant
-(:func:`mark_packed_config`): transformers alone would load the float architecture, meet the
-packed tensors and, told to ``ignore_mismatched_sizes``, fill the quantized layers with random
-weights. The guard makes that load fail on transformers' own terms with a message naming the fix;
-the quantizer removes it before transformers reads it (:func:`clear_packed_marker`).
 """
 
 from __future__ import annotations
@@ -61,10 +55,6 @@ __all__ = [
     "check_files_unchanged",
     "pin_files",
     "CheckpointReadGuard",
-    "PACKED_MARKER_KEY",
-    "PACKED_MARKER",
-    "mark_packed_config",
-    "clear_packed_marker",
 ]
 
 FORMAT_METADATA_KEY = "hf_splitquant_format_version"
@@ -74,16 +64,6 @@ LAYER_MAP_METADATA_KEY = "hf_splitquant_layers_sha256"
 #: Map entries naming modules the model lacks that are tolerated (a task head absent from a base
 #: model); more than this is refused before any per-entry work.
 MAX_UNKNOWN_MAP_ENTRIES = 8
-#: ``config.json`` field that guards a packed checkpoint against readers without hf_splitquant. transformers
-#: 5.x reads it (``config.transformers_weights``) as the name of the weights file before it reads any
-#: weight, and refuses a name that is not a ``.safetensors`` file, quoting the value: that quote is the
-#: message. Checked with transformers 5.23 (``modeling_utils._get_resolved_checkpoint_files``).
-PACKED_MARKER_KEY = "transformers_weights"
-PACKED_MARKER = (
-    "hf_splitquant packed low-bit checkpoint: transformers alone cannot read it (its quantized layers would "
-    "load as random weights). Install hf_splitquant (pip install -U hf-splitquant) and import hf_splitquant "
-    "before from_pretrained"
-)
 #: Bytes hashed per step when verifying digests (memory stays flat whatever the tensor size).
 DIGEST_CHUNK_BYTES = 16 * 2**20
 
@@ -596,37 +576,3 @@ class CheckpointReadGuard:
             check_files_unchanged(self.identities)
         except CheckpointError as err:
             self._raise(err, layers, identities=False)
-
-
-def _is_packed_quantization_config(qconfig: Any) -> bool:
-    """Whether a ``quantization_config`` (dict) describes packed layers (not a QAT float checkpoint)."""
-    return (isinstance(qconfig, Mapping) and qconfig.get("quant_method") == "splitquant"
-            and not qconfig.get("qat") and bool(qconfig.get("layers")))
-
-
-def mark_packed_config(folder: str | Path) -> bool:
-    """Add the :data:`PACKED_MARKER` guard to ``folder/config.json`` when it describes a packed checkpoint.
-
-    Written after ``save_pretrained`` (transformers drops the field when it writes a config), in
-    transformers' own JSON layout (2-space indent, sorted keys), so saves stay byte-identical. QAT
-    checkpoints (float weights) are left alone. Returns whether the file was changed.
-    """
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return False
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not _is_packed_quantization_config(data.get("quantization_config")) or data.get(PACKED_MARKER_KEY) == PACKED_MARKER:
-        return False
-    data[PACKED_MARKER_KEY] = PACKED_MARKER
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return True
-
-
-def clear_packed_marker(config: Any) -> bool:
-    """Remove the :data:`PACKED_MARKER` guard from a loaded transformers config (a user's own
-    ``transformers_weights`` is kept). Returns whether it was there."""
-    value = getattr(config, PACKED_MARKER_KEY, None)
-    if isinstance(value, str) and value.startswith("hf_splitquant packed"):
-        delattr(config, PACKED_MARKER_KEY)
-        return True
-    return False

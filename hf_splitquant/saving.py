@@ -10,6 +10,13 @@ one); every other file or folder in the target (a README the save does not write
 is carried into the new folder by hard links (copies where links are impossible), so nothing
 unrelated is lost. Temporaries left by a killed save are removed by the next save into the same
 parent folder once their process is gone.
+
+``config.json`` of a packed checkpoint also carries a guard for readers without hf_splitquant
+(:func:`mark_packed_config`, written after every ``save_pretrained`` of a packed model): transformers
+alone would load the float architecture, meet the packed tensors and, told to
+``ignore_mismatched_sizes``, fill the quantized layers with random weights. The guard makes that load
+fail on transformers' own terms with a message naming the fix; the quantizer removes it before
+transformers uses it (:func:`clear_packed_marker`).
 """
 
 from __future__ import annotations
@@ -25,12 +32,11 @@ import struct
 import tempfile
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from transformers.utils import logging
-
-from .checkpoint import mark_packed_config
 
 logger = logging.get_logger(__name__)
 
@@ -43,6 +49,10 @@ __all__ = [
     "clean_stale_temporaries",
     "writer_in_progress",
     "guard_save_pretrained",
+    "PACKED_MARKER_KEY",
+    "PACKED_MARKER",
+    "mark_packed_config",
+    "clear_packed_marker",
 ]
 
 #: Files of a previous checkpoint that a new save removes even when it does not write them itself
@@ -57,6 +67,16 @@ CHECKPOINT_FILE_PATTERNS = (
 )
 #: A temporary of an older hf_splitquant (no process id in its name) is stale after this long.
 LEGACY_STALE_SECONDS = 3600.0
+#: ``config.json`` field that guards a packed checkpoint against readers without hf_splitquant. transformers
+#: 5.x reads it (``config.transformers_weights``) as the name of the weights file before it reads any
+#: weight, and refuses a name that is not a ``.safetensors`` file, quoting the value: that quote is the
+#: message. Checked with transformers 5.23 (``modeling_utils._get_resolved_checkpoint_files``).
+PACKED_MARKER_KEY = "transformers_weights"
+PACKED_MARKER = (
+    "hf_splitquant packed low-bit checkpoint: transformers alone cannot read it (its quantized layers would "
+    "load as random weights). Install hf_splitquant (pip install -U hf-splitquant) and import hf_splitquant "
+    "before from_pretrained"
+)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -334,3 +354,37 @@ def guard_save_pretrained(model) -> None:  # noqa: ANN001
     if getattr(current, "__func__", None) is _guarded_save_pretrained:
         return
     model.__dict__["save_pretrained"] = types.MethodType(_guarded_save_pretrained, model)
+
+
+def _is_packed_quantization_config(qconfig: Any) -> bool:
+    """Whether a ``quantization_config`` (dict) describes packed layers (not a QAT float checkpoint)."""
+    return (isinstance(qconfig, Mapping) and qconfig.get("quant_method") == "splitquant"
+            and not qconfig.get("qat") and bool(qconfig.get("layers")))
+
+
+def mark_packed_config(folder: str | Path) -> bool:
+    """Add the :data:`PACKED_MARKER` guard to ``folder/config.json`` when it describes a packed checkpoint.
+
+    Written after ``save_pretrained`` (transformers drops the field when it writes a config), in
+    transformers' own JSON layout (2-space indent, sorted keys), so saves stay byte-identical. QAT
+    checkpoints (float weights) are left alone. Returns whether the file was changed.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not _is_packed_quantization_config(data.get("quantization_config")) or data.get(PACKED_MARKER_KEY) == PACKED_MARKER:
+        return False
+    data[PACKED_MARKER_KEY] = PACKED_MARKER
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
+
+
+def clear_packed_marker(config: Any) -> bool:
+    """Remove the :data:`PACKED_MARKER` guard from a loaded transformers config (a user's own
+    ``transformers_weights`` is kept). Returns whether it was there."""
+    value = getattr(config, PACKED_MARKER_KEY, None)
+    if isinstance(value, str) and value.startswith("hf_splitquant packed"):
+        delattr(config, PACKED_MARKER_KEY)
+        return True
+    return False

@@ -32,7 +32,7 @@ from helpers import REPO_ROOT, TESTS_DIR, model_output, quantized_tiny_llama, ti
 from transformers import AutoModelForCausalLM
 
 import hf_splitquant
-from hf_splitquant.checkpoint import PACKED_MARKER, PACKED_MARKER_KEY, clear_packed_marker, mark_packed_config
+from hf_splitquant.saving import PACKED_MARKER, PACKED_MARKER_KEY, clear_packed_marker, mark_packed_config
 
 DATA = TESTS_DIR / "data"
 PTH = "hf_splitquant_autoload.pth"

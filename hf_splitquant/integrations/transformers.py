@@ -28,7 +28,6 @@ from ..checkpoint import (
     CheckpointError,
     CheckpointReadGuard,
     check_values,
-    clear_packed_marker,
     layer_map_digest,
     model_checkpoint_keys,
     tensor_digest,
@@ -53,7 +52,7 @@ from ..modeling import (
 )
 from ..nn.packed_linear import PackedLinear
 from ..qat import pack_fake_quant, prepare_fake_quant
-from ..saving import guard_save_pretrained
+from ..saving import clear_packed_marker, guard_save_pretrained
 
 logger = logging.get_logger(__name__)
 
