@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m "not slow" --durations=10
 
 lint: $(STAMP)
-	$(BIN)/ruff check hf_splitquant tests benchmarks examples assets
+	$(BIN)/ruff check hf_splitquant tests benchmarks examples assets setup.py _hf_splitquant_autoload.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py --model all

@@ -10,6 +10,13 @@ one); every other file or folder in the target (a README the save does not write
 is carried into the new folder by hard links (copies where links are impossible), so nothing
 unrelated is lost. Temporaries left by a killed save are removed by the next save into the same
 parent folder once their process is gone.
+
+``config.json`` of a packed checkpoint also carries a guard for readers without hf_splitquant
+(:func:`mark_packed_config`, written after every ``save_pretrained`` of a packed model): transformers
+alone would load the float architecture, meet the packed tensors and, told to
+``ignore_mismatched_sizes``, fill the quantized layers with random weights. The guard makes that load
+fail on transformers' own terms with a message naming the fix; the quantizer removes it before
+transformers uses it (:func:`clear_packed_marker`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fnmatch
+import inspect
 import json
 import os
 import shutil
@@ -24,8 +32,9 @@ import struct
 import tempfile
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from transformers.utils import logging
 
@@ -40,6 +49,10 @@ __all__ = [
     "clean_stale_temporaries",
     "writer_in_progress",
     "guard_save_pretrained",
+    "PACKED_MARKER_KEY",
+    "PACKED_MARKER",
+    "mark_packed_config",
+    "clear_packed_marker",
 ]
 
 #: Files of a previous checkpoint that a new save removes even when it does not write them itself
@@ -54,6 +67,16 @@ CHECKPOINT_FILE_PATTERNS = (
 )
 #: A temporary of an older hf_splitquant (no process id in its name) is stale after this long.
 LEGACY_STALE_SECONDS = 3600.0
+#: ``config.json`` field that guards a packed checkpoint against readers without hf_splitquant. transformers
+#: 5.x reads it (``config.transformers_weights``) as the name of the weights file before it reads any
+#: weight, and refuses a name that is not a ``.safetensors`` file, quoting the value: that quote is the
+#: message. Checked with transformers 5.23 (``modeling_utils._get_resolved_checkpoint_files``).
+PACKED_MARKER_KEY = "transformers_weights"
+PACKED_MARKER = (
+    "hf_splitquant packed low-bit checkpoint: transformers alone cannot read it (its quantized layers would "
+    "load as random weights). Install hf_splitquant (pip install -U hf-splitquant) and import hf_splitquant "
+    "before from_pretrained"
+)
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -292,22 +315,76 @@ def save_quantized(model, output_dir: str | os.PathLike, tokenizer=None, overwri
     return path
 
 
+#: ``save_pretrained(push_to_hub=True, ...)`` keywords that belong to the upload, not to the save
+_HUB_KWARGS = ("repo_id", "commit_message", "commit_description", "create_pr", "private", "revision")
+
+
 def _guarded_save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
     if os.path.isfile(save_directory):
         raise FileExistsError(
             f"cannot save the packed model to {save_directory}: it is a file, not a folder (transformers would "
             "only log an error and save nothing); choose a folder path"
         )
-    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    save = type(self).save_pretrained
+    bound = inspect.signature(save).bind(self, save_directory, *args, **kwargs)
+    push = bound.arguments.pop("push_to_hub", False)
+    extra = bound.arguments.get("kwargs", {})
+    hub = {k: extra.pop(k) for k in _HUB_KWARGS if k in extra} if push else {}
+    result = save(*bound.args, **bound.kwargs)
+    if bound.arguments.get("is_main_process", True):
+        mark_packed_config(save_directory)  # transformers drops the guard field when it writes config.json
+    if push:
+        # transformers would upload from inside save_pretrained, before the guard is written and with its
+        # generic card: upload through the model's push_to_hub instead (it saves again, into a temporary folder)
+        token = bound.arguments.get("token")
+        self.push_to_hub(hub.pop("repo_id", Path(save_directory).name), token=token,
+                         max_shard_size=bound.arguments.get("max_shard_size", "50GB"), **hub)
+    return result
 
 
 def guard_save_pretrained(model) -> None:  # noqa: ANN001
-    """Make ``model.save_pretrained(path)`` raise when ``path`` is a file.
+    """Make ``model.save_pretrained(path)`` raise when ``path`` is a file, and write the guard against
+    readers without hf_splitquant into the saved ``config.json`` (:func:`~hf_splitquant.checkpoint.mark_packed_config`).
 
-    transformers logs an error and returns without saving in that case, so a script believes the
-    packed model was saved. The guard is bound to this instance only (its class is untouched).
+    transformers logs an error and returns without saving when ``path`` is a file, so a script believes the
+    packed model was saved. With ``push_to_hub=True`` the folder is saved, then uploaded by
+    ``model.push_to_hub``. The guard is bound to this instance only (its class is untouched).
     """
     current = model.__dict__.get("save_pretrained")
     if getattr(current, "__func__", None) is _guarded_save_pretrained:
         return
     model.__dict__["save_pretrained"] = types.MethodType(_guarded_save_pretrained, model)
+
+
+def _is_packed_quantization_config(qconfig: Any) -> bool:
+    """Whether a ``quantization_config`` (dict) describes packed layers (not a QAT float checkpoint)."""
+    return (isinstance(qconfig, Mapping) and qconfig.get("quant_method") == "splitquant"
+            and not qconfig.get("qat") and bool(qconfig.get("layers")))
+
+
+def mark_packed_config(folder: str | Path) -> bool:
+    """Add the :data:`PACKED_MARKER` guard to ``folder/config.json`` when it describes a packed checkpoint.
+
+    Written after ``save_pretrained`` (transformers drops the field when it writes a config), in
+    transformers' own JSON layout (2-space indent, sorted keys), so saves stay byte-identical. QAT
+    checkpoints (float weights) are left alone. Returns whether the file was changed.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not _is_packed_quantization_config(data.get("quantization_config")) or data.get(PACKED_MARKER_KEY) == PACKED_MARKER:
+        return False
+    data[PACKED_MARKER_KEY] = PACKED_MARKER
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
+
+
+def clear_packed_marker(config: Any) -> bool:
+    """Remove the :data:`PACKED_MARKER` guard from a loaded transformers config (a user's own
+    ``transformers_weights`` is kept). Returns whether it was there."""
+    value = getattr(config, PACKED_MARKER_KEY, None)
+    if isinstance(value, str) and value.startswith("hf_splitquant packed"):
+        delattr(config, PACKED_MARKER_KEY)
+        return True
+    return False

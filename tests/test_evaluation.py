@@ -270,6 +270,32 @@ def test_cli_evaluate_perplexity_json_and_card(smol_vocab_llama: dict[str, Path]
 
 
 @pytest.mark.slow
+def test_cli_evaluate_write_card_keeps_the_card_quantize_wrote(smol_vocab_llama: dict[str, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """``quantize --model-card --base-model`` then ``evaluate --write-card``: the card keeps its metadata
+    (base_model, base_model_relation, what the user added) and its title, and gains the results."""
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(smol_vocab_llama["float"]), "-o", str(out), "--bits", "4", "--group-size", "16",
+                     "--model-card", "--base-model", "org/tiny-base"]) == 0
+    before = ModelCard.load(out / "README.md")
+    title = next(line for line in before.text.splitlines() if line.startswith("# "))
+    before.data.license = "apache-2.0"  # something the user added by hand
+    before.data.tags = [*before.data.tags, "my-tag"]
+    before.save(out / "README.md")
+    text_file = tmp_path / "texts.jsonl"
+    text_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in assets.wikipedia_split("eval")))
+    assert cli.main(["evaluate", str(out), "--task", "perplexity", "--num-blocks", "2", "--block-len", "24",
+                     "--write-card", "--text-file", str(text_file)]) == 0
+    capsys.readouterr()
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/tiny-base" and data["base_model_relation"] == "quantized"
+    assert data["license"] == "apache-2.0" and {"my-tag", "int4", "rtn"} <= set(data["tags"])
+    assert title in card.text and "LlamaForCausalLM" not in title
+    assert "| perplexity |" in card.text and "[org/tiny-base](https://huggingface.co/org/tiny-base)" in card.text
+
+
+@pytest.mark.slow
 def test_cli_evaluate_errors(smol_vocab_llama: dict[str, Path], tmp_path: Path,
                              capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["evaluate", str(smol_vocab_llama["packed"]), "--task", "embedding-fidelity"]) == 2

@@ -132,3 +132,31 @@ def test_errors_are_clear(packed_dir) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="not supported"):  # plain peft does not know PackedLinear
         get_peft_model(AutoModelForSequenceClassification.from_pretrained(packed_dir),
                        LoraConfig(r=2, target_modules=["query"]))
+
+
+def test_plain_peft_calls_point_to_our_entry_points(packed_dir, tmp_path) -> None:  # noqa: ANN001
+    """peft has no public registration for PackedLinear: its own calls fail, and the error names ours."""
+    from peft import PeftModel
+
+    base = AutoModelForSequenceClassification.from_pretrained(packed_dir)
+    with pytest.raises(ValueError, match="is not supported") as err:
+        get_peft_model(base, lora_config())
+    assert "hf_splitquant.get_packed_peft_model(model, lora_config)" in str(err.value)
+    assert "PackedLinear(in_features=" in str(err.value)
+    assert "[hf_splitquant" not in repr(base)  # printing the model is unchanged
+
+    model = get_packed_peft_model(AutoModelForSequenceClassification.from_pretrained(packed_dir), lora_config())
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="is not supported") as err:
+        PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(packed_dir), tmp_path / "adapter")
+    assert "hf_splitquant.load_packed_adapter(model, adapter_dir)" in str(err.value)
+    again = load_packed_adapter(AutoModelForSequenceClassification.from_pretrained(packed_dir), tmp_path / "adapter")
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_all_linear_targets_the_packed_layers(packed_dir) -> None:  # noqa: ANN001
+    base = AutoModelForSequenceClassification.from_pretrained(packed_dir)
+    model = get_packed_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, PackedLoraLinear)]
+    packed = [name for name, module in base.named_modules() if isinstance(module, PackedLinear)]
+    assert wrapped and len(wrapped) == len(packed)

@@ -41,7 +41,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--block-len", type=int, default=256, help="perplexity: tokens per block")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--write-card", action="store_true",
-                        help="rewrite MODEL/README.md (the model card) with these results")
+                        help="rewrite MODEL/README.md (the model card) with these results, keeping the old "
+                             "card's title, metadata (base_model ...) and notes")
     parser.add_argument("--base-model", metavar="REPO", default=None, help="with --write-card: the card's base_model")
     return parser
 
@@ -85,9 +86,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_json(result, args.json)
         print(f"wrote {args.json}")
     if args.write_card:
-        from ..integrations.hub import build_model_card
+        from ..integrations.hub import build_model_card, read_card
 
-        card = build_model_card(model_dir, base_model=args.base_model, eval_results=result)
+        # the card written by `quantize --model-card` (or by hand) keeps its title and metadata
+        card = build_model_card(model_dir, base_model=args.base_model, eval_results=result,
+                                previous=read_card(model_dir / "README.md"))
         tmp = model_dir / ".README.md.tmp"
         card.save(tmp)
         os.replace(tmp, model_dir / "README.md")  # the card is replaced whole or not at all

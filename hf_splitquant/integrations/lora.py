@@ -2,8 +2,14 @@
 
 peft does not know :class:`~hf_splitquant.PackedLinear`; its experimental custom-module hook
 (``LoraConfig._register_custom_module({PackedLinear: PackedLoraLinear})``, peft >= 0.14) lets it
-wrap one with :class:`PackedLoraLinear`: the frozen packed layer computes ``x W_q^T + b`` and the
-adapter adds ``scaling * B(A(dropout(x)))`` in float. Only the adapter is trained and saved.
+wrap one with :class:`PackedLoraLinear`. That hook is per ``LoraConfig`` object and peft has no public
+global one (peft 0.21: the dispatchers are a fixed list in ``LoraModel._create_new_module``, the
+default one matches ``nn.Linear`` and friends by type), so plain ``peft.get_peft_model`` and
+``PeftModel.from_pretrained`` cannot work on a packed model; their error ("Target module ... is not
+supported") names the layer, and a ``PackedLinear`` names :func:`get_packed_peft_model` and
+:func:`load_packed_adapter` when formatted into a message. With the hook, the frozen packed layer
+computes ``x W_q^T + b`` and the adapter adds ``scaling * B(A(dropout(x)))`` in float. Only the
+adapter is trained and saved.
 
 The custom mapping is not part of ``adapter_config.json``, so register it again when loading an
 adapter onto a packed base: :func:`load_packed_adapter` does that. Workflow::
@@ -105,14 +111,25 @@ def _check_packed(model: nn.Module) -> None:
                          "(plain peft.get_peft_model works on float models)")
 
 
+def _all_linear(model: nn.Module) -> set[str]:
+    """peft's ``target_modules="all-linear"`` for a packed model: the names of every ``PackedLinear`` and
+    float ``nn.Linear`` layer but the output layer (peft itself only looks for ``nn.Linear``)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name.rpartition(".")[2] for name, module in model.named_modules()
+            if isinstance(module, (PackedLinear, nn.Linear)) and module is not output}
+
+
 def get_packed_peft_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                           **kwargs: Any) -> PeftModel:
     """``peft.get_peft_model`` for a packed model: LoRA adapters on its ``PackedLinear`` layers.
 
     The packed weights stay frozen (they are buffers); the adapters are the only trainable
-    parameters besides any float module listed in ``modules_to_save``.
+    parameters besides any float module listed in ``modules_to_save``. ``target_modules="all-linear"``
+    means every ``PackedLinear`` and float ``Linear`` but the output layer, as it does in peft.
     """
     _check_packed(model)
+    if isinstance(config.target_modules, str) and config.target_modules == "all-linear":
+        config.target_modules = _all_linear(model)
     return get_peft_model(model, register_packed_lora(config), adapter_name=adapter_name, **kwargs)
 
 

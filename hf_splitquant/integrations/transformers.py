@@ -52,7 +52,7 @@ from ..modeling import (
 )
 from ..nn.packed_linear import PackedLinear
 from ..qat import pack_fake_quant, prepare_fake_quant
-from ..saving import guard_save_pretrained
+from ..saving import clear_packed_marker, guard_save_pretrained
 
 logger = logging.get_logger(__name__)
 
@@ -188,6 +188,12 @@ class SplitQuantHfQuantizer(HfQuantizer):
                 "save, then load the packed checkpoint with device_map"
             )
 
+    def update_attn_implementation(self, config: Any) -> Any:
+        # The quantizer's one look at the model config before transformers resolves the weight files: drop
+        # the guard that stops readers without hf_splitquant (checkpoint.mark_packed_config).
+        clear_packed_marker(config)
+        return super().update_attn_implementation(config)
+
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> None:
         if self.quantization_config.qat or (not self.pre_quantized and self.quantization_config.bit_allocation):
@@ -301,11 +307,12 @@ def register() -> None:
 
 
 def _tag(model: nn.Module) -> None:
-    """Hub tags (splitquant, the method, intN) so transformers' own push_to_hub carries them."""
+    """Hub tags (splitquant, the method, intN), and ``model.push_to_hub`` that writes our model card."""
     if any(True for _ in iter_packed_modules(model)):
-        from .hub import tag_model
+        from .hub import bind_push_to_hub, tag_model
 
         tag_model(model)
+        bind_push_to_hub(model)  # transformers' own push_to_hub would write its generic card
 
 
 def attach_quantizer(model: nn.Module, config: SplitQuantConfig) -> None:

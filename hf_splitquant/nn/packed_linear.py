@@ -162,6 +162,13 @@ class PackedLinear(nn.Module):
             return self._cached
         return self.dequantize_weight(dtype)
 
+    def __str__(self) -> str:
+        # What a message that formats one layer shows (print(model) uses repr, unchanged). peft names the
+        # layer it cannot wrap this way ("Target module {layer} is not supported") and has no public way to
+        # learn about PackedLinear, so the layer itself says where the LoRA entry points are.
+        return (f"{self!r} [hf_splitquant packed layer; for LoRA use hf_splitquant.get_packed_peft_model(model, "
+                "lora_config), and hf_splitquant.load_packed_adapter(model, adapter_dir) to load an adapter]")
+
     def extra_repr(self) -> str:
         s = self.spec
         group = "per-channel" if s.group_size is None else f"group_size={s.group_size}"
