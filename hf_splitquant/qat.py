@@ -109,7 +109,7 @@ def _layer_specs(model: nn.Module, config: SplitQuantConfig,
 
 def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: bool = True,
                 kmeans_refresh_every: int | None = 100, ste: str = "identity",
-                lsq_grad_scale: bool = True) -> nn.Module:
+                lsq_grad_scale: bool = True, init_from: nn.Module | None = None) -> nn.Module:
     """Swap the layers ``config`` selects for :class:`FakeQuantLinear` and return the model.
 
     Works on a float model and on a packed one (its packed layers are dequantized first and keep
@@ -128,6 +128,9 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
         config: the quantization to train for (bits, groups, transform, ``qat_learn_scales``).
         in_place: modify ``model`` (default) or a deep copy of it.
         kmeans_refresh_every / ste / lsq_grad_scale: see :class:`FakeQuantLinear`.
+        init_from: with ``qat_learn_scales``: a packed model of the same architecture whose RTN grids
+            (scales, zero points) the learned scales start from, while the latent weights stay this
+            model's float weights (e.g. a saved ``clip="mse"`` model, to skip the clip search).
     """
     if not isinstance(config, SplitQuantConfig):
         raise ValueError(f"`config` must be a SplitQuantConfig, got {type(config).__name__}")
@@ -145,6 +148,13 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
     # grid, so the fake-quant model computes exactly what the packed model computed
     packed_grids = {name: module.packed_tensors() for name, module in iter_packed_modules(model)
                     if config.qat_learn_scales and get_format(module.spec).name == "rtn"}
+    if init_from is not None:
+        if not config.qat_learn_scales:
+            raise ValueError("`init_from` sets the initial learned scales: it needs SplitQuantConfig(qat_learn_scales=True)")
+        packed_grids.update({name: module.packed_tensors() for name, module in iter_packed_modules(init_from)
+                             if get_format(module.spec).name == "rtn"})
+        if not packed_grids:
+            raise ValueError("`init_from` has no packed RTN layer to take the grids from")
     if packed_specs:
         logger.info(f"prepare_qat: dequantizing {len(packed_specs)} packed layers before QAT")
         dequantize_model(model)

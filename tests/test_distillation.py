@@ -151,6 +151,23 @@ def test_qat_starts_from_a_packed_post_training_result() -> None:
     torch.testing.assert_close(logits(packed.eval(), ids), expected, rtol=0, atol=1e-5)
 
 
+def test_qat_takes_its_initial_grids_from_another_packed_model() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, SEQ))
+    model = tiny_llama()
+    float_q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    direct = prepare_qat(copy.deepcopy(model), SplitQuantConfig(bits=2, group_size=16, clip="mse", qat_learn_scales=True))
+    packed = hf_splitquant.quantize(copy.deepcopy(model), SplitQuantConfig(bits=2, group_size=16, clip="mse"),
+                                    progress=False)
+    cached = prepare_qat(model, SplitQuantConfig(bits=2, group_size=16, qat_learn_scales=True), init_from=packed)
+    torch.testing.assert_close(logits(cached.eval(), ids), logits(direct.eval(), ids), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(cached, ids), logits(packed.eval(), ids), rtol=0, atol=1e-5)
+    layer = cached.model.layers[0].self_attn.q_proj  # latent weights: the float ones, not the grid values
+    assert torch.equal(layer.weight, float_q)
+    with pytest.raises(ValueError, match="qat_learn_scales"):
+        prepare_qat(tiny_llama(), SplitQuantConfig(bits=2), init_from=packed)
+
+
 def test_parameter_groups_train_what_they_say() -> None:
     model = prepare_qat(tiny_llama(), SplitQuantConfig(bits=2, group_size=16, qat_learn_scales=True))
     groups = qat_parameter_groups(model, scale_lr=1e-3)
