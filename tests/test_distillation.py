@@ -223,3 +223,13 @@ def test_distillation_qat_resumes_from_a_checkpoint(tmp_path) -> None:  # noqa: 
     resumed, _ = distill_run(tmp_path / "resumed", steps=8, resume=True, save_strategy="steps", save_steps=4)
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_distillation_qat_trains_in_bf16_autocast(tmp_path) -> None:  # noqa: ANN001
+    student, trainer = distill_run(tmp_path / "run", steps=3, bf16=True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(0 < v < 100 for v in losses), losses
+    ids = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    student.eval()
+    fake = logits(student, ids)  # outside autocast: float32, like the packed model
+    torch.testing.assert_close(logits(freeze(student), ids), fake, rtol=0, atol=1e-5)
