@@ -281,31 +281,47 @@ def label(row: dict[str, Any]) -> str:
     name = f"INT{row['bits']} g{row['group_size']} {row['mode']}"
     if row["mode"] == "ptq":
         name += f" ({row['init']})"
+    if row.get("incomplete"):
+        name += " (*)"
     return name
 
 
 def summarize(files: list[str], md: str | None, png: str | None, float_ppl: float | None) -> str:
     rows = [json.loads(Path(f).read_text()) for f in files]
-    floats = [r["perplexity"] for r in rows if r.get("mode") == "float"]
-    float_ppl = float_ppl or (floats[0] if floats else None)
-    lines = ["| row | steps | tokens | train wall s (mean load1) | CPU s / threads | ppl | x float | frozen vs fake | "
-             "reload exact | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    floats = [r for r in rows if r.get("mode") == "float"]
+    # the float reference on the same evaluation blocks as each row (the float row measures all of them
+    # and the first 2, the blocks of the short training rows)
+    float_by_blocks = {}
+    if floats:
+        float_by_blocks = {floats[0]["options"]["eval_blocks"] if "options" in floats[0] else 8:
+                           floats[0]["perplexity"], 2: floats[0]["curve_ppl"]}
+    float_ppl = float_ppl or (floats[0]["perplexity"] if floats else None)
+    lines = ["| row | eval tokens | steps | tokens seen | train wall s (mean load1) | CPU s / threads | ppl at step 0 | "
+             "ppl | x float | frozen vs fake | reload exact | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("mode") == "float":
             continue
-        ratio = f"{r['perplexity'] / float_ppl:.2f}" if float_ppl else "-"
+        blocks = r["options"]["eval_blocks"]
+        reference = float_by_blocks.get(blocks, float_ppl if blocks == 8 else None)
+        ratio = f"{r['perplexity'] / reference:.2f}" if reference else "-"
+        start = r.get("curve", [{}])[0].get("curve_ppl") if r["options"]["curve_blocks"] == blocks else None
+        start_text = f"{start:.2f}" if start else "-"
         frozen = f"{100 * r['frozen_vs_fake_quant_ppl_rel']:+.3f}%" if "frozen_vs_fake_quant_ppl_rel" in r else "-"
         train = f"{r['train_seconds']:.0f} ({r['load_average_mean']:.1f})" if "train_seconds" in r else "-"
         extra = ""
         if "perplexity_float_after_finetune" in r:
             extra = f" (float after fine-tune: {r['perplexity_float_after_finetune']:.2f})"
         dedicated = f"{r['dedicated_equivalent_seconds']:.0f}" if "dedicated_equivalent_seconds" in r else "-"
-        lines.append(f"| {label(r)} | {r.get('steps', 0)} | {r.get('tokens_seen', 0)} | {train} | {dedicated} | "
+        lines.append(f"| {label(r)} | {blocks} x {r['options']['eval_len']} | {r.get('steps', 0)} | "
+                     f"{r.get('tokens_seen', 0)} | {train} | {dedicated} | {start_text} | "
                      f"{r['perplexity']:.2f}{extra} | {ratio} | {frozen} | {r.get('reload_bit_exact', '-')} | "
                      f"{r['peak_rss_mb']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    if float_ppl:
-        text = f"Float perplexity: {float_ppl:.2f}\n\n" + text
+    notes = [f"(*) {label(r)}: {r['incomplete']}" for r in rows if r.get("incomplete")]
+    text = "\n".join(lines) + "\n" + ("\n" + "\n\n".join(notes) + "\n" if notes else "")
+    if float_by_blocks:
+        text = "Float perplexity: " + ", ".join(f"{v:.3f} on {k} x 512 tokens" for k, v in float_by_blocks.items()) + \
+            "\n\n" + text
     if md:
         Path(md).write_text(text)
     if png:
@@ -331,9 +347,10 @@ def summarize(files: list[str], md: str | None, png: str | None, float_ppl: floa
         for ax in axes[0]:
             ax.set_yscale("log")
             ax.set_ylabel("perplexity (curve blocks)")
-            if float_ppl:
-                ax.axhline(float_ppl, color="k", ls="--", lw=1, label="float")
-                ax.axhline(2 * float_ppl, color="grey", ls=":", lw=1, label="2x float")
+            curve_ref = float_by_blocks.get(2, float_ppl)  # the curves are on the first 2 blocks
+            if curve_ref:
+                ax.axhline(curve_ref, color="k", ls="--", lw=1, label="float")
+                ax.axhline(2 * curve_ref, color="grey", ls=":", lw=1, label="2x float")
         for ax in axes[1]:
             ax.set_ylabel("training loss (KL or CE per token)")
         for ax in (axes[0, 0], axes[1, 0]):
