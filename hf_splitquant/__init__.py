@@ -69,6 +69,9 @@ _LAZY_EXPORTS = {
     "load_packed_adapter": "hf_splitquant.integrations.lora",
     "merge_into_float": "hf_splitquant.integrations.lora",
     "evaluate_model": "hf_splitquant.evaluation",
+    "distillation_loss": "hf_splitquant.distillation",
+    "DistillationLoss": "hf_splitquant.distillation",
+    "qat_parameter_groups": "hf_splitquant.qat",
 }
 
 
@@ -84,6 +87,7 @@ __all__ = [
     "FORMAT_VERSION",
     "AttentionRoundOptions",
     "CheckpointError",
+    "DistillationLoss",
     "FakeQuantLinear",
     "LayerSpec",
     "PackedLinear",
@@ -95,6 +99,7 @@ __all__ = [
     "build_model_card",
     "calibrate",
     "dequantize_model",
+    "distillation_loss",
     "evaluate_model",
     "format_report",
     "freeze",
@@ -105,6 +110,7 @@ __all__ = [
     "merge_into_float",
     "prepare_qat",
     "push_to_hub",
+    "qat_parameter_groups",
     "quantization_report",
     "quantize",
     "save_quantized",

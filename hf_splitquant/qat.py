@@ -26,6 +26,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import SplitQuantConfig
+from .methods import get_format
 from .modeling import (
     dequantize_model,
     float_weight,
@@ -49,6 +50,7 @@ __all__ = [
     "iter_fake_quant_modules",
     "set_fake_quant",
     "freeze_scales",
+    "qat_parameter_groups",
     "FakeQuantLinear",
 ]
 
@@ -107,11 +109,14 @@ def _layer_specs(model: nn.Module, config: SplitQuantConfig,
 
 def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: bool = True,
                 kmeans_refresh_every: int | None = 100, ste: str = "identity",
-                lsq_grad_scale: bool = True) -> nn.Module:
+                lsq_grad_scale: bool = True, init_from: nn.Module | None = None) -> nn.Module:
     """Swap the layers ``config`` selects for :class:`FakeQuantLinear` and return the model.
 
     Works on a float model and on a packed one (its packed layers are dequantized first and keep
-    their specs, e.g. MixQuant's per-layer bits). Which layers and specs: ``config.layers`` if set,
+    their specs, e.g. MixQuant's per-layer bits). Starting from a packed model is how QAT starts from
+    the best post-training result (a calibrated rounding such as GPTQ, or ``clip="mse"``): with
+    ``qat_learn_scales`` its RTN layers keep their stored scales and zero points, so before any
+    training step the fake-quant model computes exactly what the packed model computes. Which layers and specs: ``config.layers`` if set,
     else the packed model's layers, else the layers ``config`` selects (``bit_allocation`` runs on
     the float weights for per-layer bits). ``config`` is updated in place: ``qat=True`` and
     ``layers`` filled; the model is marked as quantized with it, so the stock ``Trainer`` accepts it
@@ -123,6 +128,9 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
         config: the quantization to train for (bits, groups, transform, ``qat_learn_scales``).
         in_place: modify ``model`` (default) or a deep copy of it.
         kmeans_refresh_every / ste / lsq_grad_scale: see :class:`FakeQuantLinear`.
+        init_from: with ``qat_learn_scales``: a packed model of the same architecture whose RTN grids
+            (scales, zero points) the learned scales start from, while the latent weights stay this
+            model's float weights (e.g. a saved ``clip="mse"`` model, to skip the clip search).
     """
     if not isinstance(config, SplitQuantConfig):
         raise ValueError(f"`config` must be a SplitQuantConfig, got {type(config).__name__}")
@@ -136,6 +144,17 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
         logger.info("prepare_qat: setting `qat=True` on the config")
         config.qat = True
     packed_specs = {name: module.spec for name, module in iter_packed_modules(model)}
+    # a packed (post-training, possibly calibrated) RTN layer: the learned scales start from its stored
+    # grid, so the fake-quant model computes exactly what the packed model computed
+    packed_grids = {name: module.packed_tensors() for name, module in iter_packed_modules(model)
+                    if config.qat_learn_scales and get_format(module.spec).name == "rtn"}
+    if init_from is not None:
+        if not config.qat_learn_scales:
+            raise ValueError("`init_from` sets the initial learned scales: it needs SplitQuantConfig(qat_learn_scales=True)")
+        packed_grids.update({name: module.packed_tensors() for name, module in iter_packed_modules(init_from)
+                             if get_format(module.spec).name == "rtn"})
+        if not packed_grids:
+            raise ValueError("`init_from` has no packed RTN layer to take the grids from")
     if packed_specs:
         logger.info(f"prepare_qat: dequantizing {len(packed_specs)} packed layers before QAT")
         dequantize_model(model)
@@ -147,7 +166,7 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
         new = FakeQuantLinear(spec, weight, module.bias.detach() if module.bias is not None else None,
                               seed=config.seed, learn_scales=config.qat_learn_scales,
                               kmeans_refresh_every=kmeans_refresh_every, ste=ste,
-                              lsq_grad_scale=lsq_grad_scale).to(weight.device)
+                              lsq_grad_scale=lsq_grad_scale, init_state=packed_grids.get(name)).to(weight.device)
         set_module(model, name, new)
         layers[normalise_name(model, name)] = spec.to_dict()
     config.layers = layers
@@ -202,3 +221,45 @@ def unprepare_qat(model: nn.Module) -> nn.Module:
     if hasattr(getattr(model, "config", None), "quantization_config"):
         del model.config.quantization_config
     return model
+
+
+#: what :func:`qat_parameter_groups` trains
+TRAINABLE = ("scales", "quantized", "all")
+
+
+def qat_parameter_groups(model: nn.Module, scale_lr: float, weight_lr: float | None = None,
+                         other_lr: float | None = None, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for QAT with learned scales, and ``requires_grad`` set to match.
+
+    * the learned grid parameters (``weight_qat_scale`` / ``weight_qat_min``) train at ``scale_lr``;
+    * the quantized layers' float weights and biases at ``weight_lr`` (``None``: frozen; training only
+      the step sizes is EfficientQAT's end-to-end stage: cheap in optimizer memory, and the codes can
+      still change as the scales move);
+    * every other parameter (embeddings, norms, an unquantized head) at ``other_lr`` (``None``: frozen).
+
+    Adam-type optimizers move each parameter by about its learning rate per step whatever the
+    gradient's size, so scales (about ``max|w| / 2^bits``) usually want a learning rate of their own.
+    Use with the stock Trainer as ``Trainer(..., optimizers=(torch.optim.AdamW(groups), None))`` (the
+    Trainer still builds the learning-rate schedule, which scales every group alike).
+    """
+    modules = list(iter_fake_quant_modules(model))
+    if not modules:
+        raise ValueError("qat_parameter_groups: the model has no FakeQuantLinear layer; call prepare_qat first")
+    scales, weights = [], []
+    for _, module in modules:
+        if not module.learn_scales:
+            raise ValueError("qat_parameter_groups needs learned scales: prepare with "
+                             "SplitQuantConfig(..., qat_learn_scales=True)")
+        scales += [p for p in (module.weight_qat_scale, module.weight_qat_min) if p is not None]
+        weights += [p for p in (module.weight, module.bias) if p is not None]
+    taken = {id(p) for p in scales + weights}
+    others = [p for p in model.parameters() if id(p) not in taken]
+    groups = []
+    for params, lr, decay in ((scales, scale_lr, 0.0), (weights, weight_lr, weight_decay), (others, other_lr, 0.0)):
+        for p in params:
+            p.requires_grad_(lr is not None)
+        if lr is not None and params:
+            if not lr > 0:
+                raise ValueError(f"learning rates must be positive (or None to freeze), got {lr!r}")
+            groups.append({"params": params, "lr": float(lr), "weight_decay": decay})
+    return groups

@@ -126,3 +126,16 @@ def test_wheel_ships_optimum_register_module_metrics_and_template(tmp_path: Path
     # the offline test data and the demo are the separate in-repo package assets/ (splitquant_assets)
     assert not {n for n in names if n.startswith("splitquant_assets/")} | ({"hf_splitquant/assets.py",
                                                                             "hf_splitquant/demo.py"} & names)
+
+
+@pytest.mark.slow
+def test_qat_distill_causal_lm_example_smoke(tmp_path: Path) -> None:
+    result = _run([sys.executable, str(EXAMPLES / "qat_distill_causal_lm.py"), "--smoke", "--output",
+                   str(tmp_path / "packed")], _env(), tmp_path, timeout=900)
+    summary = json.loads(result.stdout[result.stdout.index("{\n"):])
+    assert summary["steps"] == 12 and summary["tokens_seen"] == 12 * 4 * 16
+    # distillation moved the 2-bit student towards its teacher (random data: on the blocks it trained on)
+    assert summary["qat_kl_on_training_blocks"] < 0.98 * summary["ptq_kl_on_training_blocks"]
+    assert summary["packed_ppl"] == pytest.approx(summary["qat_ppl"], rel=1e-5)
+    assert summary["max_logit_diff_packed_vs_fake_quant"] < 1e-4
+    assert (tmp_path / "packed" / "model.safetensors").is_file()

@@ -72,11 +72,14 @@ class FakeQuantLinear(nn.Module):
             passes (``None``: keep the first fit). Ignored with ``learn_scales``.
         ste: ``"identity"`` or ``"clipped"`` straight-through estimator (grid-following mode).
         lsq_grad_scale: scale LSQ's scale gradients by ``1 / sqrt(group elements * max_code)``.
+        init_state: learned scales only, RTN format: start from these stored grid tensors
+            (``weight_scale``, ``weight_zero``: a packed layer's, e.g. a calibrated post-training
+            result) instead of the min-max grid of ``weight``.
     """
 
     def __init__(self, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None = None, seed: int = 0,
                  learn_scales: bool = False, kmeans_refresh_every: int | None = 100, ste: str = "identity",
-                 lsq_grad_scale: bool = True) -> None:
+                 lsq_grad_scale: bool = True, init_state: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         expected = (spec.in_features, spec.out_features) if spec.source == "Conv1D" else (
             spec.out_features, spec.in_features)
@@ -114,8 +117,11 @@ class FakeQuantLinear(nn.Module):
         self._kmeans_update = 0
         self._ocs_order: list[int] | None = None
         self._lsq: dict[str, Any] | None = None
+        if init_state is not None and not (self.learn_scales and self.format.name == "rtn"):
+            raise ValueError("`init_state` (a packed layer's scales to start from) needs learn_scales=True and the "
+                             f"RTN format; this layer is {spec.transform or 'rtn'} with learn_scales={learn_scales}")
         if self.learn_scales:
-            self.reset_scales(register=True)
+            self.reset_scales(register=True, init_state=init_state)
 
     # ----------------------------------------------------------------------------------------
     # construction
@@ -181,27 +187,44 @@ class FakeQuantLinear(nn.Module):
     # ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def reset_scales(self, register: bool = False) -> None:
-        """(Re)initialise the learned scales from the min-max grid of the current weights, and fix
-        the zero points, SplitQuant clusters and OCS channel choices they belong to."""
+    def reset_scales(self, register: bool = False, init_state: dict[str, torch.Tensor] | None = None) -> None:
+        """(Re)initialise the learned scales from the grid of the current weights (min-max, or the
+        MSE-clipped grid with ``spec.clip="mse"``), or from ``init_state`` (a packed RTN layer's
+        ``weight_scale`` / ``weight_zero``), and fix the zero points, SplitQuant clusters and OCS
+        channel choices they belong to."""
         w = self.float_weight().detach().float()
         spec = self.spec
         self._cache.clear()
         self._ocs_order = self.format.channel_order(w, spec)
         grid = element_grid(w, spec, seed=self.seed, cache=self._cache)
-        state = grid.state
+        state = dict(grid.state)
+        if init_state is not None:
+            for key in state:
+                if key not in init_state or init_state[key].shape != state[key].shape:
+                    raise ValueError(f"`init_state` lacks `{key}` of shape {tuple(state[key].shape)} for this layer")
+                state[key] = init_state[key].to(device=w.device, dtype=state[key].dtype)
         scale = state["weight_scale"].float()
         cols = grid.weight.shape[1]
         gsize = cols if spec.group_size is None or spec.group_size >= cols else spec.group_size
-        # each element's entry in the flattened grid parameters ([out, groups], or per plane)
-        index = self.format.element_param_index(state, spec).to(w.device)
         zero = state.get("weight_zero")
-        offset_codes = None
-        if zero is not None:
-            offset_codes = zero.float().reshape(-1)[index]
-        elif spec.symmetric:
-            offset_codes = torch.full(index.shape, float(2 ** (spec.bits - 1)), device=w.device)
+        grouped = (self.format.name == "rtn" and cols % gsize == 0 and grid.input_index is None
+                   and tuple(scale.shape) == (w.shape[0], cols // gsize))
+        if grouped:
+            # plain groups of equal size: broadcast [out, groups, 1] parameters over the weight viewed as
+            # [out, groups, size] (no per-element index: far less memory and time on large layers)
+            index = None
+            offset_codes = zero.float().unsqueeze(-1) if zero is not None else (
+                torch.full((1, 1, 1), float(2 ** (spec.bits - 1)), device=w.device) if spec.symmetric else None)
+        else:
+            # each element's entry in the flattened grid parameters ([out, groups], or per plane)
+            index = self.format.element_param_index(state, spec).to(w.device)
+            offset_codes = None
+            if zero is not None:
+                offset_codes = zero.float().reshape(-1)[index]
+            elif spec.symmetric:
+                offset_codes = torch.full(index.shape, float(2 ** (spec.bits - 1)), device=w.device)
         self._lsq = {
+            "grouped": grouped,
             "index": index,
             "offset_codes": offset_codes,
             "fixed": {k: v for k, v in state.items() if k not in ("weight_scale", "weight_min")},
@@ -233,6 +256,8 @@ class FakeQuantLinear(nn.Module):
         if self.lsq_grad_scale and not hard:
             s = _grad_scale(s, 1.0 / math.sqrt(lsq["elements"] * max_code))
         s = _cast_ste(s, dtype)
+        if lsq.get("grouped"):
+            return self._lsq_quantize_grouped(w, s, hard)
         index = lsq["index"].to(s.device)
         offset_codes = lsq["offset_codes"].to(s.device) if lsq["offset_codes"] is not None else None
         s_e = s.reshape(-1)[index]
@@ -255,6 +280,21 @@ class FakeQuantLinear(nn.Module):
         if m_e is not None:
             state["weight_min"] = self.weight_qat_min.detach().float().to(dtype)
         return w_q, codes.to(torch.uint8), state
+
+    def _lsq_quantize_grouped(self, w: torch.Tensor, s: torch.Tensor, hard: bool):  # noqa: ANN202
+        """:meth:`_lsq_quantize` for plain RTN groups (the same arithmetic, broadcast per group)."""
+        spec, lsq = self.spec, self._lsq
+        max_code = 2**spec.bits - 1
+        out, groups = s.shape
+        s_g = s.unsqueeze(-1)
+        offset = lsq["offset_codes"].to(s.device)
+        v = w.float().reshape(out, groups, -1) / s_g + offset
+        codes = torch.clamp(torch.round(v.detach()), 0, max_code)
+        q = codes if hard else torch.clamp(_round_ste(v), 0, max_code)
+        w_q = ((q - offset) * s_g).reshape(out, -1)
+        state = dict(lsq["fixed"])
+        state["weight_scale"] = s.detach().to(spec.torch_scale_dtype)
+        return w_q, codes.reshape(out, -1).to(torch.uint8), state
 
     # ----------------------------------------------------------------------------------------
     # forward and packing
