@@ -32,8 +32,9 @@ def test_recipe_overrides_and_errors() -> None:
     config = SplitQuantConfig.recipe("w3", group_size=64)
     assert (config.bits, config.group_size, config.rounding) == (3, 64, "gptq")
     assert SplitQuantConfig.recipe("w3").group_size == 128  # the preset itself is not changed
-    config.rounding_options["damping"] = 0.5
-    assert "damping" not in SplitQuantConfig.recipe("w3").rounding_options
+    tuned = SplitQuantConfig.recipe("w3", rounding_options={"damping": 0.5})
+    assert tuned.rounding_options == {"damping": 0.5}
+    assert not (SplitQuantConfig.recipe("w3").rounding_options or {}).get("damping")  # the preset is not changed
     with pytest.raises(ValueError, match="unknown recipe 'w5'.*w4"):
         SplitQuantConfig.recipe("w5")
     with pytest.raises(ValueError, match="bitz"):
