@@ -302,7 +302,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
     @classmethod
     def recipe(cls, name: str, **overrides: Any) -> SplitQuantConfig:
         """The named preset ``name`` (:mod:`hf_splitquant.recipes`: ``"w4"``, ``"w3"``, ``"w2"``,
-        ``"w4-data-free"``, ``"w8-data-free"``), with ``overrides`` replacing single settings.
+        ``"w4-data-free"``), with ``overrides`` replacing single settings.
 
         Example: ``SplitQuantConfig.recipe("w3")``; the calibrated recipes (``rounding`` set) need
         ``hf_splitquant.quantize(model, config, calibration_data=...)``.

@@ -47,8 +47,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w4-data-free", "4-bit codes, groups of 64, round to nearest: no calibration data, quantizes while "
                            "loading (about 4.4 bits per weight)",
            {"bits": 4, "group_size": 64}),
-    Recipe("w8-data-free", "8-bit codes per output channel, round to nearest: near-lossless, no data",
-           {"bits": 8, "group_size": None}),
 )}
 
 
