@@ -2,8 +2,9 @@
 
 ``SplitQuantConfig.recipe("w3")`` returns the configuration of the row ``w3`` below; keyword arguments
 override single settings (``SplitQuantConfig.recipe("w3", group_size=64)``). Every recipe is backed by a
-benchmark row (``benchmarks/bench_calibration.py``; the results, the command and the conditions are in
-``benchmarks/results/recipes.md`` and the README's recommendation table). Recipes with ``rounding`` set
+benchmark row: ``benchmarks/results/calibration_gptq_g128.md`` and ``..._g64.md``
+(``benchmarks/bench_calibration.py``), ``benchmarks/results/peers_smollm2.md`` for ``w4-data-free``; the
+README's recommendation table gathers them. Recipes with ``rounding`` set
 need calibration data: pass ``calibration_data`` to :func:`hf_splitquant.quantize` (or use
 ``hf_splitquant.calibrate``); the data-free ones work with ``from_pretrained(..., quantization_config=...)``.
 """
