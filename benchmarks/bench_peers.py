@@ -108,13 +108,13 @@ def quantize_gptq(model: torch.nn.Module, bits: int, group_size: int, cal_blocks
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group_size)
     modifier = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                            ignore=["lm_head"])
+                            ignore=["lm_head"], bypass_divisibility_checks=job.get("gptq_bypass", False))
     dataset = Dataset.from_dict({"input_ids": cal_blocks.tolist(),
                                  "attention_mask": torch.ones_like(cal_blocks).tolist()})
     oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=cal_blocks.shape[0],
             max_seq_length=cal_blocks.shape[1], shuffle_calibration_samples=False, batch_size=job["gptq_batch"])
     return {"dampening_frac": modifier.dampening_frac, "actorder": str(modifier.actorder),
-            "block_size": modifier.block_size}
+            "block_size": modifier.block_size, "bypass_divisibility_checks": modifier.bypass_divisibility_checks}
 
 
 def quantize_hqq(model: torch.nn.Module, bits: int, group_size: int) -> dict[str, Any]:
@@ -203,11 +203,27 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(job: dict[str, Any], log_dir: Path | None) -> dict[str, Any]:
-    """:func:`run_one` in a fresh Python process; a failure (a refused group size, say) becomes a row."""
+    """:func:`run_one` in a fresh Python process; a failure becomes a row.
+
+    llm-compressor refuses a group size that does not divide every layer's input width (SmolLM2's
+    576-input layers with groups of 128): the refusal is recorded and the configuration rerun with its
+    ``bypass_divisibility_checks=True`` (the last group of each row is then narrower).
+    """
+    row = _run_child(job, log_dir)
+    if job["method"] == "gptq" and "not divisible by group_size" in row.get("error", "") and \
+            not job.get("gptq_bypass"):
+        log("  refused (group size does not divide 576); rerunning with bypass_divisibility_checks=True")
+        retry = _run_child({**job, "gptq_bypass": True}, log_dir)
+        retry["refused_by_default"] = row["error"]
+        return retry
+    return row
+
+
+def _run_child(job: dict[str, Any], log_dir: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True)
     if log_dir is not None:
-        name = f"{job['method']}_int{job['bits']}_g{job['group_size']}.log"
+        name = f"{job['method']}_int{job['bits']}_g{job['group_size']}{'_bypass' if job.get('gptq_bypass') else ''}.log"
         (log_dir / name).write_text(result.stdout[-20000:] + "\n--- stderr ---\n" + result.stderr[-50000:])
     warnings = sorted({line.split("|")[-1].strip()[:300] for line in result.stderr.splitlines()
                        if "requires strict division" in line or "RTN fallback" in line.lower()})
@@ -247,12 +263,18 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
                                            order.get(r["method"], 9))):
         config = "float32" if row["method"] == "float" else f"INT{row['bits']} g{row['group_size']}"
         if "error" in row:
-            lines.append(f"| {config} | {row['label']} | - | - | - | - | - | - | failed: {row['error'][:160]} |")
+            note = f"failed: {row['error'][:160]}"
+            if "refused_by_default" in row:
+                note = f"refused (group size does not divide 576 inputs); with bypass_divisibility_checks=True: {note}"
+            lines.append(f"| {config} | {row['label']} | - | - | - | - | - | - | {note} |")
             continue
         ratio = f"{row['perplexity'] / float_ppl:.3g}x" if float_ppl else "-"
         secs = f"{row['quantize_seconds']:.0f}" if "quantize_seconds" in row else "-"
         load = f"{row['load_average_start'][0]:.1f}-{row['load_average_end'][0]:.1f}"
         note = "; ".join(row.get("peer_warnings", []))[:200]
+        if "refused_by_default" in row:
+            note = "refused by default (group size does not divide 576 inputs); run with " \
+                   "bypass_divisibility_checks=True"
         lines.append(f"| {config} | {row['label']} | {row['bits_per_weight']:.3f} | {row['perplexity']:.2f} | "
                      f"{ratio} | {secs} | {row['threads']} | {load} | {note} |")
     lines += ["", f"Versions: {meta.get('versions')}. Raw numbers: `{path.with_suffix('.json').name}`."]
@@ -278,8 +300,9 @@ def versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="llm-compressor GPTQ and HQQ vs our RTN on SmolLM2-135M")
-    parser.add_argument("--quick", action="store_true", help="smoke run: INT3 g128, tiny data")
-    parser.add_argument("--configs", nargs="+", default=["3:128", "2:64", "4:128"], help="BITS:GROUP ...")
+    parser.add_argument("--quick", action="store_true", help="smoke run: INT3 g64, tiny data")
+    parser.add_argument("--configs", nargs="+", default=["3:128", "2:64", "4:128", "3:64", "4:64"],
+                        help="BITS:GROUP ... (llm-compressor refuses g128 on SmolLM2: g64 is its nearest point)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--cal-samples", type=int, default=16)
     parser.add_argument("--cal-len", type=int, default=512)
@@ -296,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_MARKER + json.dumps(run_one(json.loads(args.child))), flush=True)
         return 0
     if args.quick:
-        args.configs, args.cal_samples, args.cal_len, args.eval_blocks, args.eval_len = ["3:128"], 2, 64, 1, 128
+        args.configs, args.cal_samples, args.cal_len, args.eval_blocks, args.eval_len = ["3:64"], 2, 64, 1, 128
     threads = args.threads or (1 if os.getloadavg()[0] > (os.cpu_count() or 1) else 2)
     output = Path(args.output or HERE / "results" / ("peers_smollm2_quick.json" if args.quick else
                                                      "peers_smollm2.json"))
