@@ -254,8 +254,9 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
              "Every Linear of the decoder layers quantized, asymmetric, groups along the input; embeddings and "
              "head in float. Bits per weight: codes + fp16 scale + zero point per group (zero point as each "
              "format stores it: ours uint8, llm-compressor packed at the code width, HQQ a float counted as "
-             "fp16). Each configuration in a fresh process; command: "
-             f"`{meta.get('command', 'benchmarks/bench_peers.py')}`.", "",
+             "fp16). Each configuration in a fresh process (the run is several invocations, each merging "
+             "its rows into the JSON): " + ", ".join(f"`{c}`" for c in meta.get("commands", [meta.get("command")]))
+             + ".", "",
              "| config | method | bits/weight | perplexity | x float | quantize (s) | threads | load avg | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{output} holds results on other data ({old['meta'].get('eval')}); pick another --output")
         data["rows"] = old["rows"]
         meta["commands"] = [*old["meta"].get("commands", [old["meta"].get("command")]), meta["command"]]
+    else:
+        meta["commands"] = [meta["command"]]
 
     def record(row: dict[str, Any]) -> None:
         data["rows"] = [r for r in data["rows"] if key(r) != key(row)] + [row]
