@@ -109,6 +109,8 @@ def quantize_gptq(model: torch.nn.Module, bits: int, group_size: int, cal_blocks
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group_size)
     modifier = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                             ignore=["lm_head"], bypass_divisibility_checks=job.get("gptq_bypass", False))
+    if job.get("gptq_damping") is not None:  # a diagnostic row; the default (0.01) is the peer as users run it
+        modifier.dampening_frac = job["gptq_damping"]
     dataset = Dataset.from_dict({"input_ids": cal_blocks.tolist(),
                                  "attention_mask": torch.ones_like(cal_blocks).tolist()})
     oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=cal_blocks.shape[0],
@@ -132,6 +134,13 @@ def quantize_hqq(model: torch.nn.Module, bits: int, group_size: int) -> dict[str
                                     if isinstance(v, (int, float, bool, str, type(None)))}}
 
 
+def label(job: dict[str, Any]) -> str:
+    """The row's series name (a GPTQ damping other than llm-compressor's default is its own series)."""
+    if job["method"] == "gptq" and job.get("gptq_damping") is not None:
+        return f"GPTQ (llm-compressor, damping {job['gptq_damping']:g})"
+    return LABELS[job["method"]]
+
+
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this (fresh) process: quantize, check, evaluate."""
     torch.set_num_threads(job["threads"])
@@ -149,7 +158,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     eval_blocks = assets.perplexity_token_blocks(tokenizer, job["eval_blocks"], job["eval_len"], part="eval")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     method, bits, group_size = job["method"], job["bits"], job["group_size"]
-    row: dict[str, Any] = {"method": method, "label": LABELS[method], "bits": bits, "group_size": group_size,
+    row: dict[str, Any] = {"method": method, "label": label(job), "bits": bits, "group_size": group_size,
                            "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()}
     linears = decoder_linears(model)
     shapes = [tuple(m.weight.shape) for m in linears.values()]
@@ -226,7 +235,7 @@ def _run_child(job: dict[str, Any], log_dir: Path | None) -> dict[str, Any]:
         name = f"{job['method']}_int{job['bits']}_g{job['group_size']}{'_bypass' if job.get('gptq_bypass') else ''}.log"
         (log_dir / name).write_text(result.stdout[-20000:] + "\n--- stderr ---\n" + result.stderr[-50000:])
     warnings = sorted({line.split("|")[-1].strip()[:300] for line in result.stderr.splitlines()
-                       if "requires strict division" in line or "RTN fallback" in line.lower()})
+                       if "requires strict division" in line or "Hessian inversion failed" in line})
     for line in result.stdout.splitlines():
         if line.startswith(RESULT_MARKER):
             row = json.loads(line[len(RESULT_MARKER):])
@@ -236,13 +245,13 @@ def _run_child(job: dict[str, Any], log_dir: Path | None) -> dict[str, Any]:
     tail = (result.stderr or result.stdout).strip().splitlines()
     error = next((ln for ln in reversed(tail) if "Error" in ln), tail[-1] if tail else "no output")
     log(f"  failed: {error}")
-    return {"method": job["method"], "label": LABELS[job["method"]], "bits": job["bits"],
+    return {"method": job["method"], "label": label(job), "bits": job["bits"],
             "group_size": job["group_size"], "error": error[:500], "peer_warnings": warnings,
             "seconds_until_failure": time.perf_counter() - t0}
 
 
 def key(row: dict[str, Any]) -> tuple[str, int, int | None]:
-    return row["method"], row["bits"], row.get("group_size") if row["method"] != "float" else None
+    return row["label"], row["bits"], row.get("group_size") if row["method"] != "float" else None
 
 
 def write_markdown(data: dict[str, Any], path: Path) -> None:
@@ -310,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--gptq-batch", type=int, default=4, help="llm-compressor calibration batch size")
+    parser.add_argument("--gptq-damping", type=float, default=None,
+                        help="llm-compressor dampening_frac (default: its own, 0.01); rows get their own series")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: 2, or 1 when the 1-minute load average exceeds the cores)")
     parser.add_argument("--output", default=None, help="JSON (default benchmarks/results/peers_smollm2[_quick].json)")
@@ -328,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     common = {"cal_samples": args.cal_samples, "cal_len": args.cal_len, "eval_blocks": args.eval_blocks,
-              "eval_len": args.eval_len, "threads": threads, "gptq_batch": args.gptq_batch}
+              "eval_len": args.eval_len, "threads": threads, "gptq_batch": args.gptq_batch,
+              "gptq_damping": args.gptq_damping}
     meta = {"model": "SmolLM2-135M-Instruct (assets.smollm2_path, float32 from the Q4_1 GGUF)",
             "eval": f"perplexity on {args.eval_blocks} x {args.eval_len} Wikipedia 'eval' tokens",
             "calibration": f"{args.cal_samples} x {args.cal_len} Wikipedia 'calibration' tokens",

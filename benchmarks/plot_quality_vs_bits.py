@@ -27,13 +27,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_INPUTS = [RESULTS / "peers_smollm2.json", RESULTS / "calibration_gptq_g128.json",
                   RESULTS / "calibration_gptq_g64.json"]
+QUALITY = "perplexity / float perplexity"  # the plotted value (and the y-axis label)
 # series names of bench_calibration.py's methods (bench_peers.py rows carry their own ``label``)
 SERIES = {"rtn": "RTN (ours)", "gptq": "gptq rounding (ours)", "ar": "Attention Round (ours)",
           "rtn+cl": "RTN + coding-length bits (ours)", "ar+cl": "Attention Round + coding-length bits (ours)"}
 
 
 def load_points(paths: list[Path]) -> tuple[list[dict[str, Any]], str]:
-    """Plot points (``method`` = series, ``label``, ``bits_per_weight``, ``ratio``) from the files.
+    """Plot points (``method`` = series, ``label``, ``bits_per_weight``, :data:`QUALITY`) from the files.
 
     Files evaluated on other tokens than the first are skipped with a message; rows without a
     perplexity (failed configurations) are left out.
@@ -66,7 +67,7 @@ def load_points(paths: list[Path]) -> tuple[list[dict[str, Any]], str]:
             seen.add(ident)
             points.append({"method": series, "label": f"INT{row['bits']} g{group}",
                            "bits_per_weight": float(row["bits_per_weight"]),
-                           "ratio": row["perplexity"] / reference, "source": Path(path).name})
+                           QUALITY: row["perplexity"] / reference, "source": Path(path).name})
     return points, eval_text or "?"
 
 
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("none of the input files exists")
     points, eval_text = load_points(inputs)
     for p in sorted(points, key=lambda p: (p["bits_per_weight"], p["method"])):
-        print(f"{p['method']} | {p['label']} | {p['bits_per_weight']:.3f} bpw | {p['ratio']:.4g}x float | {p['source']}")
-    plot_quality_vs_bits(points, args.output, "ratio", higher_is_better=False, reference=1.0, log_y=True,
+        print(f"{p['method']} | {p['label']} | {p['bits_per_weight']:.3f} bpw | {p[QUALITY]:.4g}x float | {p['source']}")
+    plot_quality_vs_bits(points, args.output, QUALITY, higher_is_better=False, reference=1.0, log_y=True,
                          y_max=args.y_max,
-                         title=f"SmolLM2-135M: perplexity / float ({eval_text})")
+                         title=f"SmolLM2-135M, {eval_text}")
     print(f"wrote {args.output}")
     return 0
 
