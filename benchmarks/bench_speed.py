@@ -31,19 +31,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-import hf_splitquant
 import splitquant_assets as assets
 from hf_splitquant import SplitQuantConfig, quantization_report
+from hf_splitquant.speed import (
+    format_conditions,
+    interleaved_throughput,
+    kernel_paths,
+    machine_conditions,
+    resident_bytes,
+)
 
 CONFIGS = {
     "rtn-int2-g64": dict(bits=2, group_size=64),
@@ -58,56 +62,6 @@ CONFIGS = {
                               mixquant_candidates=[2, 3, 4]),
 }
 MB = 1e6
-
-
-def _interleaved_throughput(models: list[torch.nn.Module], run, units: int, repeats: int) -> list[float]:  # noqa: ANN001
-    """Units per second of ``run(model)`` for each model: one warm-up each (builds the kernel layouts),
-    then ``repeats`` rounds that time every model once, so that drifts of the machine's speed hit
-    all models alike; the median round counts."""
-    for model in models:
-        run(model)
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            start = time.perf_counter()
-            run(model)
-            times[i].append(time.perf_counter() - start)
-    return [units / statistics.median(t) for t in times]
-
-
-def _packed_layers(model: torch.nn.Module) -> list[hf_splitquant.PackedLinear]:
-    return [m for m in model.modules() if isinstance(m, hf_splitquant.PackedLinear)]
-
-
-def _kernels(model: torch.nn.Module, x: torch.Tensor) -> str:
-    """Layers per path for input ``x`` (``int4/6`` = int4 kernel, six terms)."""
-    paths = Counter()
-    for m in _packed_layers(model):
-        path = m.kernel_for(x)
-        if path == "int4":
-            path = f"int4/{hf_splitquant.kernels.int4_terms(m.spec)}"
-        paths[path] += 1
-    return ", ".join(f"{k} x{v}" for k, v in sorted(paths.items())) or "-"
-
-
-def _tensor_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def _resident_bytes(model: torch.nn.Module) -> int:
-    """Tensors of the model plus the kernel layouts and dequantized caches its layers hold."""
-    total = _tensor_bytes(model)
-    for m in _packed_layers(model):
-        if m._int4 is not None:
-            total += m._int4.nbytes()
-        if m._cached is not None:
-            total += m._cached.numel() * m._cached.element_size()
-    return total
 
 
 def _load_float(load, model_name: str) -> tuple[list[dict], list[torch.nn.Module]]:  # noqa: ANN001
@@ -136,17 +90,19 @@ def _load_packed(args: argparse.Namespace, path: Path, auto, probe: torch.Tensor
         rows.append({"model": model_name, "config": name, "bits_per_weight": report.bits_per_weight,
                      "dtype": str(dtype).replace("torch.", ""), "quantize_s": quantize_s,
                      "quantize_s_per_million": quantize_s / (report.num_weights / 1e6),
-                     "packed_bytes": report.packed_bytes, "kernels": _kernels(model, probe.to(dtype))})
+                     "packed_bytes": report.packed_bytes,
+                     "kernels": kernel_paths(model, probe.numel() // probe.shape[-1], dtype)})
         models.append(model)
         print(f"{model_name} {name}: loaded", flush=True)
     return rows, models
 
 
 def _measure(rows: list[dict], models: list[torch.nn.Module], run, units: int, repeats: int) -> list[dict]:  # noqa: ANN001
-    for row, value, model in zip(rows, _interleaved_throughput(models, run, units, repeats), models):
-        row["throughput"] = value
-        row["vs_fp32"] = value / rows[0]["throughput"] if "throughput" in rows[0] else 1.0
-        row["resident_bytes"] = _resident_bytes(model)  # after running: kernel layouts included
+    for row, timing, model in zip(rows, interleaved_throughput(models, run, units, repeats), models):
+        row["throughput"] = timing.units_per_s
+        row["throughput_per_cpu_s"] = timing.units_per_cpu_s
+        row["vs_fp32"] = timing.units_per_s / rows[0]["throughput"] if "throughput" in rows[0] else 1.0
+        row["resident_bytes"] = resident_bytes(model)  # after running: kernel layouts included
     return rows
 
 
@@ -223,9 +179,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    conditions = machine_conditions(args.threads)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "load_avg_before": os.getloadavg(),
-            "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats}
+            "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "conditions": conditions}
     start = time.perf_counter()
     rows = []
     if args.model in ("smollm2", "all"):
@@ -236,6 +193,7 @@ def main() -> None:
     meta["load_avg_after"] = os.getloadavg()
     print()
     print(table(rows, args.batch))
+    print("\nconditions: " + format_conditions(conditions, machine_conditions(args.threads)))
     print(f"\n{meta}")
     if args.output:
         Path(args.output).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

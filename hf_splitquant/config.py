@@ -7,11 +7,12 @@ Only JSON values are stored. Every field is validated on construction (and so wh
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .methods import format_names, get_format
+from .methods import format_names, get_format, tensor_shapes
 from .methods.attention_round import AttentionRoundOptions
 from .methods.gptq import GPTQOptions
 from .patterns import compile_module_patterns
@@ -61,7 +62,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
     Args:
         bits: code width of the weights, 2..8.
         group_size: inputs sharing one scale (and zero point); ``None`` for one per output channel.
-            Smaller groups are more accurate and cost more bits (16 + 8 bits per group).
+            Smaller groups are more accurate and cost more bits (16 + 8 bits per group). A layer with
+            at most ``group_size`` inputs gets one group per output channel, recorded as ``None`` in
+            its layer spec (and so in reports and cards).
         symmetric: symmetric grid (no zero points) instead of the default asymmetric min-max grid
             with integer zero points (0.0 exactly representable).
         transform: ``None`` for plain round-to-nearest, ``"splitquant"`` for SplitQuant (3-cluster
@@ -295,9 +298,19 @@ class SplitQuantConfig(QuantizationConfigMixin):
 
     def spec_for(self, in_features: int, out_features: int, has_bias: bool, source: str = "Linear",
                  bits: int | None = None) -> LayerSpec:
-        """The spec this config gives a layer of that shape (at ``bits``, default ``self.bits``)."""
-        return LayerSpec(in_features=in_features, out_features=out_features, source=source, has_bias=has_bias,
+        """The spec this config gives a layer of that shape (at ``bits``, default ``self.bits``).
+
+        A ``group_size`` at least as wide as the layer's grouped columns (``group_size >= in_features``)
+        stores one group per output channel: the spec then says so (``group_size=None``), so the
+        per-layer map, reports and model cards give the grouping the layer really has.
+        """
+        spec = LayerSpec(in_features=in_features, out_features=out_features, source=source, has_bias=has_bias,
                          **self._layer_fields(self.bits if bits is None else bits))
+        if spec.group_size is not None:
+            per_channel = replace(spec, group_size=None)
+            if tensor_shapes(spec) == tensor_shapes(per_channel):  # one group per row either way
+                return per_channel
+        return spec
 
     @classmethod
     def recipe(cls, name: str, **overrides: Any) -> SplitQuantConfig:

@@ -3,6 +3,7 @@ scales, zero points or minimums, cluster ids)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,8 +14,8 @@ from .methods import get_format
 from .nn.packed_linear import PackedLinear
 from .spec import LayerSpec
 
-__all__ = ["LayerReport", "QuantizationReport", "quantization_report", "report_from_specs", "format_report"]
-
+__all__ = ["LayerReport", "QuantizationReport", "quantization_report", "report_from_specs", "format_report",
+           "natural_key"]
 
 
 @dataclass
@@ -119,9 +120,16 @@ def _method(layers: list[LayerReport]) -> str:
     return "+".join(methods) if methods else "none"
 
 
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting module paths in model order: ``layers.2`` before ``layers.10`` (digit runs
+    compare as numbers; a number sorts before a word at the same position)."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+
+
 def report_from_specs(specs: dict[str, LayerSpec]) -> QuantizationReport:
-    """The packed-layer figures of a checkpoint from its per-layer map alone (no weights loaded)."""
-    layers = [_layer_report(name, spec) for name, spec in specs.items()]
+    """The packed-layer figures of a checkpoint from its per-layer map alone (no weights loaded), layers
+    in natural order (``config.json`` stores the map sorted as strings: ``0, 1, 10, 11, ..., 2``)."""
+    layers = [_layer_report(name, specs[name]) for name in sorted(specs, key=natural_key)]
     return QuantizationReport(_method(layers), layers)
 
 

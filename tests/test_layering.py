@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_splitquant"
 
 #: modules (dotted, relative to the package) that form the core
 CORE = ("quant", "spec", "methods", "nn", "kernels", "config", "modeling", "qat", "report", "checkpoint", "saving",
-        "memory", "patterns", "version", "distillation")
+        "memory", "patterns", "version", "distillation", "speed", "recipes")
 #: rooms the core must never import
 OUTER = ("integrations", "calibration", "evaluation", "cli", "commands", "metrics")
 

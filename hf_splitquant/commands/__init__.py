@@ -1,6 +1,6 @@
 """The subcommands of ``hf-splitquant``, shared with ``optimum-cli splitquant``.
 
-Each subcommand lives in its own module here (``quantize``, ``inspect``, ``evaluate``, ``demo``)
+Each subcommand lives in its own module here (``quantize``, ``inspect``, ``evaluate``, ``bench``, ``demo``)
 with an ``add_<name>_arguments(parser)`` function and a ``cmd_<name>(args) -> int`` function;
 :data:`COMMANDS` lists them. :mod:`hf_splitquant.cli` builds the ``hf-splitquant`` parser from
 this table, and ``optimum-cli splitquant <command>`` reuses it: :func:`copy_arguments` copies the
@@ -48,6 +48,8 @@ COMMANDS: dict[str, Command] = {
         Command("inspect", "print the quantization report of a packed checkpoint (no weights loaded)", "inspect"),
         Command("evaluate", "evaluate a packed checkpoint (perplexity, embedding fidelity) on your texts against "
                 "float", "evaluate"),
+        Command("bench", "tokens/s (causal LM) or sentences/s (encoder) of a packed checkpoint against its "
+                "float source, interleaved in one process, with threads, CPU and load reported", "bench"),
         Command("demo", "quantize all-MiniLM-L6-v2 with SplitQuant INT2 and RTN INT2 (needs the in-repo "
                 "splitquant_assets package: make demo)", "demo"),
     )

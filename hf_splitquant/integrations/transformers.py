@@ -120,7 +120,12 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
         in_f, out_f, source = module_shape(module)
         spec = config.spec_for(in_f, out_f, module.bias is not None, source)
         dtype = module.weight.dtype
-        set_module(model, name, PackedLinear(spec, device="meta", dtype=dtype))
+        skeleton = PackedLinear(spec, device="meta", dtype=dtype)
+        # The float weight arrives under the codes' key. A float placeholder there (replaced by the quantize
+        # op's output) keeps transformers before 5.23 from casting the float weight to the codes' uint8
+        # before the op sees it (they cast each checkpoint tensor to the skeleton's dtype).
+        skeleton._buffers["weight"] = torch.empty(module.weight.shape, dtype=module.weight.dtype, device="meta")
+        set_module(model, name, skeleton)
         layers[normalise_name(model, name)] = spec.to_dict()
     config.layers = layers
     return resolved
@@ -152,6 +157,13 @@ class SplitQuantQuantize(ConversionOps):
         module_name = target_key.rpartition(".")[0]
         module = model.get_submodule(module_name)
         spec = module.spec
+        if not value.is_floating_point():
+            # never quantize a weight transformers already cast to an integer dtype: it would pack garbage
+            err = (f"layer `{module_name}` reached the quantize op as {value.dtype}, not as a float weight: this "
+                   "transformers version casts checkpoint tensors differently; use a version in hf-splitquant's "
+                   "supported range (pyproject.toml)")
+            self.hf_quantizer.conversion_errors.append(err)
+            raise ValueError(err)
         weight = value.t() if spec.source == "Conv1D" else value
         try:
             packed = quantize_layer(weight, spec, self.hf_quantizer.quantization_config.seed, module_name)
@@ -248,10 +260,13 @@ class SplitQuantHfQuantizer(HfQuantizer):
         for name, module in iter_packed_modules(model):
             tensors = module.packed_tensors()
             for suffix, tensor in tensors.items():
-                if tensor.is_meta:
+                shape, dtype = tensor_shapes(module.spec)[suffix]
+                if tensor.is_meta or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                     raise CheckpointError(
                         f"packed tensor `{name}.{suffix}` was not found in the checkpoint: it is incomplete or "
-                        "was not written by hf_splitquant"
+                        "was not written by hf_splitquant" if self.pre_quantized else
+                        f"layer `{name}` was not quantized while loading (its float weight is missing from the "
+                        "checkpoint, or this transformers version did not run the quantize op)"
                     )
             if self.pre_quantized:
                 check_values(name, module.spec, tensors)
