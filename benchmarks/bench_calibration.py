@@ -118,22 +118,30 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 2) -> 
 RESULT_MARKER = "@@BENCH_CALIBRATION_RESULT@@"
 
 
-def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One configuration in this (fresh) process: quantize, measure, evaluate."""
-    torch.set_num_threads(job["threads"])
+def load_smollm2(eval_blocks: int, eval_len: int) -> tuple[Any, torch.Tensor, torch.nn.Module]:
+    """``(tokenizer, eval token blocks, float32 model)``: the model and evaluation every SmolLM2 quality
+    benchmark shares (``bench_peers.py`` too), with transformers' logging and progress bars quiet."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import hf_splitquant
     import splitquant_assets as assets
-    from hf_splitquant import SplitQuantConfig, quantization_report
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = assets.smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    eval_blocks = assets.perplexity_token_blocks(tokenizer, job["eval_blocks"], job["eval_len"], part="eval")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    blocks = assets.perplexity_token_blocks(tokenizer, eval_blocks, eval_len, part="eval")
+    return tokenizer, blocks, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this (fresh) process: quantize, measure, evaluate."""
+    torch.set_num_threads(job["threads"])
+    import hf_splitquant
+    import splitquant_assets as assets
+    from hf_splitquant import SplitQuantConfig, quantization_report
+
+    tokenizer, eval_blocks, model = load_smollm2(job["eval_blocks"], job["eval_len"])
     row: dict[str, Any] = {"method": job["method"], "bits": job["bits"]}
     if job["method"] == "float":
         row["bits_per_weight"] = 32.0

@@ -145,18 +145,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this (fresh) process: quantize, check, evaluate."""
     torch.set_num_threads(job["threads"])
     sys.path.insert(0, str(HERE))
-    from bench_calibration import perplexity  # the evaluation of our calibration benchmark, unchanged
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    # the model and evaluation of our calibration benchmark, unchanged
+    from bench_calibration import load_smollm2, perplexity
 
     import splitquant_assets as assets
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = assets.smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    eval_blocks = assets.perplexity_token_blocks(tokenizer, job["eval_blocks"], job["eval_len"], part="eval")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer, eval_blocks, model = load_smollm2(job["eval_blocks"], job["eval_len"])
     method, bits, group_size = job["method"], job["bits"], job["group_size"]
     row: dict[str, Any] = {"method": method, "label": label(job), "bits": bits, "group_size": group_size,
                            "threads": torch.get_num_threads(), "load_average_start": os.getloadavg()}
