@@ -43,7 +43,7 @@ test-fast: $(STAMP)
 COMPAT_TRANSFORMERS ?= 5.6.0 5.24.0
 COMPAT_TESTS ?= tests/test_models.py tests/test_cli_and_saving.py tests/test_hostile.py tests/test_reliability.py \
 	tests/test_config.py tests/test_kernels.py tests/test_qat.py tests/test_r2_loss.py tests/test_hub.py \
-	tests/test_user_reports.py tests/test_bench_command.py
+	tests/test_user_reports.py tests/test_bench_command.py tests/test_generation.py
 COMPAT_PYTEST_ARGS ?= -n 2 -m "not slow"
 
 .venv-compat-%/.installed: pyproject.toml Makefile
