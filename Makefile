@@ -2,6 +2,8 @@
 #   make demo   - create .venv, install everything, run the main job on the bundled model
 #   make test   - create .venv, install everything, run the test suite (CI runs this)
 # For the edit loop: make test-fast (the tests not marked slow).
+# make test-compat: the loader/save/reload/quantizer tests against other transformers releases (one
+# venv per version, .venv-compat-<version>); CI stays on `make test` with the main venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +11,7 @@ STAMP := $(VENV)/.hf_splitquant-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint bench clean peers-install peers
+.PHONY: install demo test test-fast test-compat lint bench clean peers-install peers
 
 $(STAMP): pyproject.toml assets/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,29 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -m "not slow" --durations=10
+
+# Compatibility job. Each venv gets the same torch and `pip install -e .` with the given transformers
+# pinned, so pip also checks that pyproject.toml's range admits it; then the tests that exercise the
+# quantizer glue, loading, saving, reloading, checkpoint checks, the CLI, QAT and the Hub card run.
+COMPAT_TRANSFORMERS ?= 5.6.0 5.24.0
+COMPAT_TESTS ?= tests/test_models.py tests/test_cli_and_saving.py tests/test_hostile.py tests/test_reliability.py \
+	tests/test_config.py tests/test_kernels.py tests/test_qat.py tests/test_r2_loss.py tests/test_hub.py \
+	tests/test_user_reports.py tests/test_bench_command.py tests/test_generation.py
+COMPAT_PYTEST_ARGS ?= -n 2 -m "not slow"
+
+.venv-compat-%/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv .venv-compat-$*
+	.venv-compat-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-compat-$*/bin/python -m pip install --quiet torch==2.13.0
+	.venv-compat-$*/bin/python -m pip install --quiet -e . "transformers==$*" "pytest>=8" "pytest-timeout>=2.3" \
+		"pytest-xdist>=3.5" "hypothesis>=6.100"
+	touch $@
+
+test-compat: $(foreach v,$(COMPAT_TRANSFORMERS),.venv-compat-$(v)/.installed)
+	@set -e; for v in $(COMPAT_TRANSFORMERS); do \
+		echo "== transformers $$v =="; \
+		.venv-compat-$$v/bin/python -m pytest $(COMPAT_PYTEST_ARGS) $(COMPAT_TESTS); \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check hf_splitquant tests benchmarks examples assets setup.py _hf_splitquant_autoload.py
@@ -68,4 +93,4 @@ peers: $(PEERS_STAMP)
 	$(PEERS_BIN)/python benchmarks/plot_quality_vs_bits.py
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PEERS_VENV) .venv-compat-* out .pytest_cache .hypothesis

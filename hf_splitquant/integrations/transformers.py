@@ -1,7 +1,7 @@
 """The one place that knows transformers' internals: quantizer registration, module replacement,
 on-the-fly quantization ops, save metadata and dequantization.
 
-Checked against transformers 5.23. Load order there: skeleton on the meta device ->
+Checked against transformers 5.6 to 5.24 (``make test-compat``). Load order there: skeleton on the meta device ->
 ``_process_model_before_weight_loading`` -> weights (on-the-fly ops) -> ``_process_model_after_weight_loading``.
 """
 
