@@ -67,7 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py --model all
 
 # Peers (llm-compressor GPTQ, HQQ) measured in the same run as our RTN: a venv of their own, since
-# llm-compressor 0.14.0.1 declares transformers<=5.17 while hf_splitquant is pinned to 5.23. The
+# llm-compressor 0.14.0.1 declares transformers<=5.17 while hf_splitquant tests 5.6-5.24. The
 # constraints file keeps the CPU torch wheel and our transformers whatever the peers declare.
 PEERS_VENV ?= .venv-peers
 PEERS_BIN := $(PEERS_VENV)/bin

@@ -7,7 +7,9 @@ and a PNG of perplexity and training loss against optimizer steps and against wa
 Modes (``--mode``):
 
 * ``ptq``: post-training quantization only (``--init rtn``: min-max round-to-nearest; ``mse``: the
-  MSE-clipped grid, the best data-free PTQ here and the start of every QAT row);
+  MSE-clipped grid, the best data-free PTQ here; ``gptq``: the calibrated path of ``SplitQuantConfig.recipe``,
+  ``rounding="gptq"`` on 16 x 512 calibration tokens, the best post-training result). ``mse`` and ``gptq``
+  leave their packed model in the cache; the QAT rows with the same ``--init`` start from it;
 * ``qat``: QAT on the task loss (next-token cross-entropy) only;
 * ``qat_kd``: QAT on the KL to the float model's logits (:func:`hf_splitquant.distillation_loss`,
   ``--alpha`` weights it against the cross-entropy);
@@ -15,8 +17,9 @@ Modes (``--mode``):
 * ``ft_ptq`` / ``r2_ptq``: a short float fine-tune (the same data, seed and learning rate) without / with
   R2-Loss, then the same PTQ as ``ptq``: the control and the R2 pre-step.
 
-QAT learns the step sizes (LSQ, initialised on the MSE-clipped grid, so step 0 is the ``ptq --init mse``
-model) at ``--scale-lr`` and, with ``--weight-lr``, the latent float weights; embeddings and norms stay
+QAT learns the step sizes (LSQ, initialised on the cached grid, so step 0 is the ``ptq --init mse`` model;
+with ``--init gptq`` the QAT model is the packed GPTQ model itself, dequantized by ``prepare_qat``: step 0
+computes exactly what the GPTQ model computes) at ``--scale-lr`` and, with ``--weight-lr``, the latent float weights; embeddings and norms stay
 frozen. The fake-quant layers round onto the packed format's own grid; after training the model is
 frozen to the packed format, its perplexity compared with the fake-quant model's, saved, reloaded with
 plain ``from_pretrained`` and compared bit for bit.
@@ -31,6 +34,9 @@ Usage::
 
     python benchmarks/bench_qat_lm.py --mode ptq --bits 2 --group-size 64 --init mse --output r.json
     python benchmarks/bench_qat_lm.py --mode qat_kd --bits 2 --group-size 64 --minutes 10 --output k.json
+    python benchmarks/bench_qat_lm.py --mode ptq --bits 3 --group-size 128 --init gptq --output g.json
+    python benchmarks/bench_qat_lm.py --mode qat_kd --bits 3 --group-size 128 --init gptq --minutes 30 \
+        --weight-lr 1e-5 --output gk.json
     python benchmarks/bench_qat_lm.py --summarize r.json k.json --md table.md --png curves.png
 """
 
@@ -88,15 +94,17 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 2) -> 
 def quant_config(opts: argparse.Namespace, qat: bool = False, clip: bool = True) -> Any:
     from hf_splitquant import SplitQuantConfig
 
+    if opts.init == "gptq" and not qat:  # the calibrated recipe's settings at this width and group size
+        return SplitQuantConfig(bits=opts.bits, group_size=opts.group_size, rounding="gptq")
     return SplitQuantConfig(bits=opts.bits, group_size=opts.group_size,
                             clip="mse" if opts.init == "mse" and clip else None, qat=qat, qat_learn_scales=qat)
 
 
 def grid_cache(opts: argparse.Namespace) -> Path:
-    """Where ``--mode ptq --init mse`` leaves its packed model for the QAT rows to start from."""
+    """Where ``--mode ptq --init mse|gptq`` leaves its packed model for the QAT rows to start from."""
     import splitquant_assets as assets
 
-    return Path(assets.cache_dir()) / "bench_qat_lm" / f"smollm2_int{opts.bits}_g{opts.group_size}_mse"
+    return Path(assets.cache_dir()) / "bench_qat_lm" / f"smollm2_int{opts.bits}_g{opts.group_size}_{opts.init}"
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
@@ -130,9 +138,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     if opts.mode == "ptq":
         t0 = time.perf_counter()
-        hf_splitquant.quantize(model, quant_config(opts), progress=False)
+        if opts.init == "gptq":  # the calibration tokens bench_calibration.py uses (16 x 512)
+            cal = assets.perplexity_token_blocks(tokenizer, 16, 512, part="calibration")
+            hf_splitquant.quantize(model, quant_config(opts), calibration_data=cal, batch_size=4, progress=False)
+        else:
+            hf_splitquant.quantize(model, quant_config(opts), progress=False)
         row["quantize_seconds"] = time.perf_counter() - t0
-        if opts.init == "mse":  # the QAT rows start from these grids (the clip search takes minutes)
+        row["bits_per_weight"] = hf_splitquant.quantization_report(model).bits_per_weight
+        if opts.init in ("mse", "gptq"):  # the QAT rows start from these (the clip search takes minutes)
             model.save_pretrained(grid_cache(opts))
         row["perplexity"] = perplexity(model, eval_blocks)
         row["load_average"] = [start_load, os.getloadavg()[0]]
@@ -152,13 +165,24 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         if opts.mode != "qat":
             teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         cache = grid_cache(opts)
-        init_from = AutoModelForCausalLM.from_pretrained(cache) if opts.init == "mse" and cache.is_dir() else None
-        if init_from is not None:
-            log(f"initial grids from {cache}")
+        if opts.init == "gptq":
+            if not cache.is_dir():
+                raise SystemExit(f"--init gptq: run `--mode ptq --init gptq` with the same bits and group size "
+                                 f"first (it writes {cache})")
+            # the packed GPTQ model is the student: prepare_qat dequantizes it and keeps its stored grids,
+            # so the codes at step 0 are GPTQ's, not a re-rounding of the float weights
+            log(f"starting from the packed GPTQ model {cache}")
             row["init_from_cache"] = True
-        # with cached grids, no clip search: the learned scales start from the cached ones
-        prepare_qat(model, quant_config(opts, qat=True, clip=init_from is None), init_from=init_from)
-        del init_from
+            model = AutoModelForCausalLM.from_pretrained(cache)
+            prepare_qat(model, quant_config(opts, qat=True, clip=False))
+        else:
+            init_from = AutoModelForCausalLM.from_pretrained(cache) if opts.init == "mse" and cache.is_dir() else None
+            if init_from is not None:
+                log(f"initial grids from {cache}")
+                row["init_from_cache"] = True
+            # with cached grids, no clip search: the learned scales start from the cached ones
+            prepare_qat(model, quant_config(opts, qat=True, clip=init_from is None), init_from=init_from)
+            del init_from
         callbacks.append(QATCallback())
         groups = qat_parameter_groups(model, scale_lr=opts.scale_lr, weight_lr=opts.weight_lr)
         if teacher is not None:
@@ -279,7 +303,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 def label(row: dict[str, Any]) -> str:
     name = f"INT{row['bits']} g{row['group_size']} {row['mode']}"
-    if row["mode"] == "ptq":
+    if row["mode"] == "ptq" or row.get("init") == "gptq":
         name += f" ({row['init']})"
     if row.get("incomplete"):
         name += " (*)"
@@ -369,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=(*MODES, "float"), default="qat_kd")
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--init", choices=("rtn", "mse"), default="mse")
+    p.add_argument("--init", choices=("rtn", "mse", "gptq"), default="mse")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--minutes", type=float, default=10.0,
                    help="training budget in dedicated-core minutes: process CPU time / --threads (evaluation not counted)")
