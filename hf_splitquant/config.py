@@ -26,7 +26,7 @@ FORMAT_VERSION = 2
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: ``None`` and ``"rtn"`` both mean plain round-to-nearest
 ALLOWED_TRANSFORMS = (None, *format_names())
-ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length")
+ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length", "sensitivity")
 #: rounding method -> the class validating its ``rounding_options``
 ROUNDING_OPTIONS: dict[str, Any] = {"attention_round": AttentionRoundOptions, "gptq": GPTQOptions}
 ALLOWED_ROUNDINGS = (None, *ROUNDING_OPTIONS)
@@ -89,6 +89,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
         bit_allocation: ``None`` (every layer at ``bits``) or ``"mixquant"``: per-layer bit widths from
             the round-off error of the same quantizer, data-free. Needs the float weights of every
             layer, so ``from_pretrained`` loads them in float first and quantizes after loading.
+            ``"coding_length"``: widths from each layer's lossy coding length (needs ``target_bits``).
+            ``"sensitivity"``: MixQuant's budget search on a calibrated sensitivity, each layer's round-off
+            error weighted by the loss's empirical Fisher diagonal (``hf_splitquant/calibration/sensitivity.py``);
+            needs ``target_bits``, ``rounding`` and calibration data (``hf_splitquant.quantize(model, config,
+            calibration_data=...)``), and a model that computes a loss from ``labels`` (a causal LM).
         target_bits: with ``bit_allocation``: average bits per weight over the quantized layers,
             overheads included; bit widths are chosen for the least total relative error within it.
             ``None``: MixQuant's own rule with ``mixquant_qem``.
@@ -232,10 +237,14 @@ class SplitQuantConfig(QuantizationConfigMixin):
         eps = self.coding_length_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"`coding_length_eps` must be a positive number, got {eps!r}")
-        if self.bit_allocation == "coding_length" and self.target_bits is None:
-            raise ValueError("`bit_allocation='coding_length'` needs `target_bits` (average bits per weight)")
+        if self.bit_allocation in ("coding_length", "sensitivity") and self.target_bits is None:
+            raise ValueError(f"`bit_allocation={self.bit_allocation!r}` needs `target_bits` (average bits per weight)")
         if self.rounding not in ALLOWED_ROUNDINGS:
             raise ValueError(f"`rounding` must be one of {ALLOWED_ROUNDINGS}, got {self.rounding!r}")
+        if self.bit_allocation == "sensitivity" and self.rounding is None:
+            raise ValueError("`bit_allocation='sensitivity'` measures each layer's sensitivity on calibration data: set "
+                             "`rounding` (e.g. 'gptq') and pass `calibration_data` to hf_splitquant.quantize; "
+                             "for a data-free allocation use bit_allocation='mixquant'")
         if self.rounding_options is not None:
             if not isinstance(self.rounding_options, dict):
                 raise ValueError(f"`rounding_options` must be a dict or None, got {type(self.rounding_options).__name__}")

@@ -421,7 +421,9 @@ def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_fo
     ["--rounding", "attention_round"],
     # the float model as the target: cross products of float and quantized inputs summed over both processes
     pytest.param(["--rounding", "gptq", "--rounding-options", '{"target": "float"}'], marks=pytest.mark.slow),
-], ids=["attention_round", "gptq_float_target"])
+    # widths from the Fisher-weighted errors: per-sample gradients on each process, scalars summed exactly
+    pytest.param(["--rounding", "gptq", "--bit-allocation", "sensitivity"], marks=pytest.mark.slow),
+], ids=["attention_round", "gptq_float_target", "gptq_sensitivity"])
 def test_two_process_calibration_is_identical_to_one_process(tmp_path: Path, tiny_llama_folder: Path,
                                                              rounding: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -54,6 +54,7 @@ from .blocks import (
 )
 from .data import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, global_batches, load_calibration_file, shard_batches
 from .distributed import assign_owners, broadcast, make_accelerator
+from .sensitivity import fisher_errors
 from .statistics import InputStatistics
 
 #: share of the calibration batches held out to decide whether a layer keeps its optimised codes
@@ -137,13 +138,14 @@ def calibrate_and_quantize(
     show = progress and accelerator.is_main_process and logging.is_progress_bar_enabled()
     memory = MemoryMeter()
 
-    specs, modules = _plan_layers(model, config, accelerator, show)
     batches, num_batches, total_samples = shard_batches(
         global_batches(calibration_data, tokenizer, num_samples, batch_size, max_length, seed), rank, world)
     masks = [b["attention_mask"].bool() if isinstance(b.get("attention_mask"), torch.Tensor) else None for b in batches]
     heldout = heldout_batches(num_batches, heldout_fraction)
     # local batch j is global batch j * world + rank; the last `heldout` global batches are held out
     fitted = [j * world + rank < num_batches - heldout for j in range(len(batches))]
+    specs, modules = _plan_layers(model, config, accelerator, show,
+                                  batches=[b for b, f in zip(batches, fitted) if f], device=device)
     rounder = _LayerRounder(model, config, specs, modules, accelerator, fitted, heldout)
     with torch.no_grad(), no_cache(model):
         if world > 1 and not batches and rank == 0:
@@ -191,18 +193,45 @@ def _warn_if_not_distributed(accelerator: Any) -> None:
                        "calibrates on all the data by itself; on CPU create it with Accelerator(cpu=True)")
 
 
-def _plan_layers(model: nn.Module, config: SplitQuantConfig, accelerator: Any,
-                 show: bool) -> tuple[dict[str, LayerSpec], dict[str, nn.Module]]:
-    """The spec of every selected layer (bit widths decided on the main process and broadcast)."""
+def _plan_layers(model: nn.Module, config: SplitQuantConfig, accelerator: Any, show: bool,
+                 batches: Sequence[Mapping[str, Any]] = (), device: torch.device | None = None,
+                 ) -> tuple[dict[str, LayerSpec], dict[str, nn.Module]]:
+    """The spec of every selected layer (data-free bit widths decided on the main process and broadcast;
+    ``"sensitivity"`` widths from the Fisher-weighted errors summed over every process's ``batches``)."""
     selected = select_modules(model, config)
     if not selected:
         raise ValueError("no Linear layer to quantize: every Linear/Conv1D is listed in `modules_to_not_convert` or tied")
     widths: dict[str, int] = {}
-    if config.bit_allocation:
+    if config.bit_allocation == "sensitivity":
+        widths = sensitivity_bit_widths(model, dict(selected), config, batches, device, accelerator, show)
+    elif config.bit_allocation:
         widths = search_bit_widths(selected, config, progress=show) if accelerator.is_main_process else None
         widths = broadcast(widths, 0, accelerator)
     specs = {name: spec_for_module(config, module, bits=widths.get(name)) for name, module in selected}
     return specs, dict(selected)
+
+
+def sensitivity_bit_widths(model: nn.Module, modules: Mapping[str, nn.Module], config: SplitQuantConfig,
+                           batches: Sequence[Mapping[str, Any]], device: torch.device | None, accelerator: Any,
+                           show: bool) -> dict[str, int]:
+    """Per-layer widths within ``config.target_bits`` (overheads counted) with the least total Fisher-weighted
+    error (:func:`~hf_splitquant.calibration.sensitivity.fisher_errors`), by MixQuant's budget search.
+    Every process computes the same widths from the same reduced sums."""
+    from ..methods.mixquant import allocate_by_budget, spec_bits
+
+    widths = list(config.mixquant_candidates)
+
+    def spec(name: str, bits: int) -> LayerSpec:
+        return spec_for_module(config, modules[name], bits=bits)
+
+    errors = fisher_errors(model, modules, spec, widths, batches, device or model_device(model), accelerator,
+                           seed=config.seed, show=show)
+    costs = {n: {b: spec_bits(spec(n, b)) for b in widths} for n in modules}
+    sizes = {n: module_shape(m)[0] * module_shape(m)[1] for n, m in modules.items()}
+    chosen = allocate_by_budget(errors, costs, sizes, config.target_bits)
+    histogram = {b: sum(1 for v in chosen.values() if v == b) for b in widths}
+    logger.info(f"sensitivity allocation at {config.target_bits} bits per weight: layers per width {histogram}")
+    return chosen
 
 
 @dataclass
