@@ -12,6 +12,9 @@ For each code width (INT2, INT3, INT4; group size 64, asymmetric, fp16 scales) i
 * ``ar``: Attention Round (:func:`hf_splitquant.quantize` with ``calibration_data``), sequential
   block by block on ``--cal-samples`` blocks of ``--cal-len`` tokens of the Wikipedia
   ``"calibration"`` part, ``--iterations`` steps per layer;
+* ``gptq+sens`` / ``gptq+mq``: ``rounding="gptq"`` with per-layer widths (candidates 2, 3, 4) at
+  ``--target-bits`` (default: the bits per weight of the rtn variant): ``bit_allocation="sensitivity"``
+  (Fisher-weighted errors on the calibration data) or ``"mixquant"`` (data-free round-off errors);
 * ``rtn+cl`` / ``ar+cl``: the same with ``bit_allocation="coding_length"`` at the bits per weight of
   the uniform width (so the comparison is at equal size; candidates 2, 3, 4, 5, 6, 8). Not at INT2:
   every candidate but 2 costs more than the INT2 budget, so the allocation is INT2 everywhere.
@@ -157,6 +160,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if job["method"] == "gptq-float":  # the same, each layer fitted to the float model's outputs
             kwargs.update(rounding="gptq", rounding_options={"target": "float", **(
                 {} if job.get("damping") is None else {"damping": job["damping"]})})
+        if job["method"] in ("gptq+sens", "gptq+mq"):
+            kwargs.update(rounding="gptq", bit_allocation="sensitivity" if job["method"] == "gptq+sens" else "mixquant",
+                          target_bits=job["target_bits"], mixquant_candidates=[2, 3, 4])
         config = SplitQuantConfig(**kwargs)
         if job["method"] == "recipe":  # the named preset for this width, with its own group size
             config = SplitQuantConfig.recipe(f"w{job['bits']}")
@@ -177,7 +183,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             row.update(activations_mb=calibration["activations_mb"],
                        mean_layer_mse_vs_rtn=calibration["mean_mse_ratio"],
                        layers_kept_rtn=sum(1 for i in calibration["layers"].values() if i["kept_rtn"]))
-        if job["method"].endswith("+cl"):
+        if job["method"].endswith(("+cl", "+sens", "+mq")):
             widths = [spec["bits"] for spec in model.config.quantization_config.layers.values()]
             row["bit_histogram"] = {b: widths.count(b) for b in sorted(set(widths))}
     t0 = time.perf_counter()
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="RTN vs Attention Round (vs coding-length allocation) on SmolLM2-135M")
     parser.add_argument("--quick", action="store_true", help="smoke run: INT3 only, tiny data, 2 steps")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "gptq-float", "recipe", "ar", "rtn+cl", "ar+cl"],
+    parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "gptq-float", "recipe", "ar", "rtn+cl", "ar+cl",
+                                                            "gptq+sens", "gptq+mq"],
                         default=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--cal-samples", type=int, default=8, help="calibration blocks (default 8)")
@@ -207,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=10,
                         help="Attention Round steps per layer (default 10; the library default is 100)")
     parser.add_argument("--damping", type=float, default=None, help="gptq: damping (default: the library's)")
+    parser.add_argument("--target-bits", type=float, default=None,
+                        help="gptq+sens / gptq+mq: bits per weight (default: the rtn variant's)")
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1,
@@ -232,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     for bits in args.bits:
         uniform_bpw = None
         for variant in [m for m in args.methods if bits > 2 or not m.endswith("+cl")]:
-            row = run_child({**common, "method": variant, "bits": bits, "target_bits": uniform_bpw})
+            target = args.target_bits if variant in ("gptq+sens", "gptq+mq") and args.target_bits else uniform_bpw
+            if target is None and (variant.endswith(("+cl", "+sens", "+mq"))):
+                parser.error(f"{variant} needs --target-bits or the rtn variant before it")
+            row = run_child({**common, "method": variant, "bits": bits, "target_bits": target})
             if variant == "rtn":
                 uniform_bpw = row["bits_per_weight"]
             rows.append(row)
