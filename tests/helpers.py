@@ -82,6 +82,27 @@ def model_output(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tenso
         return model(input_ids).logits
 
 
+def assert_freeze_round_trip(model: torch.nn.Module, ids: torch.Tensor, folder: Path, num_layers: int,
+                             auto_class: type) -> torch.Tensor:
+    """QAT's last step, checked: ``freeze`` gives a packed model computing the fake-quant outputs, its config
+    says ``qat=False`` with ``num_layers`` packed layers, and plain ``auto_class.from_pretrained`` reloads it
+    bit for bit. Returns the packed model's logits."""
+    from hf_splitquant import PackedLinear, freeze
+
+    model.eval()
+    fake = model_output(model, ids)
+    freeze(model)
+    packed = model_output(model, ids)
+    torch.testing.assert_close(packed, fake, rtol=0, atol=1e-5)
+    model.save_pretrained(folder)
+    saved = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
+    assert saved["qat"] is False and len(saved["layers"]) == num_layers
+    reloaded = auto_class.from_pretrained(folder).eval()
+    assert sum(isinstance(m, PackedLinear) for m in reloaded.modules()) == num_layers
+    assert torch.equal(model_output(reloaded, ids), packed)
+    return packed
+
+
 # --------------------------------------------------------------------------------------------
 # Training tests: a small classifier and a learnable toy dataset
 # --------------------------------------------------------------------------------------------

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 
 import pytest
 import torch
 from helpers import (
     VOCAB,
+    assert_freeze_round_trip,
     one_thread,  # noqa: F401  (autouse: one thread for this module)
     tiny_llama,
 )
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 
 import hf_splitquant
-from hf_splitquant import PackedLinear, SplitQuantConfig, distillation_loss, freeze, prepare_qat
+from hf_splitquant import SplitQuantConfig, distillation_loss, freeze, prepare_qat
 from hf_splitquant.distillation import distillation_terms
 from hf_splitquant.integrations.trainer import QATCallback
 from hf_splitquant.qat import iter_fake_quant_modules, qat_parameter_groups
@@ -203,17 +203,7 @@ def test_distillation_qat_lowers_the_loss_then_freezes_and_reloads_bit_exactly(t
     assert len(losses) == 16 and sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses
 
     ids = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
-    student.eval()
-    fake = logits(student, ids)
-    freeze(student)
-    packed_out = logits(student, ids)
-    torch.testing.assert_close(packed_out, fake, rtol=0, atol=1e-5)
-    student.save_pretrained(tmp_path / "packed")
-    saved = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
-    assert saved["qat"] is False and len(saved["layers"]) == 14
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed").eval()
-    assert sum(isinstance(m, PackedLinear) for m in reloaded.modules()) == 14
-    assert torch.equal(logits(reloaded, ids), packed_out)
+    assert_freeze_round_trip(student, ids, tmp_path / "packed", 14, AutoModelForCausalLM)
 
 
 @pytest.mark.slow

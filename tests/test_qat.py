@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from helpers import TRAIN_SEQ as SEQ
 from helpers import TRAIN_VOCAB as VOCAB
 from helpers import (
+    assert_freeze_round_trip,
     dataset,
     one_thread,  # noqa: F401  (autouse: one thread for this module)
     small_bert,
@@ -222,17 +222,7 @@ def test_qat_train_checkpoint_resume_freeze_save_reload(tmp_path, transform) -> 
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
     # freeze -> packed model with the fake-quant outputs -> save -> plain from_pretrained, bit-exact
-    model.eval()
-    fake = logits(model, IDS)
-    freeze(model)
-    packed_out = logits(model, IDS)
-    torch.testing.assert_close(packed_out, fake, rtol=0, atol=1e-5)
-    model.save_pretrained(tmp_path / "packed")
-    saved = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
-    assert saved["qat"] is False and len(saved["layers"]) == 7
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "packed").eval()
-    assert torch.equal(logits(reloaded, IDS), packed_out)
-    assert sum(isinstance(m, PackedLinear) for m in reloaded.modules()) == 7
+    assert_freeze_round_trip(model, IDS, tmp_path / "packed", 7, AutoModelForSequenceClassification)
 
 
 def test_qat_callback_schedule_and_freeze_on_train_end(tmp_path) -> None:  # noqa: ANN001
