@@ -206,6 +206,13 @@ class SplitQuantHfQuantizer(HfQuantizer):
         clear_packed_marker(config)
         return super().update_attn_implementation(config)
 
+    def update_tp_plan(self, config: Any) -> Any:
+        # Older 5.x (5.6) has no update_attn_implementation; there this is the quantizer's look at the config
+        # before the weight files are resolved, so the guard goes here too.
+        clear_packed_marker(config)
+        parent = getattr(super(), "update_tp_plan", None)
+        return parent(config) if parent is not None else config
+
     def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any) -> None:
         if self.quantization_config.qat or (not self.pre_quantized and self.quantization_config.bit_allocation):
