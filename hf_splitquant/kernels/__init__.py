@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..methods import get_format
 from ..quant.int4 import Int4Term
-from ..quant.packing import packed_row_bytes, unpack_codes
+from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 
 __all__ = [
@@ -65,6 +65,8 @@ __all__ = [
     "int4_max_tokens",
     "build_int4_layout",
     "int4_linear",
+    "unpack_int4_weight",
+    "int4_stored_codes",
 ]
 
 KERNEL_MODES = ("auto", "fast", "reference")
@@ -197,6 +199,68 @@ def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4
     weight, scales_and_zeros, padded_rows = _pack_terms(parts, group, rows, cols)
     return Int4Layout(weight, scales_and_zeros, len(parts), group, cols, math.ceil(cols / group) * group, rows,
                       padded_rows, fmt.input_index(tensors, spec))
+
+
+#: rows per block of torch's CPU int4 packing (``_convert_weight_to_int4pack_for_cpu``): 32 with AVX2 kernels,
+#: 64 with AVX-512 ones; found once per process by packing a probe (``None``: unknown layout)
+_PACK_BLOCK: int | None | bool = False
+
+
+def _unpack_blocks(packed: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """Codes ``[rows, cols]`` of a CPU int4pack weight laid out as ``[rows / block][cols][block / 2]`` bytes,
+    byte ``j`` of a block holding rows ``j`` (low nibble) and ``j + block / 2`` (high nibble); a last
+    partial block holds rows ``2j`` and ``2j + 1`` per byte."""
+    flat = packed.reshape(-1)
+    out = torch.empty(rows, cols, dtype=torch.uint8)
+    full = rows // block
+    if full:
+        b = flat[: full * cols * block // 2].reshape(full, cols, block // 2)
+        out[: full * block] = torch.cat([b & 15, b >> 4], dim=-1).permute(0, 2, 1).reshape(full * block, cols)
+    tail = rows - full * block
+    if tail:
+        b = flat[full * cols * block // 2:].reshape(cols, tail // 2)
+        out[full * block:] = torch.stack([b & 15, b >> 4], dim=-1).reshape(cols, tail).t()
+    return out
+
+
+def _pack_block() -> int | None:
+    global _PACK_BLOCK
+    if _PACK_BLOCK is False:
+        _PACK_BLOCK = None
+        if int4_available():
+            probe = torch.randint(0, 16, (144, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+            for block in (32, 64):
+                if packed.numel() * 2 == probe.numel() and torch.equal(
+                        _unpack_blocks(packed, 144, 64, block).to(torch.int32), probe):
+                    _PACK_BLOCK = block
+                    break
+    return _PACK_BLOCK
+
+
+def unpack_int4_weight(layout: Int4Layout) -> torch.Tensor | None:
+    """The kernel codes (0..15, ``[padded_rows, padded_columns]`` uint8) of ``layout``, or ``None`` when this
+    torch packs them in a way this function does not know."""
+    block = _pack_block()
+    if block is None or layout.weight.numel() * 2 != layout.padded_rows * layout.padded_columns:
+        return None
+    return _unpack_blocks(layout.weight, layout.padded_rows, layout.padded_columns, block)
+
+
+def int4_stored_codes(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The stored ``weight`` tensor (packed codes) read back from the kernel layout and the layer's other
+    stored tensors (``tensors``), or ``None`` where the format or this torch cannot do it."""
+    q = unpack_int4_weight(layout)
+    if q is None:
+        return None
+    rows, cols = layout.out_features, layout.in_columns
+    sz = layout.scales_and_zeros.float()
+    terms = [(q[t * rows:(t + 1) * rows, :cols], sz[:, t * rows:(t + 1) * rows, 0].t(),
+              sz[:, t * rows:(t + 1) * rows, 1].t()) for t in range(layout.terms)]
+    codes = get_format(spec).int4_codes(terms, tensors, spec, layout.group)
+    if codes is None:
+        return None
+    return pack_codes(codes, spec.bits).reshape(-1)
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..quant.grid import ElementGrid, expand_params, num_groups
-from ..quant.int4 import Int4Term, affine_terms
+from ..quant.int4 import Int4Term, affine_codes, affine_terms
 from ..spec import LayerSpec
 
 __all__ = ["QuantFormat", "TensorShapes", "options_from_dict"]
@@ -175,6 +175,20 @@ class QuantFormat:
         origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
                   else torch.full_like(scale, float(2 ** (spec.bits - 1))))
         return affine_terms(codes, scale, origin, spec.bits, group)
+
+    def int4_codes(self, terms: list[Int4Term], tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
+                   group: int) -> torch.Tensor | None:
+        """Inverse of :meth:`int4_parts`: the stored codes (``[out, columns]`` int32) from the kernel's terms
+        (codes 0..15 ``[out, cols]``, step and zero per kernel group ``[out, groups]``) and the stored
+        tensors other than the codes, or ``None`` when this format cannot read its codes back (the layer
+        then keeps its stored codes next to the kernel layout)."""
+        cols = terms[0][0].shape[1]
+        if cols != self.columns(spec):
+            return None
+        zero = tensors.get("weight_zero")
+        origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
+                  else torch.full((spec.out_features, cols), float(2 ** (spec.bits - 1))))
+        return affine_codes(terms, origin, group, spec.bits)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -7,6 +7,12 @@ CPU kernel (as one or more terms) for RTN/OCS and 2-4 bit SplitQuant layers at u
 call, else dequantize (to bf16 on the fast path, to the input's dtype on the reference path) and
 ``F.linear``. The dequantized weight can also be
 cached (``cache_dequantized``) to trade memory for speed.
+
+Once the int4 layout exists the stored codes are not kept twice: where the codes read back from the
+layout equal the stored ones (checked when the layout is built), the ``weight`` buffer is dropped and
+rebuilt from the layout whenever it is needed (``state_dict`` / ``save_pretrained``, the dequantize
+paths, ``.to()``), so a layer holds its kernel layout plus the small grid tensors. Set
+``PackedLinear.keep_stored_codes = True`` (class-wide or per layer) to keep both.
 """
 
 from __future__ import annotations
@@ -25,11 +31,17 @@ __all__ = ["PackedLinear"]
 class PackedLinear(nn.Module):
     """A linear layer ``y = x W^T + b`` with ``W`` stored packed as described by ``spec``.
 
+    Attributes:
+        keep_stored_codes: keep the stored codes next to the int4 layout (default ``False``: they are
+            dropped once the layout is built and verified to give them back exactly).
+
     Args:
         spec: the layer's :class:`~hf_splitquant.spec.LayerSpec`.
         device: where to allocate the (empty) packed buffers; ``"meta"`` for a loading skeleton.
         dtype: dtype of the float bias.
     """
+
+    keep_stored_codes: bool = False
 
     def __init__(self, spec: LayerSpec, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -83,8 +95,50 @@ class PackedLinear(nn.Module):
             self._cached = None
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors, keyed by state-dict suffix."""
-        return {name: getattr(self, name) for name in tensor_shapes(self.spec)}
+        """The stored tensors, keyed by state-dict suffix (the codes read back from the int4 layout
+        where they were dropped)."""
+        tensors = {name: self._buffers[name] for name in tensor_shapes(self.spec)}
+        if tensors["weight"] is None:
+            tensors["weight"] = self._codes_from_layout(tensors)
+        return tensors
+
+    @property
+    def codes_dropped(self) -> bool:
+        """Whether the stored codes live only in the int4 layout (rebuilt from it when needed)."""
+        return self._buffers.get("weight", 0) is None
+
+    def _codes_from_layout(self, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        codes = kernels.int4_stored_codes(self.spec, self._int4, tensors) if self._int4 is not None else None
+        if codes is None:  # cannot happen: codes are dropped only after this very read-back matched them
+            raise RuntimeError("hf_splitquant: the stored codes of this layer were dropped but cannot be read back "
+                               "from its int4 layout; please report this bug")
+        return codes
+
+    def restore_stored_codes(self) -> None:
+        """Put the stored codes back into the ``weight`` buffer (no-op when they are there)."""
+        if self.codes_dropped:
+            self._buffers["weight"] = self._codes_from_layout(dict(self._buffers))
+
+    def _drop_stored_codes(self) -> None:
+        """Drop the stored codes if the int4 layout gives them back exactly."""
+        if self.keep_stored_codes or self._int4 is None or self.codes_dropped:
+            return
+        tensors = self.packed_tensors()
+        if tensors["weight"].device.type != "cpu":
+            return
+        back = kernels.int4_stored_codes(self.spec, self._int4, tensors)
+        if back is not None and torch.equal(back, tensors["weight"]):
+            self._buffers["weight"] = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
+        if not self.codes_dropped:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # the state dict holds the stored codes, read back from the layout, in their usual place
+        self._buffers["weight"] = self._codes_from_layout(dict(self._buffers))
+        try:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._buffers["weight"] = None
 
     def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the packed buffers (shapes and dtypes must match the spec)."""
@@ -96,7 +150,7 @@ class PackedLinear(nn.Module):
                 )
             self._buffers[name] = t
         self._cached = None
-        self._int4 = None
+        self._int4 = None  # the codes are in the buffers again
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float ``[out, in]`` weight this layer computes with."""
@@ -104,12 +158,14 @@ class PackedLinear(nn.Module):
         return dequantize_weight(self.packed_tensors(), self.spec, dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        self.restore_stored_codes()  # a buffer to load into (and the right codes if the key is missing)
         self._cached = None
         self._int4 = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
-        # moving or casting the module invalidates derived layouts
+        # moving or casting the module invalidates derived layouts (the codes move with the module)
+        self.restore_stored_codes()
         self._cached = None
         self._int4 = None
         self._int4_ok = None
@@ -142,6 +198,7 @@ class PackedLinear(nn.Module):
             layout = self._int4
             if layout is None:
                 layout = self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
+                self._drop_stored_codes()
             if layout is not None:
                 return kernels.int4_linear(x, layout, self.bias)
             self._int4_ok = (x.device, False, 0)  # these tensors have no int4 form: dequantize from now on

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Int4Term", "group_offsets", "affine_terms"]
+__all__ = ["Int4Term", "group_offsets", "affine_terms", "affine_codes"]
 
 #: (codes 0..15 ``[out, cols]``, step ``[out, cols]``, zero ``[out, cols]``); step and zero are
 #: constant over each kernel group (the kernel reads them from the group's first column)
@@ -47,3 +47,29 @@ def affine_terms(codes: torch.Tensor, scale: torch.Tensor, origin: torch.Tensor,
     e = group_offsets(d, group, -136, 119)
     t = (d - e + 136).to(torch.int32)
     return [(t // 16, 16 * scale, torch.zeros_like(scale)), (t % 16, scale, e * scale)]
+
+
+def affine_codes(terms: list[Int4Term], origin: torch.Tensor, group: int, bits: int) -> torch.Tensor | None:
+    """Inverse of :func:`affine_terms`: the integer codes ``q`` (``[out, cols]``, int32) from the kernel's
+    terms, where each term's step and zero are given per kernel group (``[out, groups]``).
+
+    The per-group offset ``e`` is read back from the last term as ``zero / step`` (an integer, exact
+    whenever ``|e| * 2^-8 < 0.5``). ``None`` when the terms are not of :func:`affine_terms`' form or
+    give codes outside ``[0, 2^bits)``; callers compare the result with the stored codes before relying on it.
+    """
+    if len(terms) not in (1, 2) or (len(terms) == 2) != (bits > 4):
+        return None
+    _, step, zero = terms[-1]
+    e = torch.round(zero.float() / step.float())
+    if not torch.isfinite(e).all():
+        return None
+    if len(terms) == 1:
+        d = terms[0][0].to(torch.int32) - 8
+    else:
+        d = terms[0][0].to(torch.int32) * 16 + terms[1][0].to(torch.int32) - 136
+    cols = d.shape[1]
+    d = d + e.to(torch.int32).repeat_interleave(group, dim=1)[:, :cols]
+    codes = d + origin.round().to(torch.int32)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
+        return None
+    return codes
