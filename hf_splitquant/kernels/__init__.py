@@ -42,7 +42,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,7 @@ __all__ = [
     "int4_linear",
     "unpack_int4_weight",
     "int4_stored_codes",
+    "int4_stored_rows",
 ]
 
 KERNEL_MODES = ("auto", "fast", "reference")
@@ -260,6 +261,43 @@ def int4_stored_codes(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, to
     codes = get_format(spec).int4_codes(terms, tensors, spec, layout.group)
     if codes is None:
         return None
+    return pack_codes(codes, spec.bits).reshape(-1)
+
+
+def _unpack_rows(layout: Int4Layout, rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Kernel codes of the layout rows ``rows`` (``[n, padded_columns]`` uint8), gathered without unpacking the
+    others (the layout of :func:`_unpack_blocks`)."""
+    cols, total = layout.padded_columns, layout.padded_rows
+    half, full = block // 2, (total // block) * block
+    k = torch.arange(cols).unsqueeze(0)
+    r = rows.unsqueeze(1)
+    in_block = r < full
+    tail = max(total - full, 2)
+    byte = torch.where(in_block, (r // block) * cols * half + k * half + (r % block) % half,
+                       (full // block) * cols * half + k * (tail // 2) + (r - full).clamp(min=0) // 2)
+    high = torch.where(in_block, (r % block) >= half, (r - full).clamp(min=0) % 2 == 1)
+    b = layout.weight.reshape(-1)[byte]
+    return torch.where(high, b >> 4, b & 15)
+
+
+def int4_stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor],
+                     rows: torch.Tensor) -> torch.Tensor:
+    """The stored codes of rows ``rows`` (packed, flat), read back from the int4 layout of a one- or
+    two-term layer whose codes were dropped; ``tensors`` are the layer's other stored tensors already
+    restricted to those rows (an embedding lookup reads only the rows it needs)."""
+    block = _pack_block()
+    if block is None:
+        raise RuntimeError("hf_splitquant: cannot read this torch's int4 layout back (the codes should not have "
+                           "been dropped); please report this bug")
+    n, cols = rows.numel(), layout.in_columns
+    sz = layout.scales_and_zeros.float()
+    terms = []
+    for t in range(layout.terms):
+        picked = rows + t * layout.out_features
+        terms.append((_unpack_rows(layout, picked, block)[:, :cols], sz[:, picked, 0].t(), sz[:, picked, 1].t()))
+    codes = get_format(spec).int4_codes(terms, tensors, replace(spec, out_features=max(n, 1)), layout.group)
+    if codes is None:
+        raise RuntimeError("hf_splitquant: the int4 layout does not give these rows' codes back; please report this bug")
     return pack_codes(codes, spec.bits).reshape(-1)
 
 
