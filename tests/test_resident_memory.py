@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import hf_splitquant
 from hf_splitquant import kernels
+from hf_splitquant.methods import get_format
 from hf_splitquant.modeling import iter_packed_modules
 from hf_splitquant.nn.packed_linear import PackedLinear
 from hf_splitquant.spec import LayerSpec
@@ -63,14 +64,14 @@ def test_codes_are_not_kept_twice_and_save_after_forward_reloads_exactly(tmp_pat
                                    progress=False)
     model.save_pretrained(tmp_path / "before")
     packed = dict(iter_packed_modules(model))
-    stored = {name: sum(t.numel() * t.element_size() for t in m.packed_tensors().values()) for name, m in packed.items()}
-    codes = {name: m.weight.numel() for name, m in packed.items()}
     logits = _forward(model)
-    for name, module in packed.items():
-        held = sum(t.numel() * t.element_size() for t in module.buffers()) + module._int4.nbytes()
-        # without the drop a layer would hold its stored tensors plus the layout
-        assert held == stored[name] - codes[name] + module._int4.nbytes()
-        assert module.weight is None
+    for module in packed.values():
+        layout = module._int4
+        # the layer holds only its int4 layout: codes and grid (one compact byte per group) live there
+        assert module.weight is None and module.weight_scale is None and module.weight_zero is None
+        assert sum(t.numel() for t in module.buffers()) == 0
+        assert layout.residual.dtype == torch.uint8 and layout.residual.shape == (module.out_features,
+                                                                                   module.in_features // 32)
     model.save_pretrained(tmp_path / "after")
     a = load_file(tmp_path / "before" / "model.safetensors")
     b = load_file(tmp_path / "after" / "model.safetensors")
@@ -92,9 +93,9 @@ def test_resident_bytes_drop_after_forward() -> None:
     model = hf_splitquant.quantize(tiny_llama().eval(), hf_splitquant.SplitQuantConfig(bits=4, group_size=32),
                                    progress=False)
     _forward(model)
-    codes = sum(m.spec.out_features * m.spec.in_features // 2 for _, m in iter_packed_modules(model))
-    assert resident_bytes(model) == both - codes
-
+    stored = sum(get_format(m.spec).stored_bytes(m.spec) for _, m in iter_packed_modules(model))
+    residual = sum(m._int4.residual.numel() for _, m in iter_packed_modules(model))
+    assert resident_bytes(model) == both - stored + residual
 
 def test_dropped_codes_come_back_for_other_paths_and_moves() -> None:
     torch.manual_seed(0)

@@ -68,6 +68,9 @@ __all__ = [
     "unpack_int4_weight",
     "int4_stored_codes",
     "int4_stored_rows",
+    "LAYOUT_BLOCK_ROWS",
+    "int4_grid_residual",
+    "int4_grid_tensors",
 ]
 
 KERNEL_MODES = ("auto", "fast", "reference")
@@ -159,9 +162,12 @@ class Int4Layout:
     out_features: int
     padded_rows: int  # of all the stacked terms
     input_index: torch.Tensor | None
+    #: the layer's grid tensors beyond the kernel's scales, compact (set where the layer dropped them)
+    residual: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size() + self.scales_and_zeros.numel() * 2
+        extra = self.residual.numel() * self.residual.element_size() if self.residual is not None else 0
+        return self.weight.numel() * self.weight.element_size() + self.scales_and_zeros.numel() * 2 + extra
 
 
 def _pack_terms(parts: list[Int4Term], group: int, rows: int,
@@ -184,11 +190,54 @@ def _pack_terms(parts: list[Int4Term], group: int, rows: int,
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz, padded_rows
 
 
+#: rows converted at a time when a large one-term layer (an embedding table used as the output head) is
+#: converted into the kernel layout: the float and int32 temporaries stay at this many rows
+LAYOUT_BLOCK_ROWS = 4096
+
+
+def _row_slice(tensors: dict[str, torch.Tensor], rows: int, start: int, n: int) -> dict[str, torch.Tensor]:
+    """Rows ``start .. start + n`` of stored tensors whose first dimension is proportional to the rows."""
+    out = {}
+    for name, t in tensors.items():
+        per_row = t.shape[0] // rows
+        out[name] = t[start * per_row:(start + n) * per_row]
+    return out
+
+
+def _build_in_row_blocks(spec: LayerSpec, tensors: dict[str, torch.Tensor], group: int) -> Int4Layout | None:
+    """:func:`build_int4_layout` of a one-term layer whose rows are independent, converted
+    ``LAYOUT_BLOCK_ROWS`` rows at a time (blocks of the kernel's row blocks, so the packed blocks follow
+    each other as in one conversion)."""
+    fmt = get_format(spec)
+    rows, stored_cols = spec.out_features, fmt.columns(spec)
+    weights, sz_parts, cols = [], [], None
+    for start in range(0, rows, LAYOUT_BLOCK_ROWS):
+        n = min(LAYOUT_BLOCK_ROWS, rows - start)
+        sub = _row_slice(tensors, rows, start, n)
+        sub_spec = replace(spec, out_features=n)
+        codes = unpack_codes(sub["weight"].reshape(n, packed_row_bytes(stored_cols, spec.bits)), spec.bits, stored_cols)
+        parts = fmt.int4_parts(sub, sub_spec, codes, group)
+        if parts is None or len(parts) != 1:
+            return None
+        cols = parts[0][0].shape[1]
+        weight, sz, _ = _pack_terms(parts, group, n, cols)
+        weights.append(weight)
+        sz_parts.append(sz)
+        del parts, codes
+    padded_rows = math.ceil(rows / 16) * 16
+    return Int4Layout(torch.cat(weights), torch.cat(sz_parts, dim=1), 1, group, cols, math.ceil(cols / group) * group,
+                      rows, padded_rows, fmt.input_index(tensors, spec))
+
+
 def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4Layout | None:
     """Convert stored codes and grid parameters into int4-kernel terms (exact up to bf16 grids), or
     ``None`` when the format cannot write these tensors as terms."""
     fmt = get_format(spec)
     group = _kernel_group(spec)
+    block = _pack_block()
+    if (fmt.rows_independent and fmt.int4_terms(spec) == 1 and spec.out_features > LAYOUT_BLOCK_ROWS
+            and block is not None and LAYOUT_BLOCK_ROWS % block == 0):
+        return _build_in_row_blocks(spec, tensors, group)
     stored_cols = fmt.columns(spec)
     rows = spec.out_features
     codes = unpack_codes(tensors["weight"].reshape(rows, packed_row_bytes(stored_cols, spec.bits)), spec.bits,
@@ -299,6 +348,23 @@ def int4_stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, tor
     if codes is None:
         raise RuntimeError("hf_splitquant: the int4 layout does not give these rows' codes back; please report this bug")
     return pack_codes(codes, spec.bits).reshape(-1)
+
+
+def int4_grid_residual(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The compact remainder of the layer's grid tensors beyond the layout's bf16 scales, or ``None``."""
+    if layout.terms != 1:
+        return None
+    kernel_scale = layout.scales_and_zeros[:, : layout.out_features, 0].t()
+    return get_format(spec).int4_grid_residual(tensors, spec, kernel_scale)
+
+
+def int4_grid_tensors(spec: LayerSpec, layout: Int4Layout, residual: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The grid tensors (all rows, or ``rows``) from the layout's scales and the compact ``residual``."""
+    sz = layout.scales_and_zeros
+    if rows is None:
+        return get_format(spec).int4_grid(residual, spec, sz[:, : layout.out_features, 0].t())
+    return get_format(spec).int4_grid(residual.index_select(0, rows), spec, sz[:, rows, 0].t())
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:

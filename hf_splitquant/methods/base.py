@@ -66,6 +66,9 @@ class QuantFormat:
     tensor_roles: ClassVar[dict[str, str]] = {"weight": "codes", "weight_scale": "scales", "weight_zero": "zero_points"}
     #: whether :meth:`clipped_grid` exists (grids with ranges that may be shrunk)
     has_clipped_grids: ClassVar[bool] = False
+    #: every output row is quantized on its own (no statistic spans rows): a large weight can be quantized
+    #: in blocks of rows, which bounds the float temporaries (:func:`hf_splitquant.methods.quantize_weight`)
+    rows_independent: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- stored tensors
 
@@ -188,7 +191,20 @@ class QuantFormat:
         zero = tensors.get("weight_zero")
         origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
                   else torch.full((spec.out_features, cols), float(2 ** (spec.bits - 1))))
-        return affine_codes(terms, origin, group, spec.bits)
+        scale = tensors["weight_scale"].float()
+        groups = terms[-1][1].shape[1]
+        scale = scale.expand(-1, groups) if scale.shape[1] == 1 else scale[:, :groups]
+        return affine_codes(terms, origin, group, spec.bits, scale if scale.shape[1] == groups else None)
+
+    def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
+                           kernel_scale: torch.Tensor) -> torch.Tensor | None:
+        """What the grid tensors (scales, zero points) hold beyond the kernel's bf16 scales
+        (``kernel_scale``, ``[out, kernel groups]``), compact, or ``None`` (the default: they stay stored)."""
+        return None
+
+    def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`int4_grid_residual`: the grid tensors, by state-dict suffix."""
+        raise NotImplementedError(f"the {self.name!r} format keeps its grid tensors")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -70,6 +70,8 @@ class PackedEmbedding(PackedLinear):
         spec = self.spec
         tensors = {name: buf for name, buf in self._buffers.items() if name.startswith("weight")}
         picked = {name: t.index_select(0, flat) for name, t in tensors.items() if name != "weight" and t is not None}
+        if len(picked) < len(tensors) - 1:  # the grid lives in the int4 layout too: just these rows
+            picked.update(kernels.int4_grid_tensors(spec, self._int4, self._int4.residual, flat))
         if tensors["weight"] is not None:
             codes = tensors["weight"].reshape(spec.out_features, packed_row_bytes(spec.in_features, spec.bits))
             picked["weight"] = codes.index_select(0, flat).reshape(-1)

@@ -95,50 +95,71 @@ class PackedLinear(nn.Module):
             self._cached = None
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors, keyed by state-dict suffix (the codes read back from the int4 layout
-        where they were dropped)."""
+        """The stored tensors, keyed by state-dict suffix (read back from the int4 layout where they were
+        dropped)."""
         tensors = {name: self._buffers[name] for name in tensor_shapes(self.spec)}
-        if tensors["weight"] is None:
-            tensors["weight"] = self._codes_from_layout(tensors)
+        if any(t is None for t in tensors.values()):
+            tensors = self._from_layout(tensors)
         return tensors
 
     @property
     def codes_dropped(self) -> bool:
-        """Whether the stored codes live only in the int4 layout (rebuilt from it when needed)."""
+        """Whether the stored tensors (the codes, and where the format can, the grid) live only in the int4
+        layout (read back from it when needed)."""
         return self._buffers.get("weight", 0) is None
 
-    def _codes_from_layout(self, tensors: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        codes = kernels.int4_stored_codes(self.spec, self._int4, tensors) if self._int4 is not None else None
-        if codes is None:  # cannot happen: codes are dropped only after this very read-back matched them
-            raise RuntimeError("hf_splitquant: the stored codes of this layer were dropped but cannot be read back "
+    def _from_layout(self, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        layout = self._int4
+        tensors = dict(tensors)
+        if layout is not None and layout.residual is not None and any(
+                tensors.get(name) is None for name in tensor_shapes(self.spec) if name != "weight"):
+            tensors.update(kernels.int4_grid_tensors(self.spec, layout, layout.residual))
+        codes = kernels.int4_stored_codes(self.spec, layout, tensors) if layout is not None else None
+        if codes is None or any(t is None for name, t in tensors.items() if name != "weight"):
+            # cannot happen: tensors are dropped only after this very read-back matched them
+            raise RuntimeError("hf_splitquant: the stored tensors of this layer were dropped but cannot be read back "
                                "from its int4 layout; please report this bug")
-        return codes
+        tensors["weight"] = codes
+        return tensors
 
     def restore_stored_codes(self) -> None:
-        """Put the stored codes back into the ``weight`` buffer (no-op when they are there)."""
+        """Put the stored tensors back into their buffers (no-op when they are there)."""
         if self.codes_dropped:
-            self._buffers["weight"] = self._codes_from_layout(dict(self._buffers))
+            self._buffers.update(self._from_layout({n: self._buffers[n] for n in tensor_shapes(self.spec)}))
+            self._int4.residual = None
 
     def _drop_stored_codes(self) -> None:
-        """Drop the stored codes if the int4 layout gives them back exactly."""
-        if self.keep_stored_codes or self._int4 is None or self.codes_dropped:
+        """Drop the stored codes (and the grid tensors, kept compact) if the int4 layout gives them back exactly."""
+        layout = self._int4
+        if self.keep_stored_codes or layout is None or self.codes_dropped:
             return
         tensors = self.packed_tensors()
         if tensors["weight"].device.type != "cpu":
             return
-        back = kernels.int4_stored_codes(self.spec, self._int4, tensors)
-        if back is not None and torch.equal(back, tensors["weight"]):
-            self._buffers["weight"] = None
+        back = kernels.int4_stored_codes(self.spec, layout, tensors)
+        if back is None or not torch.equal(back, tensors["weight"]):
+            return
+        residual = kernels.int4_grid_residual(self.spec, layout, tensors)
+        grid_names = [name for name in tensors if name != "weight"]
+        if residual is not None:
+            grid = kernels.int4_grid_tensors(self.spec, layout, residual)
+            if set(grid) == set(grid_names) and all(torch.equal(grid[n], tensors[n]) for n in grid_names):
+                layout.residual = residual
+                for name in grid_names:
+                    self._buffers[name] = None
+        self._buffers["weight"] = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
         if not self.codes_dropped:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
-        # the state dict holds the stored codes, read back from the layout, in their usual place
-        self._buffers["weight"] = self._codes_from_layout(dict(self._buffers))
+        # the state dict holds the stored tensors, read back from the layout, in their usual places
+        names = [n for n in tensor_shapes(self.spec) if self._buffers[n] is None]
+        self._buffers.update(self._from_layout({n: self._buffers[n] for n in tensor_shapes(self.spec)}))
         try:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         finally:
-            self._buffers["weight"] = None
+            for name in names:
+                self._buffers[name] = None
 
     def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the packed buffers (shapes and dtypes must match the spec)."""
