@@ -300,10 +300,24 @@ def unpack_int4_weight(layout: Int4Layout) -> torch.Tensor | None:
 def int4_stored_codes(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The stored ``weight`` tensor (packed codes) read back from the kernel layout and the layer's other
     stored tensors (``tensors``), or ``None`` where the format or this torch cannot do it."""
+    fmt = get_format(spec)
+    rows = layout.out_features
+    if fmt.rows_independent and rows > LAYOUT_BLOCK_ROWS and _pack_block() is not None:
+        # a large table (an embedding) in blocks of rows: the integer temporaries stay at one block
+        per_row = packed_row_bytes(fmt.columns(spec), spec.bits)
+        out = torch.empty(rows * per_row, dtype=torch.uint8)
+        others = {k: v for k, v in tensors.items() if k != "weight" and v is not None}
+        for start in range(0, rows, LAYOUT_BLOCK_ROWS):
+            n = min(LAYOUT_BLOCK_ROWS, rows - start)
+            codes = _stored_rows(spec, layout, _row_slice(others, rows, start, n), torch.arange(start, start + n))
+            if codes is None:
+                return None
+            out[start * per_row:(start + n) * per_row] = codes
+        return out
     q = unpack_int4_weight(layout)
     if q is None:
         return None
-    rows, cols = layout.out_features, layout.in_columns
+    cols = layout.in_columns
     sz = layout.scales_and_zeros.float()
     terms = [(q[t * rows:(t + 1) * rows, :cols], sz[:, t * rows:(t + 1) * rows, 0].t(),
               sz[:, t * rows:(t + 1) * rows, 1].t()) for t in range(layout.terms)]
@@ -334,10 +348,18 @@ def int4_stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, tor
     """The stored codes of rows ``rows`` (packed, flat), read back from the int4 layout of a one- or
     two-term layer whose codes were dropped; ``tensors`` are the layer's other stored tensors already
     restricted to those rows (an embedding lookup reads only the rows it needs)."""
+    codes = _stored_rows(spec, layout, tensors, rows)
+    if codes is None:
+        raise RuntimeError("hf_splitquant: the int4 layout does not give these rows' codes back (they should not "
+                           "have been dropped); please report this bug")
+    return codes
+
+
+def _stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor],
+                 rows: torch.Tensor) -> torch.Tensor | None:
     block = _pack_block()
     if block is None:
-        raise RuntimeError("hf_splitquant: cannot read this torch's int4 layout back (the codes should not have "
-                           "been dropped); please report this bug")
+        return None
     n, cols = rows.numel(), layout.in_columns
     sz = layout.scales_and_zeros.float()
     terms = []
@@ -345,9 +367,7 @@ def int4_stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, tor
         picked = rows + t * layout.out_features
         terms.append((_unpack_rows(layout, picked, block)[:, :cols], sz[:, picked, 0].t(), sz[:, picked, 1].t()))
     codes = get_format(spec).int4_codes(terms, tensors, replace(spec, out_features=max(n, 1)), layout.group)
-    if codes is None:
-        raise RuntimeError("hf_splitquant: the int4 layout does not give these rows' codes back; please report this bug")
-    return pack_codes(codes, spec.bits).reshape(-1)
+    return None if codes is None else pack_codes(codes, spec.bits).reshape(-1)
 
 
 def int4_grid_residual(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
