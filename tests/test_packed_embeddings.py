@@ -167,3 +167,13 @@ def test_spec_validation() -> None:
         LayerSpec(in_features=8, out_features=8, bits=4, source="Embedding", has_bias=True)
     with pytest.raises(ValueError, match="Embedding"):
         LayerSpec(in_features=8, out_features=8, bits=4, source="Embedding", has_bias=False, transform="splitquant")
+
+
+def test_cli_quantize_with_embedding_bits(float_checkpoints, tmp_path: Path) -> None:  # noqa: ANN001
+    from hf_splitquant.cli import main
+
+    out = tmp_path / "out"
+    assert main(["quantize", float_checkpoints["llama"], "-o", str(out), "--embedding-bits", "4"]) == 0
+    model = load_causal_lm(out)
+    assert isinstance(model.get_output_embeddings(), TiedPackedHead)
+    assert model.get_input_embeddings().spec.bits == 4
