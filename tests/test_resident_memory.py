@@ -137,10 +137,12 @@ def status(key):
 
 torch.manual_seed(0)
 w = torch.randn(16384, 512).to(torch.bfloat16)  # 32 MiB in float32, like a large embedding table
+spec = LayerSpec(in_features=512, out_features=16384, bits=4, group_size=64)
+methods.quantize_weight(w[:64], LayerSpec(in_features=512, out_features=64, bits=4, group_size=64))  # lazy inits
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the resident high-water mark (VmHWM) to the current resident size
 before = status("VmHWM")
-out = methods.quantize_weight(w, LayerSpec(in_features=512, out_features=16384, bits=4, group_size=64))
+out = methods.quantize_weight(w, spec)
 peak = status("VmHWM")
 packed = sum(t.numel() * t.element_size() for t in out.values())
 print(json.dumps({"before": before, "rss": status("VmRSS"), "peak": peak, "packed": packed, "layer": w.numel() * 4}))
