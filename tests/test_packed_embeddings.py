@@ -177,3 +177,12 @@ def test_cli_quantize_with_embedding_bits(float_checkpoints, tmp_path: Path) -> 
     model = load_causal_lm(out)
     assert isinstance(model.get_output_embeddings(), TiedPackedHead)
     assert model.get_input_embeddings().spec.bits == 4
+
+
+def test_model_card_says_the_embeddings_are_packed(tmp_path: Path) -> None:
+    from hf_splitquant.integrations.hub import build_model_card
+
+    _packed().save_pretrained(tmp_path)
+    card = str(build_model_card(tmp_path))
+    assert "| embeddings and head | packed, RTN int4" in card
+    assert "embeddings, norms, tied weights and the output head" not in card
