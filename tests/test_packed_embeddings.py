@@ -186,3 +186,15 @@ def test_model_card_says_the_embeddings_are_packed(tmp_path: Path) -> None:
     card = str(build_model_card(tmp_path))
     assert "| embeddings and head | packed, RTN int4" in card
     assert "embeddings, norms, tied weights and the output head" not in card
+
+
+def test_bit_allocation_on_load_packs_the_embeddings_too(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "float")
+    config = SplitQuantConfig(bits=4, group_size=32, bit_allocation="mixquant", target_bits=4.5, embedding_bits=8)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config).eval()
+    assert isinstance(model.get_output_embeddings(), TiedPackedHead)
+    assert model.config.quantization_config.format_version == 3
+    logits = _logits(model)
+    model.save_pretrained(tmp_path / "packed")
+    assert torch.equal(_logits(load_causal_lm(tmp_path / "packed")), logits)
