@@ -229,6 +229,8 @@ def measure_load(args: argparse.Namespace) -> None:
     getattr(transformers, info.model_class)  # import the modeling module before the baseline
     getattr(transformers, info.auto_class)
     config = None if args.measure_load == FLOAT else make_config(args.bits[0], args.group_sizes[0], args.measure_load)
+    if config is not None and args.embedding_bits is not None:  # packed embedding and head too
+        config.embedding_bits = args.embedding_bits
     gc.collect()
     with UssSampler() as sampler:
         before = sampler.uss()
@@ -690,6 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure nothing: print the tables of earlier --output files, merging the "
                              "configurations of the same model (the float row comes from the first file)")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--embedding-bits", type=int, default=None,
+                        help="with --measure-load: SplitQuantConfig(embedding_bits=...) (packed embedding and head)")
     return parser
 
 

@@ -18,11 +18,12 @@ from .methods.gptq import GPTQOptions
 from .patterns import compile_module_patterns
 from .spec import LayerSpec
 
-__all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD"]
+__all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD", "written_format_version"]
 
 QUANT_METHOD = "splitquant"
-#: Version of the packed storage format this library writes and reads.
-FORMAT_VERSION = 2
+#: Newest version of the packed storage format this library reads (and writes where a checkpoint needs it:
+#: see :func:`written_format_version`).
+FORMAT_VERSION = 3
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: ``None`` and ``"rtn"`` both mean plain round-to-nearest
 ALLOWED_TRANSFORMS = (None, *format_names())
@@ -31,6 +32,15 @@ ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length", "sensitivity")
 ROUNDING_OPTIONS: dict[str, Any] = {"attention_round": AttentionRoundOptions, "gptq": GPTQOptions}
 ALLOWED_ROUNDINGS = (None, *ROUNDING_OPTIONS)
 ALLOWED_ERRORS = ("mse", "mae")
+
+
+def written_format_version(layers: dict[str, dict[str, Any]] | None) -> int:
+    """The version a checkpoint with this per-layer map is written with: the oldest that describes it
+    (3 for packed embeddings, else 2), so checkpoints without the newer features stay readable by older
+    hf_splitquant releases."""
+    if any(isinstance(spec, dict) and spec.get("source") == "Embedding" for spec in (layers or {}).values()):
+        return 3
+    return 2
 
 
 #: config fields that are copied into the layer specs of the formats that read them
@@ -119,7 +129,13 @@ class SplitQuantConfig(QuantizationConfigMixin):
             components matched anywhere (``"intermediate"``, ``"layer.1"`` but not ``layer.11``), a
             suffix, or a regex. ``None`` keeps the default: the output head (the module owning the
             model's last parameter, e.g. ``classifier`` or ``lm_head``). An explicit list replaces
-            that default. Tied weights, embeddings and norms are never quantized.
+            that default. Tied weights, embeddings and norms are not quantized (see ``embedding_bits``).
+        embedding_bits: ``None`` (default) keeps the input embedding and the output head in float; 2..8
+            packs them, round to nearest at this width with the config's ``group_size``, ``symmetric``,
+            ``scale_dtype`` and ``clip``: the input embedding becomes a ``PackedEmbedding`` (a lookup
+            dequantizes only its rows) and an output head tied to it computes on the same packed table (one
+            tensor, the int4 kernel path); an untied head becomes a packed linear layer. Checkpoints with a
+            packed embedding use format version 3. Not with ``qat`` or ``rounding``.
         seed: seed of the k-means initialisation (results are deterministic for a seed).
         layers: written by the library: the per-layer spec of every quantized module, keyed by
             module path relative to the base model. Do not set it by hand.
@@ -150,9 +166,10 @@ class SplitQuantConfig(QuantizationConfigMixin):
         qat_learn_scales: bool = False,
         scale_dtype: str = "float16",
         modules_to_not_convert: list[str] | None = None,
+        embedding_bits: int | None = None,
         seed: int = 0,
         layers: dict[str, dict[str, Any]] | None = None,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
         quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ) -> None:
@@ -184,9 +201,10 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self.qat_learn_scales = qat_learn_scales
         self.scale_dtype = scale_dtype
         self.modules_to_not_convert = modules_to_not_convert
+        self.embedding_bits = embedding_bits
         self.seed = seed
         self.layers = layers
-        self.format_version = format_version
+        self.format_version = format_version if format_version is not None else written_format_version(layers)
         self.post_init()
 
     @staticmethod
@@ -195,7 +213,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
                 "ocs_layout", "clip", "bit_allocation", "target_bits", "mixquant_candidates", "mixquant_reference_bits",
                 "mixquant_qem", "mixquant_error", "coding_length_eps", "rounding", "rounding_options", "qat",
                 "qat_learn_scales", "scale_dtype",
-                "modules_to_not_convert", "seed", "layers", "format_version", "quant_method")
+                "modules_to_not_convert", "embedding_bits", "seed", "layers", "format_version", "quant_method")
 
     def post_init(self) -> None:
         """Validate every field; raises ``ValueError`` naming the field and the allowed values."""
@@ -269,6 +287,16 @@ class SplitQuantConfig(QuantizationConfigMixin):
         if self.modules_to_not_convert is not None:
             self.modules_to_not_convert = list(self.modules_to_not_convert)
             compile_module_patterns(self.modules_to_not_convert)  # a bad regex fails here, naming the field
+        if self.embedding_bits is not None:
+            if not _is_int(self.embedding_bits) or self.embedding_bits not in ALLOWED_BITS:
+                raise ValueError(f"`embedding_bits` must be None (embeddings and head in float) or one of {ALLOWED_BITS}, "
+                                 f"got {self.embedding_bits!r}")
+            if self.qat:
+                raise ValueError("`embedding_bits` is not supported with `qat=True` (QAT trains the float embedding): "
+                                 "set one of them")
+            if self.rounding is not None:
+                raise ValueError(f"`embedding_bits` is not supported with `rounding={self.rounding!r}` (calibrated "
+                                 "codes cover linear layers only): quantize the embeddings with rounding=None")
         if not _is_int(self.seed):
             raise ValueError(f"`seed` must be an integer, got {self.seed!r}")
         if self.layers is not None:
@@ -319,6 +347,20 @@ class SplitQuantConfig(QuantizationConfigMixin):
             per_channel = replace(spec, group_size=None)
             if tensor_shapes(spec) == tensor_shapes(per_channel):  # one group per row either way
                 return per_channel
+        return spec
+
+    def embedding_spec(self, in_features: int, out_features: int, source: str = "Embedding",
+                       has_bias: bool = False) -> LayerSpec:
+        """The round-to-nearest spec of a packed input embedding (``source="Embedding"``, ``in_features`` =
+        hidden size, ``out_features`` = vocabulary) or of an untied output head (``source="Linear"``) at
+        ``embedding_bits``."""
+        if self.embedding_bits is None:
+            raise ValueError("`embedding_bits` is None: this config keeps the embeddings in float")
+        spec = LayerSpec(in_features=in_features, out_features=out_features, bits=self.embedding_bits,
+                         group_size=self.group_size, symmetric=self.symmetric, transform="rtn",
+                         scale_dtype=self.scale_dtype, source=source, has_bias=has_bias, clip=self.clip)
+        if spec.group_size is not None and tensor_shapes(spec) == tensor_shapes(replace(spec, group_size=None)):
+            return replace(spec, group_size=None)
         return spec
 
     @classmethod

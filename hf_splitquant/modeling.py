@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .config import SplitQuantConfig
+from .config import SplitQuantConfig, written_format_version
 from .memory import release_freed_memory
 from .methods import quantize_weight
+from .nn.packed_embedding import PackedEmbedding, TiedPackedHead
 from .nn.packed_linear import PackedLinear
 from .patterns import compile_module_patterns, matches_any
 from .spec import LayerSpec
@@ -40,6 +41,7 @@ __all__ = [
     "set_module",
     "spec_for_module",
     "iter_packed_modules",
+    "embedding_modules",
     "quantize_layer",
     "search_bit_widths",
     "quantize_modules",
@@ -164,6 +166,59 @@ def iter_packed_modules(model: nn.Module) -> Iterator[tuple[str, PackedLinear]]:
 
 
 
+def embedding_modules(model: nn.Module) -> tuple[tuple[str, nn.Module] | None, tuple[str, nn.Module] | None, bool]:
+    """``(input embedding, output head, tied)``: each ``(path, module)`` or ``None``; ``tied`` when the
+    head computes with the input embedding's table (same weight, or a :class:`TiedPackedHead`)."""
+    def find(getter: str) -> tuple[str, nn.Module] | None:
+        get = getattr(model, getter, None)
+        module = get() if callable(get) else None
+        if module is None:
+            return None
+        return next(((name, m) for name, m in model.named_modules() if m is module), None)
+
+    try:
+        inp, out = find("get_input_embeddings"), find("get_output_embeddings")
+    except NotImplementedError:  # models without embeddings
+        return None, None, False
+    if inp is None or out is None:
+        return inp, out, False
+    if isinstance(out[1], TiedPackedHead):
+        return inp, out, out[1].embedding is inp[1]
+    weight = getattr(out[1], "weight", None)
+    # a loading skeleton is tied only after its weights are loaded: the model's tie map says it will be
+    pairs = getattr(model, "all_tied_weights_keys", None) or {}
+    keys = {f"{out[0]}.weight", f"{inp[0]}.weight"}
+    tied = (weight is not None and weight is getattr(inp[1], "weight", None)) or any(
+        {target, source} == keys for target, source in pairs.items())
+    return inp, out, bool(tied)
+
+
+def _pack_embeddings(model: nn.Module, config: SplitQuantConfig, selected: set[str]) -> list[tuple[str, nn.Module, LayerSpec | None]]:
+    """The packed input embedding and output head (``config.embedding_bits``), not swapped in yet:
+    ``(path, new module, spec or None for a tied head)``."""
+    inp, out, tied = embedding_modules(model)
+    if inp is None or not isinstance(inp[1], nn.Embedding):
+        raise ValueError(f"`embedding_bits` packs the input embedding, but {type(model).__name__}'s input embedding "
+                         f"is {'missing' if inp is None else type(inp[1]).__name__}, not an nn.Embedding; "
+                         "set embedding_bits=None")
+    name, emb = inp
+    spec = config.embedding_spec(emb.embedding_dim, emb.num_embeddings)
+    packed = quantize_layer(emb.weight.detach(), spec, config.seed, name)
+    release_freed_memory()
+    new_emb = PackedEmbedding.from_packed(spec, packed, None, device=emb.weight.device, dtype=emb.weight.dtype)
+    result: list[tuple[str, nn.Module, LayerSpec | None]] = [(name, new_emb, spec)]
+    if out is not None and tied:
+        result.append((out[0], TiedPackedHead(new_emb), None))
+    elif out is not None and isinstance(out[1], nn.Linear) and out[0] not in selected:
+        head = out[1]
+        head_spec = config.embedding_spec(head.in_features, head.out_features, "Linear", head.bias is not None)
+        head_packed = quantize_layer(head.weight.detach(), head_spec, config.seed, out[0])
+        release_freed_memory()
+        result.append((out[0], PackedLinear.from_packed(head_spec, head_packed, head.bias, device=head.weight.device,
+                                                        dtype=head.weight.dtype), head_spec))
+    return result
+
+
 def spec_for_module(config: SplitQuantConfig, module: nn.Module, bits: int | None = None) -> Any:
     """The :class:`~hf_splitquant.spec.LayerSpec` ``config`` gives a float Linear / Conv1D (at ``bits``)."""
     in_f, out_f, source = module_shape(module)
@@ -246,15 +301,31 @@ def quantize_modules(model: nn.Module, config: SplitQuantConfig, progress: bool 
         new = PackedLinear.from_packed(spec, packed, module.bias, device=weight.device)
         replacements.append((name, new))
         layers[normalise_name(model, name)] = spec.to_dict()
+    if config.embedding_bits is not None:
+        for name, new, spec in _pack_embeddings(model, config, {n for n, _ in selected}):
+            replacements.append((name, new))
+            if spec is not None:
+                layers[normalise_name(model, name)] = spec.to_dict()
     for name, new in replacements:
         set_module(model, name, new)
     config.layers = layers
+    config.format_version = max(config.format_version, written_format_version(layers))
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every ``PackedLinear`` by the float module it came from (``nn.Linear`` or ``Conv1D``)."""
+    """Replace every ``PackedLinear`` by the float module it came from (``nn.Linear``, ``Conv1D``, or
+    ``nn.Embedding`` with its tied head sharing the table again)."""
+    heads = [(name, m) for name, m in model.named_modules() if isinstance(m, TiedPackedHead)]
+    embeddings: dict[int, nn.Embedding] = {}
     for name, module in list(iter_packed_modules(model)):
         spec = module.spec
+        if isinstance(module, PackedEmbedding):
+            table = module.dequantize_weight(dtype or module.dtype)
+            new_emb = nn.Embedding(spec.out_features, spec.in_features, device=table.device, dtype=table.dtype)
+            new_emb.weight = nn.Parameter(table)
+            embeddings[id(module)] = new_emb
+            set_module(model, name, new_emb)
+            continue
         w_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.float32)
         weight = module.dequantize_weight(w_dtype)
         device = weight.device
@@ -267,6 +338,11 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         if spec.has_bias:
             new.bias = nn.Parameter(module.bias.detach().to(w_dtype).clone())
         set_module(model, name, new.to(device))
+    for name, head in heads:
+        table = embeddings[id(head.embedding)]
+        linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+        linear.weight = table.weight  # tied again
+        set_module(model, name, linear)
     return model
 
 

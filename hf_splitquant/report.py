@@ -146,6 +146,9 @@ def quantization_report(model: nn.Module, float_dtype: torch.dtype = torch.float
         if id(t) not in seen:
             seen.add(id(t))
             model_bytes += _nbytes(t)
+    for module in model.modules():  # codes that live in the int4 layout only still count as stored
+        if isinstance(module, PackedLinear) and module.codes_dropped:
+            model_bytes += get_format(module.spec).tensor_bytes(module.spec)["weight"]
     elem = torch.empty((), dtype=float_dtype).element_size()
     float_bytes = (
         model_bytes - sum(la.packed_bytes for la in layers) + elem * sum(la.num_weights for la in layers)

@@ -14,7 +14,8 @@ import torch
 __all__ = ["LayerSpec", "SCALE_DTYPES"]
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
-SOURCES = ("Linear", "Conv1D")
+#: "Embedding": a packed input embedding table ``[vocab, hidden]`` (format version 3)
+SOURCES = ("Linear", "Conv1D", "Embedding")
 SPLITQUANT_RANGES = ("cluster", "part")
 OCS_SPLITS = ("auto", "qa", "naive")
 OCS_LAYOUTS = ("appended", "source_group")
@@ -33,7 +34,8 @@ class LayerSpec:
         transform: the packed format's name (``"rtn"``, ``"splitquant"``, ``"ocs"``; see
             :func:`hf_splitquant.methods.get_format`).
         scale_dtype: ``"float16"`` or ``"float32"``.
-        source: the float module type, ``"Linear"`` or GPT-2's ``"Conv1D"`` (weight stored ``[in, out]``).
+        source: the float module type, ``"Linear"``, GPT-2's ``"Conv1D"`` (weight stored ``[in, out]``) or
+            ``"Embedding"`` (an input embedding table, ``in_features = hidden``, ``out_features = vocab``).
         has_bias: whether the layer has a (float) bias.
         splitquant_range: ``"cluster"`` (each cluster's grid spans its own members) or ``"part"``
             (the paper's numerics: each dense part's grid spans its values and the zeros around them).
@@ -82,6 +84,9 @@ class LayerSpec:
             raise ValueError(f"layer spec field `scale_dtype` must be one of {tuple(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if self.source not in SOURCES:
             raise ValueError(f"layer spec field `source` must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "Embedding" and (self.transform != "rtn" or self.has_bias):
+            raise ValueError("an `Embedding` layer spec must have transform 'rtn' and has_bias false, got "
+                             f"transform={self.transform!r}, has_bias={self.has_bias}")
         if self.splitquant_range not in SPLITQUANT_RANGES:
             raise ValueError(
                 f"layer spec field `splitquant_range` must be one of {SPLITQUANT_RANGES}, got {self.splitquant_range!r}"

@@ -65,6 +65,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--scale-dtype", choices=["float16", "float32"], default="float16")
     parser.add_argument("--modules-to-not-convert", nargs="*", default=None, metavar="NAME")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embedding-bits", type=int, default=None, choices=range(2, 9), metavar="{2..8}",
+                        help="also pack the input embedding and the output head at this width (format version 3)")
     parser.add_argument("--rounding", choices=["gptq", "attention_round"], default=None,
                         help="choose the codes on calibration data (gptq: error feedback on output-aware clipped grids)")
     parser.add_argument("--calibration-data", metavar="FILE", default=None,
@@ -112,6 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         scale_dtype=args.scale_dtype,
         modules_to_not_convert=args.modules_to_not_convert,
         seed=args.seed,
+        embedding_bits=args.embedding_bits,
     )
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:

@@ -342,8 +342,13 @@ def build_model_card(
     if qconfig.get("scale_dtype"):
         rows.append(("scale dtype", str(qconfig["scale_dtype"])))
     skipped = qconfig.get("modules_to_not_convert")
-    rows.append(("kept in float", ", ".join(skipped) if skipped else
-                 "embeddings, norms, tied weights and the output head (default)"))
+    if qconfig.get("embedding_bits") is not None:
+        rows.append(("embeddings and head", f"packed, RTN int{qconfig['embedding_bits']} (a tied head computes on "
+                                             "the packed embedding table)"))
+        rows.append(("kept in float", ", ".join(skipped) if skipped else "norms and other embeddings"))
+    else:
+        rows.append(("kept in float", ", ".join(skipped) if skipped else
+                     "embeddings, norms, tied weights and the output head (default)"))
     if report.model_bytes and report.float_model_bytes:
         rows.append((
             "model size in memory",

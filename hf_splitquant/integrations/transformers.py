@@ -33,13 +33,14 @@ from ..checkpoint import (
     tensor_digest,
     unknown_map_entries,
 )
-from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig
+from ..config import FORMAT_VERSION, QUANT_METHOD, SplitQuantConfig, written_format_version
 from ..memory import release_freed_memory
 from ..methods import tensor_shapes
 from ..modeling import (
     QUANTIZABLE,
     base_prefix,
     dequantize_model,
+    embedding_modules,
     has_base_prefix_module,
     iter_packed_modules,
     module_shape,
@@ -50,6 +51,7 @@ from ..modeling import (
     select_modules,
     set_module,
 )
+from ..nn.packed_embedding import PackedEmbedding, TiedPackedHead
 from ..nn.packed_linear import PackedLinear
 from ..qat import pack_fake_quant, prepare_fake_quant
 from ..saving import clear_packed_marker, guard_save_pretrained
@@ -71,6 +73,49 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Skeletons
 # --------------------------------------------------------------------------------------------
+
+
+def _untie_packed(model: nn.Module) -> None:
+    """Drop transformers' tie entries of a packed embedding and its tied head: the head computes with the
+    embedding's packed tensors (:class:`TiedPackedHead`, no tensors of its own), so there is no parameter
+    for transformers to tie (it would assign the embedding's uint8 codes to the head) nor to drop on save."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if not tied:
+        return
+    for target, source in list(tied.items()):
+        for key in (target, source):
+            try:
+                module = model.get_submodule(key.rpartition(".")[0])
+            except AttributeError:
+                continue
+            if isinstance(module, (PackedEmbedding, TiedPackedHead)):
+                tied.pop(target, None)
+                break
+
+
+def _embedding_skeletons(model: nn.Module, config: SplitQuantConfig, selected: set[str]) -> dict[str, dict[str, Any]]:
+    """Quantize-on-load with ``embedding_bits``: empty packed embedding (and head) skeletons; their map entries."""
+    inp, out, tied = embedding_modules(model)
+    if inp is None or not isinstance(inp[1], nn.Embedding):
+        raise ValueError(f"`embedding_bits` packs the input embedding, but {type(model).__name__}'s input embedding "
+                         f"is {'missing' if inp is None else type(inp[1]).__name__}, not an nn.Embedding; "
+                         "set embedding_bits=None")
+    name, emb = inp
+    spec = config.embedding_spec(emb.embedding_dim, emb.num_embeddings)
+    skeleton = PackedEmbedding(spec, device="meta", dtype=emb.weight.dtype)
+    skeleton._buffers["weight"] = torch.empty(emb.weight.shape, dtype=emb.weight.dtype, device="meta")
+    set_module(model, name, skeleton)
+    layers = {normalise_name(model, name): spec.to_dict()}
+    if out is not None and tied:
+        set_module(model, out[0], TiedPackedHead(skeleton))
+    elif out is not None and isinstance(out[1], nn.Linear) and out[0] not in selected:
+        head = out[1]
+        head_spec = config.embedding_spec(head.in_features, head.out_features, "Linear", head.bias is not None)
+        head_skeleton = PackedLinear(head_spec, device="meta", dtype=head.weight.dtype)
+        head_skeleton._buffers["weight"] = torch.empty(head.weight.shape, dtype=head.weight.dtype, device="meta")
+        set_module(model, out[0], head_skeleton)
+        layers[normalise_name(model, out[0])] = head_spec.to_dict()
+    return layers
 
 
 def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quantized: bool) -> dict[str, str]:
@@ -100,6 +145,21 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
                 logger.warning(f"Quantized module `{key}` is not part of {type(model).__name__} (a task head?); skipped.")
                 continue
             old = model.get_submodule(name)
+            if spec.source == "Embedding":
+                if not isinstance(old, (nn.Embedding, PackedEmbedding)) or (
+                        (old.num_embeddings, old.embedding_dim) != (spec.out_features, spec.in_features)):
+                    raise ValueError(
+                        f"the checkpoint's quantization map names `{key}` as a {spec.out_features}x{spec.in_features} "
+                        f"packed embedding, but the model's module there is {type(old).__name__} "
+                        f"{getattr(old, 'num_embeddings', '?')}x{getattr(old, 'embedding_dim', '?')}")
+                _, out, tied = embedding_modules(model)
+                dtype = old.weight.dtype if isinstance(old, nn.Embedding) else old.dtype
+                new = PackedEmbedding(spec, device="meta", dtype=dtype)
+                set_module(model, name, new)
+                if out is not None and tied:
+                    set_module(model, out[0], TiedPackedHead(new))
+                resolved[key] = name
+                continue
             if not isinstance(old, QUANTIZABLE + (PackedLinear,)):
                 raise ValueError(f"the checkpoint's quantization map names `{key}`, which is a {type(old).__name__}, "
                                  "not a Linear layer")
@@ -127,7 +187,10 @@ def _replace_with_skeletons(model: nn.Module, config: SplitQuantConfig, pre_quan
         skeleton._buffers["weight"] = torch.empty(module.weight.shape, dtype=module.weight.dtype, device="meta")
         set_module(model, name, skeleton)
         layers[normalise_name(model, name)] = spec.to_dict()
+    if config.embedding_bits is not None:
+        layers.update(_embedding_skeletons(model, config, {n for n, _ in select_modules(model, config)} | set(layers)))
     config.layers = layers
+    config.format_version = max(config.format_version, written_format_version(layers))
     return resolved
 
 
@@ -220,6 +283,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
             # weights: load in float, then act after loading.
             return
         resolved = _replace_with_skeletons(model, self.quantization_config, self.pre_quantized)
+        _untie_packed(model)
         if self.pre_quantized and checkpoint_files:
             # Headers only: refuse a mismatched or corrupt checkpoint before any tensor is read.
             device_map = kwargs.get("device_map")
@@ -264,6 +328,7 @@ class SplitQuantHfQuantizer(HfQuantizer):
             prepare_fake_quant(model, self.quantization_config, in_place=True)
         elif not self.pre_quantized and self.quantization_config.bit_allocation:
             quantize_modules(model, self.quantization_config, progress=True)
+            _untie_packed(model)
         for name, module in iter_packed_modules(model):
             tensors = module.packed_tensors()
             for suffix, tensor in tensors.items():
@@ -284,7 +349,8 @@ class SplitQuantHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
-        metadata = {FORMAT_METADATA_KEY: str(FORMAT_VERSION), "quant_method": QUANT_METHOD,
+        metadata = {FORMAT_METADATA_KEY: str(written_format_version(self.quantization_config.layers)),
+                    "quant_method": QUANT_METHOD,
                     LAYER_MAP_METADATA_KEY: layer_map_digest(self.quantization_config.layers)}
         # A digest of every tensor as it will be written, checked on load (see checkpoint.verify_digests).
         for key, tensor in model.state_dict().items():
@@ -358,6 +424,7 @@ def quantize_model(model: nn.Module, config: SplitQuantConfig, progress: bool = 
     if any(True for _ in iter_packed_modules(model)):
         raise ValueError("this model is already quantized; load or build the float model to quantize it again")
     quantize_modules(model, config, progress)
+    _untie_packed(model)
     attach_quantizer(model, config)
     return model
 

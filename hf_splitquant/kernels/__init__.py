@@ -42,14 +42,14 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from ..methods import get_format
 from ..quant.int4 import Int4Term
-from ..quant.packing import packed_row_bytes, unpack_codes
+from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 
 __all__ = [
@@ -65,6 +65,12 @@ __all__ = [
     "int4_max_tokens",
     "build_int4_layout",
     "int4_linear",
+    "unpack_int4_weight",
+    "int4_stored_codes",
+    "int4_stored_rows",
+    "LAYOUT_BLOCK_ROWS",
+    "int4_grid_residual",
+    "int4_grid_tensors",
 ]
 
 KERNEL_MODES = ("auto", "fast", "reference")
@@ -156,9 +162,12 @@ class Int4Layout:
     out_features: int
     padded_rows: int  # of all the stacked terms
     input_index: torch.Tensor | None
+    #: the layer's grid tensors beyond the kernel's scales, compact (set where the layer dropped them)
+    residual: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size() + self.scales_and_zeros.numel() * 2
+        extra = self.residual.numel() * self.residual.element_size() if self.residual is not None else 0
+        return self.weight.numel() * self.weight.element_size() + self.scales_and_zeros.numel() * 2 + extra
 
 
 def _pack_terms(parts: list[Int4Term], group: int, rows: int,
@@ -181,11 +190,54 @@ def _pack_terms(parts: list[Int4Term], group: int, rows: int,
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz, padded_rows
 
 
+#: rows converted at a time when a large one-term layer (an embedding table used as the output head) is
+#: converted into the kernel layout: the float and int32 temporaries stay at this many rows
+LAYOUT_BLOCK_ROWS = 4096
+
+
+def _row_slice(tensors: dict[str, torch.Tensor], rows: int, start: int, n: int) -> dict[str, torch.Tensor]:
+    """Rows ``start .. start + n`` of stored tensors whose first dimension is proportional to the rows."""
+    out = {}
+    for name, t in tensors.items():
+        per_row = t.shape[0] // rows
+        out[name] = t[start * per_row:(start + n) * per_row]
+    return out
+
+
+def _build_in_row_blocks(spec: LayerSpec, tensors: dict[str, torch.Tensor], group: int) -> Int4Layout | None:
+    """:func:`build_int4_layout` of a one-term layer whose rows are independent, converted
+    ``LAYOUT_BLOCK_ROWS`` rows at a time (blocks of the kernel's row blocks, so the packed blocks follow
+    each other as in one conversion)."""
+    fmt = get_format(spec)
+    rows, stored_cols = spec.out_features, fmt.columns(spec)
+    weights, sz_parts, cols = [], [], None
+    for start in range(0, rows, LAYOUT_BLOCK_ROWS):
+        n = min(LAYOUT_BLOCK_ROWS, rows - start)
+        sub = _row_slice(tensors, rows, start, n)
+        sub_spec = replace(spec, out_features=n)
+        codes = unpack_codes(sub["weight"].reshape(n, packed_row_bytes(stored_cols, spec.bits)), spec.bits, stored_cols)
+        parts = fmt.int4_parts(sub, sub_spec, codes, group)
+        if parts is None or len(parts) != 1:
+            return None
+        cols = parts[0][0].shape[1]
+        weight, sz, _ = _pack_terms(parts, group, n, cols)
+        weights.append(weight)
+        sz_parts.append(sz)
+        del parts, codes
+    padded_rows = math.ceil(rows / 16) * 16
+    return Int4Layout(torch.cat(weights), torch.cat(sz_parts, dim=1), 1, group, cols, math.ceil(cols / group) * group,
+                      rows, padded_rows, fmt.input_index(tensors, spec))
+
+
 def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4Layout | None:
     """Convert stored codes and grid parameters into int4-kernel terms (exact up to bf16 grids), or
     ``None`` when the format cannot write these tensors as terms."""
     fmt = get_format(spec)
     group = _kernel_group(spec)
+    block = _pack_block()
+    if (fmt.rows_independent and fmt.int4_terms(spec) == 1 and spec.out_features > LAYOUT_BLOCK_ROWS
+            and block is not None and LAYOUT_BLOCK_ROWS % block == 0):
+        return _build_in_row_blocks(spec, tensors, group)
     stored_cols = fmt.columns(spec)
     rows = spec.out_features
     codes = unpack_codes(tensors["weight"].reshape(rows, packed_row_bytes(stored_cols, spec.bits)), spec.bits,
@@ -197,6 +249,142 @@ def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4
     weight, scales_and_zeros, padded_rows = _pack_terms(parts, group, rows, cols)
     return Int4Layout(weight, scales_and_zeros, len(parts), group, cols, math.ceil(cols / group) * group, rows,
                       padded_rows, fmt.input_index(tensors, spec))
+
+
+#: rows per block of torch's CPU int4 packing (``_convert_weight_to_int4pack_for_cpu``): 32 with AVX2 kernels,
+#: 64 with AVX-512 ones; found once per process by packing a probe (``None``: unknown layout)
+_PACK_BLOCK: int | None | bool = False
+
+
+def _unpack_blocks(packed: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """Codes ``[rows, cols]`` of a CPU int4pack weight laid out as ``[rows / block][cols][block / 2]`` bytes,
+    byte ``j`` of a block holding rows ``j`` (low nibble) and ``j + block / 2`` (high nibble); a last
+    partial block holds rows ``2j`` and ``2j + 1`` per byte."""
+    flat = packed.reshape(-1)
+    out = torch.empty(rows, cols, dtype=torch.uint8)
+    full = rows // block
+    if full:
+        b = flat[: full * cols * block // 2].reshape(full, cols, block // 2)
+        out[: full * block] = torch.cat([b & 15, b >> 4], dim=-1).permute(0, 2, 1).reshape(full * block, cols)
+    tail = rows - full * block
+    if tail:
+        b = flat[full * cols * block // 2:].reshape(cols, tail // 2)
+        out[full * block:] = torch.stack([b & 15, b >> 4], dim=-1).reshape(cols, tail).t()
+    return out
+
+
+def _pack_block() -> int | None:
+    global _PACK_BLOCK
+    if _PACK_BLOCK is False:
+        _PACK_BLOCK = None
+        if int4_available():
+            probe = torch.randint(0, 16, (144, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+            for block in (32, 64):
+                if packed.numel() * 2 == probe.numel() and torch.equal(
+                        _unpack_blocks(packed, 144, 64, block).to(torch.int32), probe):
+                    _PACK_BLOCK = block
+                    break
+    return _PACK_BLOCK
+
+
+def unpack_int4_weight(layout: Int4Layout) -> torch.Tensor | None:
+    """The kernel codes (0..15, ``[padded_rows, padded_columns]`` uint8) of ``layout``, or ``None`` when this
+    torch packs them in a way this function does not know."""
+    block = _pack_block()
+    if block is None or layout.weight.numel() * 2 != layout.padded_rows * layout.padded_columns:
+        return None
+    return _unpack_blocks(layout.weight, layout.padded_rows, layout.padded_columns, block)
+
+
+def int4_stored_codes(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The stored ``weight`` tensor (packed codes) read back from the kernel layout and the layer's other
+    stored tensors (``tensors``), or ``None`` where the format or this torch cannot do it."""
+    fmt = get_format(spec)
+    rows = layout.out_features
+    if fmt.rows_independent and rows > LAYOUT_BLOCK_ROWS and _pack_block() is not None:
+        # a large table (an embedding) in blocks of rows: the integer temporaries stay at one block
+        per_row = packed_row_bytes(fmt.columns(spec), spec.bits)
+        out = torch.empty(rows * per_row, dtype=torch.uint8)
+        others = {k: v for k, v in tensors.items() if k != "weight" and v is not None}
+        for start in range(0, rows, LAYOUT_BLOCK_ROWS):
+            n = min(LAYOUT_BLOCK_ROWS, rows - start)
+            codes = _stored_rows(spec, layout, _row_slice(others, rows, start, n), torch.arange(start, start + n))
+            if codes is None:
+                return None
+            out[start * per_row:(start + n) * per_row] = codes
+        return out
+    q = unpack_int4_weight(layout)
+    if q is None:
+        return None
+    cols = layout.in_columns
+    sz = layout.scales_and_zeros.float()
+    terms = [(q[t * rows:(t + 1) * rows, :cols], sz[:, t * rows:(t + 1) * rows, 0].t(),
+              sz[:, t * rows:(t + 1) * rows, 1].t()) for t in range(layout.terms)]
+    codes = get_format(spec).int4_codes(terms, tensors, spec, layout.group)
+    if codes is None:
+        return None
+    return pack_codes(codes, spec.bits).reshape(-1)
+
+
+def _unpack_rows(layout: Int4Layout, rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Kernel codes of the layout rows ``rows`` (``[n, padded_columns]`` uint8), gathered without unpacking the
+    others (the layout of :func:`_unpack_blocks`)."""
+    cols, total = layout.padded_columns, layout.padded_rows
+    half, full = block // 2, (total // block) * block
+    k = torch.arange(cols).unsqueeze(0)
+    r = rows.unsqueeze(1)
+    in_block = r < full
+    tail = max(total - full, 2)
+    byte = torch.where(in_block, (r // block) * cols * half + k * half + (r % block) % half,
+                       (full // block) * cols * half + k * (tail // 2) + (r - full).clamp(min=0) // 2)
+    high = torch.where(in_block, (r % block) >= half, (r - full).clamp(min=0) % 2 == 1)
+    b = layout.weight.reshape(-1)[byte]
+    return torch.where(high, b >> 4, b & 15)
+
+
+def int4_stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor],
+                     rows: torch.Tensor) -> torch.Tensor:
+    """The stored codes of rows ``rows`` (packed, flat), read back from the int4 layout of a one- or
+    two-term layer whose codes were dropped; ``tensors`` are the layer's other stored tensors already
+    restricted to those rows (an embedding lookup reads only the rows it needs)."""
+    codes = _stored_rows(spec, layout, tensors, rows)
+    if codes is None:
+        raise RuntimeError("hf_splitquant: the int4 layout does not give these rows' codes back (they should not "
+                           "have been dropped); please report this bug")
+    return codes
+
+
+def _stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor],
+                 rows: torch.Tensor) -> torch.Tensor | None:
+    block = _pack_block()
+    if block is None:
+        return None
+    n, cols = rows.numel(), layout.in_columns
+    sz = layout.scales_and_zeros.float()
+    terms = []
+    for t in range(layout.terms):
+        picked = rows + t * layout.out_features
+        terms.append((_unpack_rows(layout, picked, block)[:, :cols], sz[:, picked, 0].t(), sz[:, picked, 1].t()))
+    codes = get_format(spec).int4_codes(terms, tensors, replace(spec, out_features=max(n, 1)), layout.group)
+    return None if codes is None else pack_codes(codes, spec.bits).reshape(-1)
+
+
+def int4_grid_residual(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The compact remainder of the layer's grid tensors beyond the layout's bf16 scales, or ``None``."""
+    if layout.terms != 1:
+        return None
+    kernel_scale = layout.scales_and_zeros[:, : layout.out_features, 0].t()
+    return get_format(spec).int4_grid_residual(tensors, spec, kernel_scale)
+
+
+def int4_grid_tensors(spec: LayerSpec, layout: Int4Layout, residual: torch.Tensor,
+                      rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The grid tensors (all rows, or ``rows``) from the layout's scales and the compact ``residual``."""
+    sz = layout.scales_and_zeros
+    if rows is None:
+        return get_format(spec).int4_grid(residual, spec, sz[:, : layout.out_features, 0].t())
+    return get_format(spec).int4_grid(residual.index_select(0, rows), spec, sz[:, rows, 0].t())
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ of the library asks the format (:func:`get_format`) instead of branching on name
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
@@ -16,7 +17,12 @@ from .ocs import OCSFormat
 from .rtn import RTNFormat
 from .splitquant import SplitQuantFormat
 
+#: Elements per block of rows when a format whose rows are independent quantizes a large weight (1 MiB
+#: of float32): quantize-on-load's transient stays near one float layer however large the layer
+QUANTIZE_BLOCK_ELEMENTS = 1 << 18
+
 __all__ = [
+    "QUANTIZE_BLOCK_ELEMENTS",
     "QuantFormat",
     "register_format",
     "get_format",
@@ -81,9 +87,27 @@ def quantize_weight(
     expected = (spec.out_features, spec.in_features)
     if tuple(weight.shape) != expected:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says {expected}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf values")
-    return get_format(spec).quantize(weight, spec, seed=seed, cache=cache)
+    fmt = get_format(spec)
+    rows = max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features)
+    if not fmt.rows_independent or spec.out_features <= rows:
+        if not torch.isfinite(weight).all():
+            raise ValueError("weight contains NaN or Inf values")
+        return fmt.quantize(weight, spec, seed=seed, cache=cache)
+    # Blocks of rows, written into the preallocated stored tensors: the float temporaries of the
+    # quantization (upcast copy, grid search, codes before packing) stay at the size of one block, not
+    # several copies of the layer (bit-identical: no statistic spans rows).
+    shapes = fmt.tensor_shapes(spec)
+    out = {name: torch.empty(shape, dtype=dtype, device=weight.device) for name, (shape, dtype) in shapes.items()}
+    for start in range(0, spec.out_features, rows):
+        block = weight[start:start + rows]
+        if not torch.isfinite(block).all():
+            raise ValueError("weight contains NaN or Inf values")
+        part = fmt.quantize(block, replace(spec, out_features=block.shape[0]), seed=seed)
+        for name, tensor in part.items():
+            per_row = out[name].shape[0] // spec.out_features
+            out[name][start * per_row:(start + block.shape[0]) * per_row] = tensor
+        del part, block
+    return out
 
 
 def dequantize_weight(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:

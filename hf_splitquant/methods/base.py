@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..quant.grid import ElementGrid, expand_params, num_groups
-from ..quant.int4 import Int4Term, affine_terms
+from ..quant.int4 import Int4Term, affine_codes, affine_terms
 from ..spec import LayerSpec
 
 __all__ = ["QuantFormat", "TensorShapes", "options_from_dict"]
@@ -66,6 +66,9 @@ class QuantFormat:
     tensor_roles: ClassVar[dict[str, str]] = {"weight": "codes", "weight_scale": "scales", "weight_zero": "zero_points"}
     #: whether :meth:`clipped_grid` exists (grids with ranges that may be shrunk)
     has_clipped_grids: ClassVar[bool] = False
+    #: every output row is quantized on its own (no statistic spans rows): a large weight can be quantized
+    #: in blocks of rows, which bounds the float temporaries (:func:`hf_splitquant.methods.quantize_weight`)
+    rows_independent: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- stored tensors
 
@@ -175,6 +178,33 @@ class QuantFormat:
         origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
                   else torch.full_like(scale, float(2 ** (spec.bits - 1))))
         return affine_terms(codes, scale, origin, spec.bits, group)
+
+    def int4_codes(self, terms: list[Int4Term], tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
+                   group: int) -> torch.Tensor | None:
+        """Inverse of :meth:`int4_parts`: the stored codes (``[out, columns]`` int32) from the kernel's terms
+        (codes 0..15 ``[out, cols]``, step and zero per kernel group ``[out, groups]``) and the stored
+        tensors other than the codes, or ``None`` when this format cannot read its codes back (the layer
+        then keeps its stored codes next to the kernel layout)."""
+        cols = terms[0][0].shape[1]
+        if cols != self.columns(spec):
+            return None
+        zero = tensors.get("weight_zero")
+        origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
+                  else torch.full((spec.out_features, cols), float(2 ** (spec.bits - 1))))
+        scale = tensors["weight_scale"].float()
+        groups = terms[-1][1].shape[1]
+        scale = scale.expand(-1, groups) if scale.shape[1] == 1 else scale[:, :groups]
+        return affine_codes(terms, origin, group, spec.bits, scale if scale.shape[1] == groups else None)
+
+    def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
+                           kernel_scale: torch.Tensor) -> torch.Tensor | None:
+        """What the grid tensors (scales, zero points) hold beyond the kernel's bf16 scales
+        (``kernel_scale``, ``[out, kernel groups]``), compact, or ``None`` (the default: they stay stored)."""
+        return None
+
+    def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`int4_grid_residual`: the grid tensors, by state-dict suffix."""
+        raise NotImplementedError(f"the {self.name!r} format keeps its grid tensors")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

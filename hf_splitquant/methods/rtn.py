@@ -21,6 +21,7 @@ from ..quant.grid import (
     quantize_codes,
     search_clip_qparams,
 )
+from ..quant.int4 import compact_grid, grid_from_compact
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 from .base import QuantFormat
@@ -98,6 +99,7 @@ class RTNFormat(QuantFormat):
 
     name = "rtn"
     has_clipped_grids = True
+    rows_independent = True
 
     # the module's functions are the format's implementation
     tensor_shapes = staticmethod(tensor_shapes)
@@ -105,6 +107,17 @@ class RTNFormat(QuantFormat):
     dequantize = staticmethod(dequantize)
     element_grid = staticmethod(element_grid)
     pack_grid_codes = staticmethod(pack_grid_codes)
+
+    def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
+                           kernel_scale: torch.Tensor) -> torch.Tensor | None:
+        if spec.bits > 4:
+            return None
+        scale = tensors["weight_scale"]
+        return compact_grid(scale, tensors.get("weight_zero"), kernel_scale[:, : scale.shape[1]])
+
+    def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale, zero = grid_from_compact(residual, kernel_scale[:, : residual.shape[1]], not spec.symmetric)
+        return {"weight_scale": scale} | ({"weight_zero": zero} if zero is not None else {})
 
     def clipped_grid(self, weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor,
                      factors: tuple[float, ...]) -> ElementGrid:

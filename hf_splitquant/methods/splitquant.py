@@ -300,3 +300,7 @@ class SplitQuantFormat(QuantFormat):
     def int4_parts(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor,
                    group: int) -> list[Int4Term]:
         return int4_parts(tensors, spec, codes)
+
+    def int4_codes(self, terms: list[Int4Term], tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
+                   group: int) -> torch.Tensor | None:
+        return None  # the terms hold each cluster's codes apart: the stored codes stay next to them

@@ -7,6 +7,12 @@ CPU kernel (as one or more terms) for RTN/OCS and 2-4 bit SplitQuant layers at u
 call, else dequantize (to bf16 on the fast path, to the input's dtype on the reference path) and
 ``F.linear``. The dequantized weight can also be
 cached (``cache_dequantized``) to trade memory for speed.
+
+Once the int4 layout exists the stored codes are not kept twice: where the codes read back from the
+layout equal the stored ones (checked when the layout is built), the ``weight`` buffer is dropped and
+rebuilt from the layout whenever it is needed (``state_dict`` / ``save_pretrained``, the dequantize
+paths, ``.to()``), so a layer holds its kernel layout plus the small grid tensors. Set
+``PackedLinear.keep_stored_codes = True`` (class-wide or per layer) to keep both.
 """
 
 from __future__ import annotations
@@ -25,11 +31,17 @@ __all__ = ["PackedLinear"]
 class PackedLinear(nn.Module):
     """A linear layer ``y = x W^T + b`` with ``W`` stored packed as described by ``spec``.
 
+    Attributes:
+        keep_stored_codes: keep the stored codes next to the int4 layout (default ``False``: they are
+            dropped once the layout is built and verified to give them back exactly).
+
     Args:
         spec: the layer's :class:`~hf_splitquant.spec.LayerSpec`.
         device: where to allocate the (empty) packed buffers; ``"meta"`` for a loading skeleton.
         dtype: dtype of the float bias.
     """
+
+    keep_stored_codes: bool = False
 
     def __init__(self, spec: LayerSpec, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -83,8 +95,71 @@ class PackedLinear(nn.Module):
             self._cached = None
 
     def packed_tensors(self) -> dict[str, torch.Tensor]:
-        """The stored tensors, keyed by state-dict suffix."""
-        return {name: getattr(self, name) for name in tensor_shapes(self.spec)}
+        """The stored tensors, keyed by state-dict suffix (read back from the int4 layout where they were
+        dropped)."""
+        tensors = {name: self._buffers[name] for name in tensor_shapes(self.spec)}
+        if any(t is None for t in tensors.values()):
+            tensors = self._from_layout(tensors)
+        return tensors
+
+    @property
+    def codes_dropped(self) -> bool:
+        """Whether the stored tensors (the codes, and where the format can, the grid) live only in the int4
+        layout (read back from it when needed)."""
+        return self._buffers.get("weight", 0) is None
+
+    def _from_layout(self, tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        layout = self._int4
+        tensors = dict(tensors)
+        if layout is not None and layout.residual is not None and any(
+                tensors.get(name) is None for name in tensor_shapes(self.spec) if name != "weight"):
+            tensors.update(kernels.int4_grid_tensors(self.spec, layout, layout.residual))
+        codes = kernels.int4_stored_codes(self.spec, layout, tensors) if layout is not None else None
+        if codes is None or any(t is None for name, t in tensors.items() if name != "weight"):
+            # cannot happen: tensors are dropped only after this very read-back matched them
+            raise RuntimeError("hf_splitquant: the stored tensors of this layer were dropped but cannot be read back "
+                               "from its int4 layout; please report this bug")
+        tensors["weight"] = codes
+        return tensors
+
+    def restore_stored_codes(self) -> None:
+        """Put the stored tensors back into their buffers (no-op when they are there)."""
+        if self.codes_dropped:
+            self._buffers.update(self._from_layout({n: self._buffers[n] for n in tensor_shapes(self.spec)}))
+            self._int4.residual = None
+
+    def _drop_stored_codes(self) -> None:
+        """Drop the stored codes (and the grid tensors, kept compact) if the int4 layout gives them back exactly."""
+        layout = self._int4
+        if self.keep_stored_codes or layout is None or self.codes_dropped:
+            return
+        tensors = self.packed_tensors()
+        if tensors["weight"].device.type != "cpu":
+            return
+        back = kernels.int4_stored_codes(self.spec, layout, tensors)
+        if back is None or not torch.equal(back, tensors["weight"]):
+            return
+        residual = kernels.int4_grid_residual(self.spec, layout, tensors)
+        grid_names = [name for name in tensors if name != "weight"]
+        if residual is not None:
+            grid = kernels.int4_grid_tensors(self.spec, layout, residual)
+            if set(grid) == set(grid_names) and all(torch.equal(grid[n], tensors[n]) for n in grid_names):
+                layout.residual = residual
+                for name in grid_names:
+                    self._buffers[name] = None
+        self._buffers["weight"] = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
+        if not self.codes_dropped:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # the state dict holds the stored tensors, read back from the layout, in their usual places
+        names = [n for n in tensor_shapes(self.spec) if self._buffers[n] is None]
+        self._buffers.update(self._from_layout({n: self._buffers[n] for n in tensor_shapes(self.spec)}))
+        try:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            for name in names:
+                self._buffers[name] = None
 
     def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
         """Replace the packed buffers (shapes and dtypes must match the spec)."""
@@ -96,7 +171,7 @@ class PackedLinear(nn.Module):
                 )
             self._buffers[name] = t
         self._cached = None
-        self._int4 = None
+        self._int4 = None  # the codes are in the buffers again
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float ``[out, in]`` weight this layer computes with."""
@@ -104,12 +179,14 @@ class PackedLinear(nn.Module):
         return dequantize_weight(self.packed_tensors(), self.spec, dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        self.restore_stored_codes()  # a buffer to load into (and the right codes if the key is missing)
         self._cached = None
         self._int4 = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
-        # moving or casting the module invalidates derived layouts
+        # moving or casting the module invalidates derived layouts (the codes move with the module)
+        self.restore_stored_codes()
         self._cached = None
         self._int4 = None
         self._int4_ok = None
@@ -142,6 +219,7 @@ class PackedLinear(nn.Module):
             layout = self._int4
             if layout is None:
                 layout = self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
+                self._drop_stored_codes()
             if layout is not None:
                 return kernels.int4_linear(x, layout, self.bias)
             self._int4_ok = (x.device, False, 0)  # these tensors have no int4 form: dequantize from now on

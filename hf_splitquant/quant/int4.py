@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Int4Term", "group_offsets", "affine_terms"]
+__all__ = ["Int4Term", "group_offsets", "affine_terms", "affine_codes", "compact_grid", "grid_from_compact"]
 
 #: (codes 0..15 ``[out, cols]``, step ``[out, cols]``, zero ``[out, cols]``); step and zero are
 #: constant over each kernel group (the kernel reads them from the group's first column)
@@ -47,3 +47,58 @@ def affine_terms(codes: torch.Tensor, scale: torch.Tensor, origin: torch.Tensor,
     e = group_offsets(d, group, -136, 119)
     t = (d - e + 136).to(torch.int32)
     return [(t // 16, 16 * scale, torch.zeros_like(scale)), (t % 16, scale, e * scale)]
+
+
+def affine_codes(terms: list[Int4Term], origin: torch.Tensor, group: int, bits: int,
+                 scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Inverse of :func:`affine_terms`: the integer codes ``q`` (``[out, cols]``, int32) from the kernel's
+    terms, where each term's step and zero are given per kernel group (``[out, groups]``).
+
+    The per-group offset ``e`` is read back from the last term as ``zero / scale`` with the exact grid
+    ``scale`` per kernel group (default: the term's bf16 step), an integer: exact whenever ``|e|`` times
+    the relative rounding (``2^-9`` with the exact scale, ``2^-8`` with the step) is below 0.5. ``None`` when
+    the terms are not of :func:`affine_terms`' form or give codes outside ``[0, 2^bits)``; callers compare
+    the result with the stored codes before relying on it.
+    """
+    if len(terms) not in (1, 2) or (len(terms) == 2) != (bits > 4):
+        return None
+    _, step, zero = terms[-1]
+    e = torch.round(zero.float() / (step if scale is None else scale).float())
+    if not torch.isfinite(e).all():
+        return None
+    if len(terms) == 1:
+        d = terms[0][0].to(torch.int32) - 8
+    else:
+        d = terms[0][0].to(torch.int32) * 16 + terms[1][0].to(torch.int32) - 136
+    cols = d.shape[1]
+    d = d + e.to(torch.int32).repeat_interleave(group, dim=1)[:, :cols]
+    codes = d + origin.round().to(torch.int32)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
+        return None
+    return codes
+
+
+def compact_grid(scale: torch.Tensor, zero: torch.Tensor | None, kernel_scale: torch.Tensor) -> torch.Tensor | None:
+    """One byte per group that, with the kernel's bf16 scales, gives back fp16 scales and zero points
+    below 16 exactly: the zero point in the low nibble, the fp16 scale's distance (in fp16 steps, -8..7) from
+    the kernel scale rounded to fp16 in the high nibble. ``None`` where that does not fit (the caller keeps
+    the stored tensors); see :func:`grid_from_compact`."""
+    if scale.dtype != torch.float16 or (zero is not None and (zero.numel() and int(zero.max()) > 15)):
+        return None
+    near = kernel_scale.to(torch.float16)
+    if not torch.isfinite(near).all():
+        return None
+    offset = scale.view(torch.int16).to(torch.int32) - near.view(torch.int16).to(torch.int32)
+    if offset.numel() and (int(offset.min()) < -8 or int(offset.max()) > 7):
+        return None
+    low = zero.to(torch.int32) if zero is not None else torch.zeros_like(offset)
+    return (low | ((offset + 8) << 4)).to(torch.uint8)
+
+
+def grid_from_compact(compact: torch.Tensor, kernel_scale: torch.Tensor,
+                      has_zero: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`compact_grid`: ``(fp16 scales, uint8 zero points or None)``."""
+    c = compact.to(torch.int32)
+    near = kernel_scale.to(torch.float16).view(torch.int16).to(torch.int32)
+    scale = (near + (c >> 4) - 8).to(torch.int16).view(torch.float16)
+    return scale, ((c & 15).to(torch.uint8) if has_zero else None)
