@@ -38,7 +38,9 @@ def written_format_version(layers: dict[str, dict[str, Any]] | None) -> int:
     """The version a checkpoint with this per-layer map is written with: the oldest that describes it
     (3 for packed embeddings, else 2), so checkpoints without the newer features stay readable by older
     hf_splitquant releases."""
-    if any(isinstance(spec, dict) and spec.get("source") == "Embedding" for spec in (layers or {}).values()):
+    if not isinstance(layers, dict):  # None, or a malformed map that validation refuses with a clear message
+        return 2
+    if any(isinstance(spec, dict) and spec.get("source") == "Embedding" for spec in layers.values()):
         return 3
     return 2
 

@@ -3,7 +3,8 @@
 ``SplitQuantConfig.recipe("w3")`` returns the configuration of the row ``w3`` below; keyword arguments
 override single settings (``SplitQuantConfig.recipe("w3", group_size=64)``). Every recipe is backed by a
 benchmark row: ``benchmarks/results/calibration_gptq_g128.md`` and ``..._g64.md``
-(``benchmarks/bench_calibration.py``), ``benchmarks/results/peers_smollm2.md`` for ``w4-data-free``; the
+(``benchmarks/bench_calibration.py``), ``calibration_sensitivity_3.0.md`` for ``w3-mixed``,
+``benchmarks/results/peers_smollm2.md`` for ``w4-data-free``; the
 README's recommendation table gathers them. Recipes with ``rounding`` set
 need calibration data: pass ``calibration_data`` to :func:`hf_splitquant.quantize` (or use
 ``hf_splitquant.calibrate``); the data-free ones work with ``from_pretrained(..., quantization_config=...)``.
@@ -45,6 +46,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("w2", "2-bit codes, groups of 64, calibrated (about 2.4 bits per weight); expect a clear quality "
                  "loss on small models: train afterwards (QAT) where quality matters",
            {"bits": 2, "group_size": 64, **_CALIBRATED}),
+    # benchmarks/results/calibration_sensitivity_3.0.md: 52.90 at exactly 3.0 bpw (data-free MixQuant: 75.02)
+    Recipe("w3-mixed", "2/3/4-bit codes per layer from a calibrated sensitivity (Fisher-weighted errors), groups of "
+                       "128, calibrated, exactly 3.0 bits per weight; causal LMs only",
+           {"bits": 3, "group_size": 128, "bit_allocation": "sensitivity", "target_bits": 3.0,
+            "mixquant_candidates": [2, 3, 4], **_CALIBRATED}),
     Recipe("w4-data-free", "4-bit codes, groups of 64, round to nearest: no calibration data, quantizes while "
                            "loading (about 4.4 bits per weight)",
            {"bits": 4, "group_size": 64}),
@@ -61,6 +67,8 @@ def recipe_settings(name: str) -> dict[str, Any]:
         raise ValueError(f"unknown recipe {name!r}; the recipes are: "
                          + ", ".join(f"{r.name} ({r.summary})" for r in RECIPES.values()))
     settings = dict(RECIPES[name].settings)
+    if isinstance(settings.get("mixquant_candidates"), list):
+        settings["mixquant_candidates"] = list(settings["mixquant_candidates"])
     if isinstance(settings.get("rounding_options"), Mapping):
         settings["rounding_options"] = dict(settings["rounding_options"])
     return settings
