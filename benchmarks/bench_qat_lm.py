@@ -184,7 +184,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             prepare_qat(model, quant_config(opts, qat=True, clip=init_from is None), init_from=init_from)
             del init_from
         callbacks.append(QATCallback())
-        groups = qat_parameter_groups(model, scale_lr=opts.scale_lr, weight_lr=opts.weight_lr)
+        groups = qat_parameter_groups(model, scale_lr=opts.scale_lr, weight_lr=opts.weight_lr,
+                                      per_grid_step=opts.per_grid_step)
         if teacher is not None:
             loss_fn = distillation_loss(teacher, model, temperature=opts.temperature, alpha=opts.alpha)
             compute_loss_func = loss_fn
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-blocks", type=int, default=512)
     p.add_argument("--scale-lr", type=float, default=1e-3)
     p.add_argument("--weight-lr", type=float, default=None)
+    p.add_argument("--per-grid-step", action="store_true",
+                   help="--scale-lr / --weight-lr in units of each layer's mean grid step (qat_parameter_groups)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--r2-lambda", type=float, default=1e-4)

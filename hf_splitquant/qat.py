@@ -228,7 +228,8 @@ TRAINABLE = ("scales", "quantized", "all")
 
 
 def qat_parameter_groups(model: nn.Module, scale_lr: float, weight_lr: float | None = None,
-                         other_lr: float | None = None, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+                         other_lr: float | None = None, weight_decay: float = 0.0,
+                         per_grid_step: bool = False) -> list[dict[str, Any]]:
     """Optimizer parameter groups for QAT with learned scales, and ``requires_grad`` set to match.
 
     * the learned grid parameters (``weight_qat_scale`` / ``weight_qat_min``) train at ``scale_lr``;
@@ -241,6 +242,12 @@ def qat_parameter_groups(model: nn.Module, scale_lr: float, weight_lr: float | N
     gradient's size, so scales (about ``max|w| / 2^bits``) usually want a learning rate of their own.
     Use with the stock Trainer as ``Trainer(..., optimizers=(torch.optim.AdamW(groups), None))`` (the
     Trainer still builds the learning-rate schedule, which scales every group alike).
+
+    With ``per_grid_step=True``, ``scale_lr`` and ``weight_lr`` are in units of each layer's own grid step
+    (its mean learned scale at the start): one group per layer, so ``scale_lr=0.01`` moves every layer's
+    scales by about 1% per step and ``weight_lr=0.05`` its weights by about 5% of a grid step, whatever the
+    layer's range. (One absolute rate cannot fit every layer: on SmolLM2 INT3 g128 the scales span
+    0.005-0.03; ``benchmarks/results/qat_lm.md``.)
     """
     modules = list(iter_fake_quant_modules(model))
     if not modules:
@@ -254,8 +261,19 @@ def qat_parameter_groups(model: nn.Module, scale_lr: float, weight_lr: float | N
         weights += [p for p in (module.weight, module.bias) if p is not None]
     taken = {id(p) for p in scales + weights}
     others = [p for p in model.parameters() if id(p) not in taken]
+    plan: list[tuple[list[nn.Parameter], float | None, float]] = []
+    if per_grid_step:
+        for _, module in modules:
+            step = max(float(module.weight_qat_scale.detach().abs().mean()), 1e-12)  # an all-zero layer too
+            grid = [p for p in (module.weight_qat_scale, module.weight_qat_min) if p is not None]
+            float_params = [p for p in (module.weight, module.bias) if p is not None]
+            plan += [(grid, None if scale_lr is None else scale_lr * step, 0.0),
+                     (float_params, None if weight_lr is None else weight_lr * step, weight_decay)]
+    else:
+        plan += [(scales, scale_lr, 0.0), (weights, weight_lr, weight_decay)]
+    plan.append((others, other_lr, 0.0))
     groups = []
-    for params, lr, decay in ((scales, scale_lr, 0.0), (weights, weight_lr, weight_decay), (others, other_lr, 0.0)):
+    for params, lr, decay in plan:
         for p in params:
             p.requires_grad_(lr is not None)
         if lr is not None and params:

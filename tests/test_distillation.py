@@ -181,6 +181,20 @@ def test_parameter_groups_train_what_they_say() -> None:
         qat_parameter_groups(prepare_qat(tiny_llama(), SplitQuantConfig(bits=2)), scale_lr=1e-3)
 
 
+def test_parameter_groups_per_grid_step_follow_each_layers_scale() -> None:
+    model = prepare_qat(tiny_llama(), SplitQuantConfig(bits=2, group_size=16, qat_learn_scales=True))
+    layers = list(iter_fake_quant_modules(model))
+    with torch.no_grad():  # one layer with a 100x wider grid
+        layers[0][1].weight_qat_scale.mul_(100)
+    groups = qat_parameter_groups(model, scale_lr=0.01, weight_lr=0.05, per_grid_step=True)
+    assert len(groups) == 2 * len(layers)
+    for (_, module), scale_group, weight_group in zip(layers, groups[::2], groups[1::2]):
+        step = float(module.weight_qat_scale.abs().mean())
+        assert scale_group["params"][0] is module.weight_qat_scale
+        assert scale_group["lr"] == pytest.approx(0.01 * step) and weight_group["lr"] == pytest.approx(0.05 * step)
+    assert groups[0]["lr"] > 50 * groups[2]["lr"]
+
+
 def distill_run(output, steps: int, resume=None, **kwargs):  # noqa: ANN001, ANN003, ANN201
     """QAT with distillation of a tiny Llama, scales and weights learned, through the stock Trainer."""
     teacher, student = teacher_and_student()
