@@ -193,16 +193,24 @@ def embedding_modules(model: nn.Module) -> tuple[tuple[str, nn.Module] | None, t
     return inp, out, bool(tied)
 
 
-def _pack_embeddings(model: nn.Module, config: SplitQuantConfig, selected: set[str]) -> list[tuple[str, nn.Module, LayerSpec | None]]:
-    """The packed input embedding and output head (``config.embedding_bits``), not swapped in yet:
-    ``(path, new module, spec or None for a tied head)``."""
+def embedding_plan(model: nn.Module, config: SplitQuantConfig) -> tuple[tuple[str, nn.Embedding], tuple[str, nn.Module] | None,
+                                                                   bool, LayerSpec]:
+    """``(input embedding, output head, tied, spec)`` for ``config.embedding_bits``; a clear error when the model's
+    input embedding is not an ``nn.Embedding``."""
     inp, out, tied = embedding_modules(model)
     if inp is None or not isinstance(inp[1], nn.Embedding):
         raise ValueError(f"`embedding_bits` packs the input embedding, but {type(model).__name__}'s input embedding "
                          f"is {'missing' if inp is None else type(inp[1]).__name__}, not an nn.Embedding; "
                          "set embedding_bits=None")
+    emb = inp[1]
+    return inp, out, tied, config.embedding_spec(emb.embedding_dim, emb.num_embeddings)
+
+
+def _pack_embeddings(model: nn.Module, config: SplitQuantConfig, selected: set[str]) -> list[tuple[str, nn.Module, LayerSpec | None]]:
+    """The packed input embedding and output head (``config.embedding_bits``), not swapped in yet:
+    ``(path, new module, spec or None for a tied head)``."""
+    inp, out, tied, spec = embedding_plan(model, config)
     name, emb = inp
-    spec = config.embedding_spec(emb.embedding_dim, emb.num_embeddings)
     packed = quantize_layer(emb.weight.detach(), spec, config.seed, name)
     release_freed_memory()
     new_emb = PackedEmbedding.from_packed(spec, packed, None, device=emb.weight.device, dtype=emb.weight.dtype)

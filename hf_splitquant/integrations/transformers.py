@@ -41,6 +41,7 @@ from ..modeling import (
     base_prefix,
     dequantize_model,
     embedding_modules,
+    embedding_plan,
     has_base_prefix_module,
     iter_packed_modules,
     module_shape,
@@ -95,13 +96,8 @@ def _untie_packed(model: nn.Module) -> None:
 
 def _embedding_skeletons(model: nn.Module, config: SplitQuantConfig, selected: set[str]) -> dict[str, dict[str, Any]]:
     """Quantize-on-load with ``embedding_bits``: empty packed embedding (and head) skeletons; their map entries."""
-    inp, out, tied = embedding_modules(model)
-    if inp is None or not isinstance(inp[1], nn.Embedding):
-        raise ValueError(f"`embedding_bits` packs the input embedding, but {type(model).__name__}'s input embedding "
-                         f"is {'missing' if inp is None else type(inp[1]).__name__}, not an nn.Embedding; "
-                         "set embedding_bits=None")
+    inp, out, tied, spec = embedding_plan(model, config)
     name, emb = inp
-    spec = config.embedding_spec(emb.embedding_dim, emb.num_embeddings)
     skeleton = PackedEmbedding(spec, device="meta", dtype=emb.weight.dtype)
     skeleton._buffers["weight"] = torch.empty(emb.weight.shape, dtype=emb.weight.dtype, device="meta")
     set_module(model, name, skeleton)
