@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..methods import dequantize_weight, quantize_weight
+from ..methods.mixquant import roundoff_residual
 from ..modeling import float_weight, module_shape
 from ..spec import LayerSpec
 from .blocks import to_device
@@ -130,9 +130,7 @@ def fisher_errors(model: nn.Module, modules: Mapping[str, nn.Module], specs: Cal
             for n in names:  # this batch's errors, per width
                 w = float_weight(modules[n]).float()
                 for b in widths:
-                    spec = specs(n, b)
-                    restored = dequantize_weight(quantize_weight(w, spec, seed=seed), spec, torch.float32)
-                    sums[n][b].add((fisher[n] * (restored - w).pow(2)).sum() / 2)
+                    sums[n][b].add((fisher[n] * roundoff_residual(w, specs(n, b), seed).pow(2)).sum() / 2)
     finally:
         bar.close()
         for p, flag in trainable:

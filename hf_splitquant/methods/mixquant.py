@@ -21,16 +21,21 @@ import torch
 
 from ..spec import LayerSpec
 
-__all__ = ["roundoff_error", "spec_bits", "allocate_by_qem", "allocate_by_budget"]
+__all__ = ["roundoff_residual", "roundoff_error", "spec_bits", "allocate_by_qem", "allocate_by_budget"]
+
+
+def roundoff_residual(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> torch.Tensor:
+    """``dequant(quant(weight)) - weight`` in float32, with the quantizer ``spec`` describes."""
+    from . import dequantize_weight, quantize_weight
+
+    restored = dequantize_weight(quantize_weight(weight, spec, seed=seed, cache=cache), spec, torch.float32)
+    return restored - weight.float()
 
 
 def roundoff_error(weight: torch.Tensor, spec: LayerSpec, metric: str = "mse", seed: int = 0,
                    cache: dict | None = None) -> float:
     """Error of a quantize-dequantize round trip of ``weight`` with ``spec`` (``"mse"`` or ``"mae"``)."""
-    from . import dequantize_weight, quantize_weight
-
-    restored = dequantize_weight(quantize_weight(weight, spec, seed=seed, cache=cache), spec, torch.float32)
-    diff = restored - weight.float()
+    diff = roundoff_residual(weight, spec, seed, cache)
     return float(diff.pow(2).mean() if metric == "mse" else diff.abs().mean())
 
 
