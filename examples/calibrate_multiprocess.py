@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounding", choices=["attention_round", "gptq"], default="attention_round")
     parser.add_argument("--rounding-options", default=None,
                         help='rounding options as JSON, e.g. \'{"target": "float"}\' (see SplitQuantConfig)')
+    parser.add_argument("--block-tuning", default=None,
+                        help='block-wise tuning after the rounding, options as JSON ("{}" for the defaults), e.g. '
+                             '\'{"epochs": 4}\' (RTN format only; see SplitQuantConfig.block_tuning)')
     parser.add_argument("--iterations", type=int, default=None,
                         help="Attention Round steps per layer (default: the library's; --smoke: 10)")
     parser.add_argument("--smoke", action="store_true",
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         bits=args.bits, group_size=args.group_size, transform=None if args.transform == "rtn" else args.transform,
         bit_allocation=args.bit_allocation, target_bits=args.target_bits, rounding=args.rounding,
         rounding_options=rounding_options(args),
+        block_tuning=json.loads(args.block_tuning) if args.block_tuning is not None else None,
     )
     hf_splitquant.quantize(model, config, calibration_data=calibration_paragraphs(), tokenizer=tokenizer,
                            num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,

@@ -14,6 +14,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .methods import format_names, get_format, tensor_shapes
 from .methods.attention_round import AttentionRoundOptions
+from .methods.block_tuning import BlockTuningOptions
 from .methods.gptq import GPTQOptions
 from .patterns import compile_module_patterns
 from .spec import LayerSpec
@@ -121,6 +122,11 @@ class SplitQuantConfig(QuantizationConfigMixin):
             needs :func:`hf_splitquant.calibrate` (or ``quantize`` with ``calibration_data``).
         rounding_options: hyper-parameters of the rounding method (:class:`~hf_splitquant.methods.gptq.GPTQOptions`,
             :class:`~hf_splitquant.methods.attention_round.AttentionRoundOptions`); ``None`` for its defaults.
+        block_tuning: ``None`` (default) or a dict of :class:`~hf_splitquant.methods.block_tuning.BlockTuningOptions`
+            (``{}`` for the defaults): after the rounding, train each decoder block's learned scales and
+            weights against the float model's block output (``hf_splitquant/methods/block_tuning.py``). Needs
+            ``rounding`` and the RTN format (``transform=None``); costs a forward and backward pass of one block
+            per calibration batch and epoch.
         qat: quantization-aware training: ``from_pretrained`` returns fake-quant layers (float
             weights, straight-through estimator) that the stock ``Trainer`` trains;
             ``hf_splitquant.freeze(model)`` packs them.
@@ -164,6 +170,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         coding_length_eps: float = 0.5,
         rounding: str | None = None,
         rounding_options: dict[str, Any] | None = None,
+        block_tuning: dict[str, Any] | None = None,
         qat: bool = False,
         qat_learn_scales: bool = False,
         scale_dtype: str = "float16",
@@ -199,6 +206,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self.coding_length_eps = coding_length_eps
         self.rounding = rounding
         self.rounding_options = rounding_options
+        self.block_tuning = block_tuning
         self.qat = qat
         self.qat_learn_scales = qat_learn_scales
         self.scale_dtype = scale_dtype
@@ -213,7 +221,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
     def _field_names() -> tuple[str, ...]:
         return ("bits", "group_size", "symmetric", "transform", "splitquant_range", "ocs_expand_ratio", "ocs_split",
                 "ocs_layout", "clip", "bit_allocation", "target_bits", "mixquant_candidates", "mixquant_reference_bits",
-                "mixquant_qem", "mixquant_error", "coding_length_eps", "rounding", "rounding_options", "qat",
+                "mixquant_qem", "mixquant_error", "coding_length_eps", "rounding", "rounding_options", "block_tuning", "qat",
                 "qat_learn_scales", "scale_dtype",
                 "modules_to_not_convert", "embedding_bits", "seed", "layers", "format_version", "quant_method")
 
@@ -273,6 +281,16 @@ class SplitQuantConfig(QuantizationConfigMixin):
                                  f"(one of {ALLOWED_ROUNDINGS[1:]}) or drop the options")
             if self.rounding is not None:
                 ROUNDING_OPTIONS[self.rounding].from_dict(self.rounding_options)  # raises on unknown keys / bad values
+        if self.block_tuning is not None:
+            if not isinstance(self.block_tuning, dict):
+                raise ValueError(f"`block_tuning` must be a dict of options or None, got {type(self.block_tuning).__name__}")
+            if self.rounding is None:
+                raise ValueError("`block_tuning` refines a calibrated rounding block by block: set `rounding` (e.g. "
+                                 "'gptq') and pass calibration data, or drop `block_tuning`")
+            if self.transform not in (None, "rtn"):
+                raise ValueError(f"`block_tuning` trains the learned scales of the RTN format only; transform="
+                                 f"{self.transform!r} is not supported (use transform=None or drop `block_tuning`)")
+            BlockTuningOptions.from_dict(self.block_tuning)  # raises on unknown keys / bad values
         if not isinstance(self.qat, bool):
             raise ValueError(f"`qat` must be True or False, got {self.qat!r}")
         if not isinstance(self.qat_learn_scales, bool):

@@ -423,7 +423,10 @@ def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_fo
     pytest.param(["--rounding", "gptq", "--rounding-options", '{"target": "float"}'], marks=pytest.mark.slow),
     # widths from the Fisher-weighted errors: per-sample gradients on each process, scalars summed exactly
     pytest.param(["--rounding", "gptq", "--bit-allocation", "sensitivity"], marks=pytest.mark.slow),
-], ids=["attention_round", "gptq_float_target", "gptq_sensitivity"])
+    # block-wise tuning (RTN only): each step's gradients come from the process holding that global batch
+    pytest.param(["--rounding", "gptq", "--transform", "rtn", "--block-tuning", '{"epochs": 2}'],
+                 marks=pytest.mark.slow),
+], ids=["attention_round", "gptq_float_target", "gptq_sensitivity", "gptq_block_tuning"])
 def test_two_process_calibration_is_identical_to_one_process(tmp_path: Path, tiny_llama_folder: Path,
                                                              rounding: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -459,5 +462,7 @@ def test_two_process_calibration_is_identical_to_one_process(tmp_path: Path, tin
         return {n: {k: v for k, v in i.items() if not k.endswith("seconds")} for n, i in report["layers"].items()}
 
     assert objectives(report_one) == objectives(report_two)
+    untimed = [[{k: v for k, v in b.items() if k != "seconds"} for b in r["blocks"]] for r in (report_one, report_two)]
+    assert untimed[0] == untimed[1]  # block-wise tuning: the same errors before and after, on both runs
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "two")
     assert quantization_report(model).bits_per_weight <= 3.6 + 1e-9

@@ -24,6 +24,7 @@ from ..integrations.transformers import attach_quantizer, quantize_model
 from ..memory import release_freed_memory
 from ..methods import element_grid, get_format, pack_grid_codes
 from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian, layer_objective
+from ..methods.block_tuning import BlockTuningOptions
 from ..methods.float_target import float_model_objective, float_model_target
 from ..methods.gptq import GPTQOptions, gptq_round
 from ..methods.output_clip import output_clip_grid
@@ -40,6 +41,7 @@ from ..modeling import (
 from ..nn.packed_linear import PackedLinear
 from ..quant.grid import ElementGrid
 from ..spec import LayerSpec
+from .block_tuning import tune_block
 from .blocks import (
     MemoryMeter,
     StopForward,
@@ -161,6 +163,8 @@ def calibrate_and_quantize(
     model.calibration_report = {
         "num_samples": total_samples, "num_batches": num_batches, "heldout_batches": heldout, "processes": world,
         "options": rounder.options.to_dict(), "layers": rounder.report,
+        "block_tuning": rounder.block_tuning.to_dict() if rounder.block_tuning is not None else None,
+        "blocks": rounder.block_report,
         "seconds": time.perf_counter() - started,
         "peak_memory_mb": memory.peak / 2**20,
         "memory_increase_mb": (memory.peak - memory.start) / 2**20,
@@ -252,6 +256,9 @@ class _LayerRounder:
 
     def __post_init__(self) -> None:
         self.options = ROUNDING_OPTIONS[self.config.rounding].from_dict(self.config.rounding_options)
+        self.block_tuning = (BlockTuningOptions.from_dict(self.config.block_tuning)
+                             if self.config.block_tuning is not None else None)
+        self.block_report: list[dict[str, Any]] = []
         self.order = {name: i for i, name in enumerate(self.specs)}  # seeds of the layers (model order)
 
     @property
@@ -379,10 +386,18 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
     activation_peak = 0
     stored = _capture_block_inputs(model, blocks[0], batches, device) if blocks else []
     float_stored = stored if rounder.float_target else None  # the float model's block inputs
+    tuning = rounder.block_tuning
+    tune_inputs = stored if tuning is not None and tuning.target == "float" else None  # the float model's, too
+    world, rank = rounder.accelerator.num_processes, rounder.accelerator.process_index
+    global_index = [j * world + rank for j in range(len(batches))]
     # one tick per layer (not per block), so that the estimate of the remaining time moves steadily
     bar = tqdm(total=len(names), desc=f"Calibrating ({rounder.config.rounding})", unit="layer", disable=not show)
     for index, block in enumerate(blocks):
         float_block = copy.deepcopy(block) if float_stored is not None else None  # before any layer is replaced
+        targets = None
+        if tuning is not None:  # the float block's outputs, before any of its layers is replaced
+            source = tune_inputs if tune_inputs is not None else stored
+            targets = [first_output(block(*args, **kwargs)) for args, kwargs in source]
         if in_block[index]:
             passes = [(lambda a=args, k=kwargs, b=block: b(*a, **k), mask) for (args, kwargs), mask in zip(stored, masks)]
             reference = None
@@ -400,6 +415,17 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
                 del fit, heldout
                 bar.set_postfix_str(f"block {index + 1}/{len(blocks)}", refresh=False)
                 bar.update(len(stage))
+            if tuning is not None:
+                bar.set_postfix_str(f"block {index + 1}/{len(blocks)}: tuning", refresh=True)
+                local = f"{prefix}{index}."
+                report = tune_block(block, [n[len(local):] for n in in_block[index]], stored, targets, masks,
+                                    global_index, rounder.fitted, tuning, rounder.accelerator, rounder.config.seed)
+                rounder.block_report.append({"block": index, **report})
+                logger.info(f"block {index}: tuned {report.get('layers', 0)} layers, error per token "
+                            f"{report.get('fitted_before')} -> {report.get('fitted_after')} (fitted), "
+                            f"{report.get('heldout_before')} -> {report.get('heldout_after')} (held out)"
+                            f"{', kept the rounding' if report.get('kept_rounding') else ''}")
+                memory.sample()
         if index + 1 < len(blocks):
             outputs = [with_hidden(args, kwargs, first_output(block(*args, **kwargs))) for args, kwargs in stored]
             activation_peak = max(activation_peak, tensor_bytes([hidden_of(*s) for s in stored]) +
@@ -407,9 +433,14 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
             if float_stored is not None:
                 float_stored = [with_hidden(a, k, first_output(float_block(*a, **k))) for a, k in float_stored]
                 activation_peak += tensor_bytes([hidden_of(*s) for s in float_stored])
+            if tune_inputs is not None:  # the float model's outputs of this block are the next block's inputs
+                tune_inputs = [with_hidden(a, k, t) for (a, k), t in zip(tune_inputs, targets)]
+            if targets is not None:
+                activation_peak += tensor_bytes(targets) + (tensor_bytes([hidden_of(*s) for s in tune_inputs])
+                                                            if tune_inputs is not None else 0)
             memory.sample()
             stored = outputs
-        float_block = None  # freed before the next block is copied
+        float_block = targets = None  # freed before the next block is copied
         for module in block.modules():  # drop the dequantized copies used for this block's passes
             if isinstance(module, PackedLinear):
                 module.set_weight_cache(False)

@@ -32,17 +32,19 @@ __all__ = ["QuantFormat", "TensorShapes", "options_from_dict"]
 TensorShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def options_from_dict(cls: type, options: Mapping[str, Any] | None, method: str) -> Any:
-    """Build a rounding method's frozen options dataclass from ``rounding_options``: ``None`` gives the
-    defaults; unknown keys and bad values raise ``ValueError`` naming them (the dataclass validates)."""
+def options_from_dict(cls: type, options: Mapping[str, Any] | None, method: str,
+                      field: str = "rounding_options") -> Any:
+    """Build a method's frozen options dataclass from the config's ``field`` (``rounding_options``, or
+    ``block_tuning``): ``None`` gives the defaults; unknown keys and bad values raise ``ValueError`` naming
+    them (the dataclass validates)."""
     if options is None:
         return cls()
     if not isinstance(options, Mapping):
-        raise ValueError(f"rounding_options must be a dict or None, got {type(options).__name__}")
+        raise ValueError(f"{field} must be a dict or None, got {type(options).__name__}")
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"unknown rounding_options {unknown} for {method}; known options are {known}")
+        raise ValueError(f"unknown {field} {unknown} for {method}; known options are {known}")
     return cls(**dict(options))
 
 

@@ -1,0 +1,191 @@
+"""Block-wise tuning of one decoder block after its layers were rounded (``SplitQuantConfig.block_tuning``;
+the objective and options: :mod:`hf_splitquant.methods.block_tuning`).
+
+The block's packed RTN layers are swapped for :class:`~hf_splitquant.nn.fake_quant.FakeQuantLinear` layers
+with learned scales that start exactly at the packed codes and scales, trained with Adam (learning rates in
+grid steps, cosine decay) against the targets, and packed again; with ``keep_best`` a block whose held-out
+loss rose gets its rounded layers back.
+
+Several processes: the optimizer steps go over the *global* calibration batches in order; the process holding
+a batch computes its gradients and sends them to the others, so every process applies the same updates and
+the result is the one-process result bit for bit (the steps are not parallel; the rounding before them is).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..methods import get_format
+from ..methods.block_tuning import BlockTuningOptions, cosine_factor, masked_mse
+from ..modeling import set_module
+from ..nn.fake_quant import FakeQuantLinear
+from ..nn.packed_linear import PackedLinear
+from .blocks import first_output
+from .distributed import broadcast
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["tune_block"]
+
+
+def _fake_quant_copy(packed: PackedLinear, seed: int) -> FakeQuantLinear:
+    """A learned-scale fake-quant layer computing exactly what ``packed`` computes (latent weights = the
+    dequantized codes, scales = the stored ones)."""
+    spec = packed.spec
+    weight = packed.dequantize_weight(torch.float32)
+    if spec.source == "Conv1D":
+        weight = weight.t().contiguous()
+    bias = packed.bias.detach().float() if packed.bias is not None else None
+    return FakeQuantLinear(spec, weight, bias, seed=seed, learn_scales=True,
+                           init_state=packed.packed_tensors()).to(weight.device)
+
+
+def _parameter_groups(layers: Sequence[FakeQuantLinear], options: BlockTuningOptions) -> list[dict[str, Any]]:
+    """Adam groups with learning rates in units of each layer's mean grid step."""
+    groups = []
+    for layer in layers:
+        step = max(float(layer.weight_qat_scale.detach().abs().mean()), 1e-12)
+        groups.append({"params": [layer.weight_qat_scale], "lr": options.scale_lr * step})
+        if options.weight_lr > 0:
+            groups.append({"params": [p for p in (layer.weight, layer.bias) if p is not None],
+                           "lr": options.weight_lr * step})
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return groups
+
+
+def _gather_sum(values: dict[int, float], accelerator: Any) -> float:
+    """The sum of ``{global batch: value}`` over every process, added in global order (the same float on
+    every process, whatever the number of processes)."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        merged: dict[int, float] = {}
+        for part in gather_object([values]):
+            merged.update(part)
+        values = merged
+    return float(sum(values[g] for g in sorted(values)))
+
+
+def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tuple[tuple, dict]],
+               targets: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None], global_index: Sequence[int],
+               fitted: Sequence[bool], options: BlockTuningOptions, accelerator: Any = None, seed: int = 0,
+               ) -> dict[str, Any]:
+    """Tune the packed RTN layers ``local_names`` of ``block`` in place (module docstring).
+
+    Args:
+        block: one decoder block whose layers ``local_names`` (paths inside the block) are packed.
+        inputs: this process's batches of block inputs ``(args, kwargs)`` (from the quantized model).
+        targets: the hidden states the block should produce for each of those batches.
+        masks: each batch's ``[batch, tokens]`` mask of real tokens (``None``: all real).
+        global_index: each local batch's index among the global batches (its place in the step order).
+        fitted: each local batch: fitted on (``True``) or held out.
+        options: the tuning hyper-parameters.
+        accelerator: several processes (``None``: one).
+        seed: the fake-quant layers' seed.
+
+    Returns:
+        the block's report: mean squared error per token (summed over the hidden size) before and after,
+        fitted and held out, steps, seconds, and ``kept_rounding`` (the tuned codes were dropped).
+    """
+    started = time.perf_counter()
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    originals: dict[str, PackedLinear] = {}
+    layers: list[FakeQuantLinear] = []
+    for name in local_names:
+        module = block.get_submodule(name)
+        if not isinstance(module, PackedLinear) or get_format(module.spec).name != "rtn":
+            continue
+        originals[name] = module
+        layer = _fake_quant_copy(module, seed)
+        set_module(block, name, layer)
+        layers.append(layer)
+    if not layers:
+        return {"layers": 0}
+    trainable = {id(p) for layer in layers for p in layer.parameters()}
+    frozen = [(p, p.requires_grad) for p in block.parameters() if id(p) not in trainable]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    groups = _parameter_groups(layers, options)
+    for layer in layers:  # the zero points are fixed; the latent weights train only with weight_lr > 0
+        layer.weight.requires_grad_(options.weight_lr > 0)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(options.weight_lr > 0)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.Adam(groups)
+    local = {g: j for j, g in enumerate(global_index)}
+    total_batches = _gather_count(len(global_index), accelerator)
+    fitted_global = sorted(_gather_list([g for g, f in zip(global_index, fitted) if f], accelerator))
+
+    def losses(which: bool) -> float | None:
+        """Mean error per token over the fitted (``which``) or held-out batches of every process."""
+        sums, counts = {}, {}
+        with torch.no_grad():
+            for j, g in enumerate(global_index):
+                if fitted[j] != which:
+                    continue
+                args, kwargs = inputs[j]
+                sse, n = masked_mse(first_output(block(*args, **kwargs)), targets[j], masks[j])
+                sums[g], counts[g] = float(sse), float(n)
+        total = _gather_sum(counts, accelerator)
+        return _gather_sum(sums, accelerator) / total if total else None
+
+    report: dict[str, Any] = {"layers": len(layers), "fitted_before": losses(True), "heldout_before": losses(False)}
+    steps = options.epochs * len(fitted_global)
+    step = 0
+    with torch.enable_grad():
+        for _ in range(options.epochs):
+            for g in fitted_global:
+                owner = g % world if world > 1 else 0
+                grads = None
+                if owner == rank:
+                    j = local[g]
+                    args, kwargs = inputs[j]
+                    sse, n = masked_mse(first_output(block(*args, **kwargs)), targets[j], masks[j])
+                    (sse / max(n, 1)).backward()
+                    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+                grads = broadcast(grads, owner, accelerator)
+                for p, grad in zip(params, grads):
+                    p.grad = grad.to(p.device)
+                factor = cosine_factor(step, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+    for p, flag in frozen:
+        p.requires_grad_(flag)
+    report["fitted_after"] = losses(True)
+    report["heldout_after"] = losses(False)
+    decide = "heldout" if report["heldout_before"] is not None else "fitted"
+    worse = report[f"{decide}_after"] > report[f"{decide}_before"]
+    report["kept_rounding"] = bool(options.keep_best and worse)
+    for (name, original), layer in zip(originals.items(), layers):
+        if report["kept_rounding"]:
+            set_module(block, name, original)
+            continue
+        bias = layer.bias.detach().to(original.bias.dtype) if original.bias is not None else None
+        packed = PackedLinear.from_packed(layer.spec, layer.packed_tensors(), bias, device=layer.weight.device)
+        packed.set_weight_cache(True)  # while calibrating: dequantize once, not once per batch
+        set_module(block, name, packed)
+    report.update(steps=steps, batches=total_batches, seconds=time.perf_counter() - started)
+    return report
+
+
+def _gather_list(values: list[int], accelerator: Any) -> list[int]:
+    if accelerator is None or accelerator.num_processes == 1:
+        return list(values)
+    from accelerate.utils import gather_object
+
+    return [v for part in gather_object([values]) for v in part]
+
+
+def _gather_count(count: int, accelerator: Any) -> int:
+    return sum(_gather_list([count], accelerator))

@@ -1,0 +1,105 @@
+"""Block-wise tuning after calibrated rounding (``SplitQuantConfig(block_tuning={...})``): the options and
+the pure pieces of the objective.
+
+Layer-wise rounding (GPTQ, Attention Round) makes each layer's output error small on its own inputs, but at
+two or three bits the errors of the layers of a decoder block add up and interact (the attention's softmax,
+the MLP's gate). Block-wise tuning (in the spirit of BRECQ, Li et al. 2021, and EfficientQAT's block-wise
+stage, Chen et al. 2024) then trains, for each decoder block in turn, the learned grid scales **and** the
+latent weights of all the block's quantized layers together, with the straight-through estimator on the
+packed format's own grid (:class:`~hf_splitquant.nn.fake_quant.FakeQuantLinear` with learned scales),
+against the float model's output of that block:
+
+    minimise  mean over tokens |block_q(x_q) - target|^2,   target = float block(x_f)   (``target="float"``)
+                                                            target = float block(x_q)   (``target="block"``)
+
+where ``x_q`` are the block's inputs from the already quantized (and tuned) blocks before it and ``x_f`` the
+float model's. ``"float"`` lets a block also undo the error that reached it. Tuning starts from the rounding's
+result exactly (the latent weights are the dequantized codes, the scales the packed ones), and a block whose
+held-out loss ends higher than it started keeps the rounding's codes (``keep_best``).
+
+Learning rates are in units of each layer's grid step (its mean scale), as in
+:func:`hf_splitquant.qat.qat_parameter_groups` with ``per_grid_step=True``: one absolute rate cannot fit
+layers whose steps differ by an order of magnitude. The schedule is a cosine decay to zero over all steps of
+a block. Memory: one block's parameters, gradients and Adam state, plus one batch's activations for the
+backward pass; the calibration loop keeps the float model's block inputs and the targets (two more copies of
+one block's activations).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .base import options_from_dict
+
+__all__ = ["BlockTuningOptions", "TARGETS", "masked_mse", "cosine_factor"]
+
+#: what a tuned block is fitted to (module docstring)
+TARGETS = ("float", "block")
+
+
+@dataclass(frozen=True)
+class BlockTuningOptions:
+    """Hyper-parameters of block-wise tuning (``SplitQuantConfig.block_tuning``).
+
+    Attributes:
+        epochs: passes over the fitted calibration batches per block (one optimizer step per batch).
+        scale_lr: Adam learning rate of the grid scales, in units of the layer's mean grid step.
+        weight_lr: Adam learning rate of the latent weights (and biases), in units of the layer's mean grid
+            step; ``0`` trains the scales only.
+        target: ``"float"`` (the float model's block output on the float model's inputs) or ``"block"`` (the
+            float block on the quantized model's inputs).
+        keep_best: keep the rounding's codes for a block whose held-out loss (or, with nothing held out, fitted
+            loss) rises.
+    """
+
+    epochs: int = 4
+    scale_lr: float = 0.005
+    weight_lr: float = 0.02
+    target: str = "float"
+    keep_best: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise ValueError(f"block_tuning['epochs'] must be an integer >= 1, got {self.epochs!r}")
+        for name, positive in (("scale_lr", True), ("weight_lr", False)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (positive and value == 0):
+                bound = "> 0" if positive else ">= 0"
+                raise ValueError(f"block_tuning[{name!r}] must be a number {bound} (in grid steps), got {value!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"block_tuning['target'] must be one of {TARGETS}, got {self.target!r}")
+        if not isinstance(self.keep_best, bool):
+            raise ValueError(f"block_tuning['keep_best'] must be True or False, got {self.keep_best!r}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | None) -> BlockTuningOptions:
+        """The options from ``SplitQuantConfig.block_tuning`` (``None`` or ``{}``: the defaults); unknown keys
+        and bad values raise ``ValueError`` naming them."""
+        return options_from_dict(cls, options, "block-wise tuning", field="block_tuning")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def masked_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """``(sum of squared errors over the real tokens, number of real tokens)``; ``mask`` ``[batch, tokens]``
+    (``True``: a real token) or ``None`` (every token counts). Hidden states are ``[batch, tokens, hidden]``."""
+    error = (output.float() - target.float()).pow(2).sum(dim=-1)
+    if mask is None:
+        return error.sum(), error.numel()
+    mask = mask.to(error.device)
+    return (error * mask).sum(), int(mask.sum())
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """The learning-rate factor of ``step`` (0-based) of ``total``: from 1 down to 0 along half a cosine
+    (the last step still moves, by a small amount)."""
+    if total <= 1:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / total))

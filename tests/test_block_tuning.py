@@ -1,0 +1,113 @@
+"""Block-wise tuning after calibrated rounding (``SplitQuantConfig(block_tuning=...)``): it starts exactly at the
+rounding's result, lowers each block's error against the float model, keeps the rounding where the held-out
+error would rise, and its result saves and reloads like any packed model. (Two processes give the one-process
+result: ``tests/test_calibration.py::test_two_process_calibration_is_identical_to_one_process``.)"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import VOCAB, model_output, tiny_gpt2, tiny_llama
+from transformers import AutoModelForCausalLM
+
+import hf_splitquant
+from hf_splitquant import PackedLinear, SplitQuantConfig
+from hf_splitquant.calibration.block_tuning import _fake_quant_copy
+from hf_splitquant.kernels import kernel_mode
+from hf_splitquant.methods.block_tuning import BlockTuningOptions, cosine_factor, masked_mse
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def samples(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def calibrated(model: torch.nn.Module, block_tuning: dict | None, bits: int = 2) -> torch.nn.Module:
+    config = SplitQuantConfig(bits=bits, group_size=32, rounding="gptq", block_tuning=block_tuning)
+    return hf_splitquant.quantize(model, config, calibration_data=samples(32, 16, seed=1), batch_size=8,
+                                  progress=False)
+
+
+def packed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v for n, m in model.named_modules() if isinstance(m, PackedLinear)
+            for k, v in m.packed_tensors().items()}
+
+
+def test_the_fake_quant_copy_starts_exactly_at_the_packed_layer() -> None:
+    torch.manual_seed(0)
+    for build in (tiny_llama, tiny_gpt2):  # Linear and Conv1D layers
+        model = calibrated(build().eval(), None)
+        for packed in [m for m in model.modules() if isinstance(m, PackedLinear)]:
+            x = torch.randn(3, packed.in_features)
+            copy_ = _fake_quant_copy(packed, seed=0)
+            expected = packed.packed_tensors()
+            assert all(torch.equal(v, expected[k]) for k, v in copy_.packed_tensors().items())
+            with torch.no_grad(), kernel_mode("reference"):  # the exact format, not the int4 kernel's bf16
+                torch.testing.assert_close(copy_(x), packed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_tuning_lowers_each_blocks_error_and_tracks_the_float_model_better() -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    held_out = samples(16, 16, seed=2)
+    with torch.no_grad():
+        reference = base(input_ids=held_out).logits
+    errors, models = {}, {}
+    for name, tuning in (("gptq", None), ("tuned", {"epochs": 20, "keep_best": False})):
+        models[name] = calibrated(copy.deepcopy(base), tuning)
+        with torch.no_grad():
+            errors[name] = float((models[name](input_ids=held_out).logits - reference).pow(2).mean())
+    blocks = models["tuned"].calibration_report["blocks"]
+    assert [b["block"] for b in blocks] == [0, 1] and all(b["layers"] == 7 for b in blocks)
+    assert all(b["fitted_after"] < b["fitted_before"] and b["steps"] == 20 * 3 for b in blocks)
+    assert models["tuned"].calibration_report["block_tuning"]["epochs"] == 20
+    assert models["gptq"].calibration_report["blocks"] == []
+    assert errors["tuned"] < errors["gptq"]
+
+
+def test_a_block_whose_heldout_error_rises_keeps_the_rounding() -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    plain = calibrated(copy.deepcopy(base), None)
+    wrecked = calibrated(copy.deepcopy(base), {"epochs": 3, "weight_lr": 50.0, "scale_lr": 5.0})
+    assert all(b["kept_rounding"] and b["heldout_after"] > b["heldout_before"]
+               for b in wrecked.calibration_report["blocks"])
+    a, b = packed_state(plain), packed_state(wrecked)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tuned_model_saves_and_reloads_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = calibrated(tiny_llama().eval(), {"epochs": 2, "keep_best": False}, bits=3)
+    ids = samples(2, 12, seed=3)
+    expected = model_output(model, ids)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(model_output(reloaded, ids), expected)
+    assert reloaded.config.quantization_config.block_tuning == {"epochs": 2, "keep_best": False}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"block_tuning": {}}, "set `rounding`"),
+    ({"rounding": "gptq", "transform": "splitquant", "block_tuning": {}}, "RTN format only"),
+    ({"rounding": "gptq", "block_tuning": {"epoch": 2}}, "unknown block_tuning ['epoch']"),
+    ({"rounding": "gptq", "block_tuning": {"scale_lr": 0}}, "scale_lr"),
+    ({"rounding": "gptq", "block_tuning": {"target": "model"}}, "target"),
+    ({"rounding": "gptq", "block_tuning": [1]}, "must be a dict"),
+])
+def test_bad_block_tuning_options_are_refused_by_name(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        SplitQuantConfig(bits=2, **kwargs)
+
+
+def test_objective_pieces() -> None:
+    out, target = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    assert masked_mse(out, target, mask) == (pytest.approx(12.0), 3)
+    assert masked_mse(out, target, None)[1] == 6
+    assert cosine_factor(0, 10) == 1.0 and cosine_factor(5, 10) == pytest.approx(0.5) and 0 < cosine_factor(9, 10) < 0.03
+    assert BlockTuningOptions.from_dict(None) == BlockTuningOptions()
