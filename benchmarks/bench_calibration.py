@@ -160,6 +160,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if job["method"] == "gptq-float":  # the same, each layer fitted to the float model's outputs
             kwargs.update(rounding="gptq", rounding_options={"target": "float", **(
                 {} if job.get("damping") is None else {"damping": job["damping"]})})
+        if job["method"] == "gptq+bt":  # GPTQ, then block-wise tuning against the float model's block outputs
+            kwargs.update(rounding="gptq", block_tuning=job["block_tuning"])
+            row["block_tuning"] = job["block_tuning"]
         if job["method"] in ("gptq+sens", "gptq+mq"):
             kwargs.update(rounding="gptq", bit_allocation="sensitivity" if job["method"] == "gptq+sens" else "mixquant",
                           target_bits=job["target_bits"], mixquant_candidates=[2, 3, 4])
@@ -172,7 +175,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         with PeakMemory() as memory:
             t0 = time.perf_counter()
             if config.rounding is not None:
-                hf_splitquant.quantize(model, config, calibration_data=cal_blocks, batch_size=4, progress=False)
+                hf_splitquant.quantize(model, config, calibration_data=cal_blocks, batch_size=job.get("batch_size", 4),
+                                       progress=False)
             else:
                 hf_splitquant.quantize(model, config, progress=False)
             row["quantize_seconds"] = time.perf_counter() - t0
@@ -180,6 +184,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         row["bits_per_weight"] = quantization_report(model).bits_per_weight
         calibration = getattr(model, "calibration_report", None)
         if calibration is not None:
+            if calibration.get("blocks"):
+                row["blocks"] = calibration["blocks"]
             row.update(activations_mb=calibration["activations_mb"],
                        mean_layer_mse_vs_rtn=calibration["mean_mse_ratio"],
                        layers_kept_rtn=sum(1 for i in calibration["layers"].values() if i["kept_rtn"]))
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: INT3 only, tiny data, 2 steps")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "gptq-float", "recipe", "ar", "rtn+cl", "ar+cl",
-                                                            "gptq+sens", "gptq+mq"],
+                                                            "gptq+sens", "gptq+mq", "gptq+bt"],
                         default=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--cal-samples", type=int, default=8, help="calibration blocks (default 8)")
@@ -216,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--damping", type=float, default=None, help="gptq: damping (default: the library's)")
     parser.add_argument("--target-bits", type=float, default=None,
                         help="gptq+sens / gptq+mq: bits per weight (default: the rtn variant's)")
+    parser.add_argument("--block-tuning", default="{}",
+                        help='gptq+bt: block-wise tuning options as JSON (default "{}": the library defaults)')
+    parser.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1,
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_blocks, args.eval_len = 1, 128
     output = Path(args.output or HERE / "results" / ("calibration_quick.json" if args.quick else "calibration.json"))
     common = {key: getattr(args, key) for key in ("group_size", "cal_samples", "cal_len", "iterations", "eval_blocks",
-                                                  "eval_len", "threads", "damping")}
+                                                  "eval_len", "threads", "damping", "batch_size")}
+    common["block_tuning"] = json.loads(args.block_tuning)
 
     started = time.perf_counter()
     rows = [run_child({**common, "method": "float", "bits": 32})]
@@ -257,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": "SmolLM2-135M-Instruct (assets.smollm2_path, float32 from the Q4_1 GGUF)",
         "eval": f"perplexity on {args.eval_blocks} x {args.eval_len} Wikipedia 'eval' tokens",
-        "calibration": f"{args.cal_samples} x {args.cal_len} Wikipedia 'calibration' tokens, batch 4",
+        "calibration": f"{args.cal_samples} x {args.cal_len} Wikipedia 'calibration' tokens, batch {args.batch_size}",
         "attention_round": {"iterations": args.iterations, "other options": "library defaults"},
         "group_size": args.group_size, "threads": args.threads, "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
@@ -275,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         name = "float32" if row["method"] == "float" else f"INT{row['bits']} {row['method']}"
         if "recipe" in row:
             name += f" ({row['recipe']}, group {row['group_size']})"
+        if "block_tuning" in row:
+            name += f" {json.dumps(row['block_tuning'])}"
         if "bit_histogram" in row:
             name += " " + "/".join(f"{n}x{b}b" for b, n in row["bit_histogram"].items())
         mse = f"{row['mean_layer_mse_vs_rtn']:.3f}" if "mean_layer_mse_vs_rtn" in row else "-"

@@ -8,8 +8,9 @@ Modes (``--mode``):
 
 * ``ptq``: post-training quantization only (``--init rtn``: min-max round-to-nearest; ``mse``: the
   MSE-clipped grid, the best data-free PTQ here; ``gptq``: the calibrated path of ``SplitQuantConfig.recipe``,
-  ``rounding="gptq"`` on 16 x 512 calibration tokens, the best post-training result). ``mse`` and ``gptq``
-  leave their packed model in the cache; the QAT rows with the same ``--init`` start from it;
+  ``rounding="gptq"`` on 16 x 512 calibration tokens; ``gptq-bt``: the same, then block-wise tuning with the
+  library defaults, ``SplitQuantConfig(block_tuning={})``, the best post-training result). ``mse``, ``gptq``
+  and ``gptq-bt`` leave their packed model in the cache; the QAT rows with the same ``--init`` start from it;
 * ``qat``: QAT on the task loss (next-token cross-entropy) only;
 * ``qat_kd``: QAT on the KL to the float model's logits (:func:`hf_splitquant.distillation_loss`,
   ``--alpha`` weights it against the cross-entropy);
@@ -37,6 +38,8 @@ Usage::
     python benchmarks/bench_qat_lm.py --mode ptq --bits 3 --group-size 128 --init gptq --output g.json
     python benchmarks/bench_qat_lm.py --mode qat_kd --bits 3 --group-size 128 --init gptq --minutes 30 \
         --weight-lr 1e-5 --output gk.json
+    python benchmarks/bench_qat_lm.py --mode qat_kd --bits 2 --group-size 64 --init gptq-bt --per-grid-step \
+        --scale-lr 0.001 --weight-lr 0.02 --schedule cosine --max-steps 90 --minutes 30 --output bk.json
     python benchmarks/bench_qat_lm.py --summarize r.json k.json --md table.md --png curves.png
 """
 
@@ -91,11 +94,16 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 2) -> 
     return math.exp(nll / count)
 
 
+#: --init values that start from a calibrated packed model (cached by ``--mode ptq``)
+CALIBRATED = ("gptq", "gptq-bt")
+
+
 def quant_config(opts: argparse.Namespace, qat: bool = False, clip: bool = True) -> Any:
     from hf_splitquant import SplitQuantConfig
 
-    if opts.init == "gptq" and not qat:  # the calibrated recipe's settings at this width and group size
-        return SplitQuantConfig(bits=opts.bits, group_size=opts.group_size, rounding="gptq")
+    if opts.init in CALIBRATED and not qat:  # the calibrated recipe's settings at this width and group size
+        return SplitQuantConfig(bits=opts.bits, group_size=opts.group_size, rounding="gptq",
+                                block_tuning={} if opts.init == "gptq-bt" else None)
     return SplitQuantConfig(bits=opts.bits, group_size=opts.group_size,
                             clip="mse" if opts.init == "mse" and clip else None, qat=qat, qat_learn_scales=qat)
 
@@ -138,14 +146,15 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     if opts.mode == "ptq":
         t0 = time.perf_counter()
-        if opts.init == "gptq":  # the calibration tokens bench_calibration.py uses (16 x 512)
+        if opts.init in CALIBRATED:  # the calibration tokens bench_calibration.py uses (16 x 512)
             cal = assets.perplexity_token_blocks(tokenizer, 16, 512, part="calibration")
-            hf_splitquant.quantize(model, quant_config(opts), calibration_data=cal, batch_size=4, progress=False)
+            hf_splitquant.quantize(model, quant_config(opts), calibration_data=cal,
+                                   batch_size=2 if opts.init == "gptq-bt" else 4, progress=False)
         else:
             hf_splitquant.quantize(model, quant_config(opts), progress=False)
         row["quantize_seconds"] = time.perf_counter() - t0
         row["bits_per_weight"] = hf_splitquant.quantization_report(model).bits_per_weight
-        if opts.init in ("mse", "gptq"):  # the QAT rows start from these (the clip search takes minutes)
+        if opts.init in ("mse", *CALIBRATED):  # the QAT rows start from these (calibration takes minutes)
             model.save_pretrained(grid_cache(opts))
         row["perplexity"] = perplexity(model, eval_blocks)
         row["load_average"] = [start_load, os.getloadavg()[0]]
@@ -165,9 +174,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         if opts.mode != "qat":
             teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         cache = grid_cache(opts)
-        if opts.init == "gptq":
+        if opts.init in CALIBRATED:
             if not cache.is_dir():
-                raise SystemExit(f"--init gptq: run `--mode ptq --init gptq` with the same bits and group size "
+                raise SystemExit(f"--init {opts.init}: run `--mode ptq --init {opts.init}` with the same bits and group size "
                                  f"first (it writes {cache})")
             # the packed GPTQ model is the student: prepare_qat dequantizes it and keeps its stored grids,
             # so the codes at step 0 are GPTQ's, not a re-rounding of the float weights
@@ -247,7 +256,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     callbacks.append(Curve())
     args = TrainingArguments(workdir, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.grad_accum,
-                             max_steps=opts.max_steps, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                             max_steps=opts.max_steps, lr_scheduler_type=opts.schedule, report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True,
                              seed=opts.seed, dataloader_num_workers=0, max_grad_norm=1.0,
                              gradient_checkpointing=opts.gradient_checkpointing)
@@ -304,7 +313,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 def label(row: dict[str, Any]) -> str:
     name = f"INT{row['bits']} g{row['group_size']} {row['mode']}"
-    if row["mode"] == "ptq" or row.get("init") == "gptq":
+    if row["mode"] == "ptq" or row.get("init") in CALIBRATED:
         name += f" ({row['init']})"
     if row.get("incomplete"):
         name += " (*)"
@@ -394,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=(*MODES, "float"), default="qat_kd")
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--init", choices=("rtn", "mse", "gptq"), default="mse")
+    p.add_argument("--init", choices=("rtn", "mse", *CALIBRATED), default="mse",
+                   help="gptq-bt: GPTQ then block-wise tuning (SplitQuantConfig.block_tuning defaults)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning-rate schedule; cosine decays to 0 at --max-steps (set it to the steps the budget allows)")
     p.add_argument("--max-steps", type=int, default=1000)
     p.add_argument("--minutes", type=float, default=10.0,
                    help="training budget in dedicated-core minutes: process CPU time / --threads (evaluation not counted)")
