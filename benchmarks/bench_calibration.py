@@ -181,6 +181,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
                 hf_splitquant.quantize(model, config, progress=False)
             row["quantize_seconds"] = time.perf_counter() - t0
         row["peak_memory_increase_mb"] = memory.increase_mb
+        if job.get("save_dir"):
+            folder = Path(job["save_dir"]) / f"int{job['bits']}_g{config.group_size}_{job['method']}"
+            model.save_pretrained(folder)
+            row["saved_to"] = str(folder)
         row["bits_per_weight"] = quantization_report(model).bits_per_weight
         calibration = getattr(model, "calibration_report", None)
         if calibration is not None:
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-tuning", default="{}",
                         help='gptq+bt: block-wise tuning options as JSON (default "{}": the library defaults)')
     parser.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
+    parser.add_argument("--save-dir", default=None,
+                        help="also save each packed model under DIR/int<bits>_g<group>_<method> (e.g. to start QAT from)")
     parser.add_argument("--eval-blocks", type=int, default=4)
     parser.add_argument("--eval-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1,
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_blocks, args.eval_len = 1, 128
     output = Path(args.output or HERE / "results" / ("calibration_quick.json" if args.quick else "calibration.json"))
     common = {key: getattr(args, key) for key in ("group_size", "cal_samples", "cal_len", "iterations", "eval_blocks",
-                                                  "eval_len", "threads", "damping", "batch_size")}
+                                                  "eval_len", "threads", "damping", "batch_size", "save_dir")}
     common["block_tuning"] = json.loads(args.block_tuning)
 
     started = time.perf_counter()
