@@ -66,6 +66,10 @@ def test_tuning_lowers_each_blocks_error_and_tracks_the_float_model_better() -> 
     assert all(b["fitted_after"] < b["fitted_before"] and b["steps"] == 20 * 3 for b in blocks)
     assert models["tuned"].calibration_report["block_tuning"]["epochs"] == 20
     assert models["gptq"].calibration_report["blocks"] == []
+    # one block's activations: its inputs and outputs, plus the float model's block inputs (= the targets)
+    one = 32 * 16 * 64 * 4  # samples x tokens x hidden x float32
+    assert models["gptq"].calibration_report["activations_mb"] * 2**20 == 2 * one
+    assert models["tuned"].calibration_report["activations_mb"] * 2**20 == 3 * one
     assert errors["tuned"] < errors["gptq"]
 
 

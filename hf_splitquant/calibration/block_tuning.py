@@ -119,6 +119,8 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
         if layer.bias is not None:
             layer.bias.requires_grad_(options.weight_lr > 0)
     params = [p for g in groups for p in g["params"]]
+    was_training = block.training
+    block.eval()  # no dropout: the targets were computed without it, and every process must compute the same
     optimizer = torch.optim.Adam(groups)
     local = {g: j for j, g in enumerate(global_index)}
     total_batches = _gather_count(len(global_index), accelerator)
@@ -175,6 +177,7 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
         packed = PackedLinear.from_packed(layer.spec, layer.packed_tensors(), bias, device=layer.weight.device)
         packed.set_weight_cache(True)  # while calibrating: dequantize once, not once per batch
         set_module(block, name, packed)
+    block.train(was_training)
     report.update(steps=steps, batches=total_batches, seconds=time.perf_counter() - started)
     return report
 

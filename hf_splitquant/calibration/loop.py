@@ -428,16 +428,17 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
                 memory.sample()
         if index + 1 < len(blocks):
             outputs = [with_hidden(args, kwargs, first_output(block(*args, **kwargs))) for args, kwargs in stored]
-            activation_peak = max(activation_peak, tensor_bytes([hidden_of(*s) for s in stored]) +
-                                  tensor_bytes([hidden_of(*s) for s in outputs]))
+            held = tensor_bytes([hidden_of(*s) for s in stored]) + tensor_bytes([hidden_of(*s) for s in outputs])
             if float_stored is not None:
                 float_stored = [with_hidden(a, k, first_output(float_block(*a, **k))) for a, k in float_stored]
-                activation_peak += tensor_bytes([hidden_of(*s) for s in float_stored])
+                held += tensor_bytes([hidden_of(*s) for s in float_stored])
             if tune_inputs is not None:  # the float model's outputs of this block are the next block's inputs
                 tune_inputs = [with_hidden(a, k, t) for (a, k), t in zip(tune_inputs, targets)]
-            if targets is not None:
-                activation_peak += tensor_bytes(targets) + (tensor_bytes([hidden_of(*s) for s in tune_inputs])
-                                                            if tune_inputs is not None else 0)
+            elif targets is not None:  # targets of the float block on the quantized inputs
+                held += tensor_bytes(targets)
+            if tune_inputs is not None:
+                held += tensor_bytes([hidden_of(*s) for s in tune_inputs])
+            activation_peak = max(activation_peak, held)  # what this block's passes held at once
             memory.sample()
             stored = outputs
         float_block = targets = None  # freed before the next block is copied
