@@ -214,6 +214,13 @@ class PackedLinear(nn.Module):
         return "dequant-bf16" if kernels.wants_fast_path(mode, x) else "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The decoding fast path: the layout exists and was accepted for this device; only what can change
+        # per call is checked (mode, gradients, tokens), the rest of `kernel_for` was answered once.
+        layout, ok = self._int4, self._int4_ok
+        if (layout is not None and ok is not None and ok[1] and (self.kernel_mode or kernels._mode) != "reference"
+                and not (x.requires_grad and torch.is_grad_enabled()) and kernels.tokens_of(x) <= ok[2]
+                and ok[0] == x.device):
+            return kernels.int4_linear(x, layout, self.bias)
         path = self.kernel_for(x)
         if path == "int4":
             layout = self._int4
