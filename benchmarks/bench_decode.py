@@ -57,8 +57,9 @@ DEFAULT_CONFIGS = ["rtn-int4-g64", "rtn-int4-g64+head"]
 def load_models(args: argparse.Namespace, path: Path, tmp: str) -> list[dict]:
     """Every model to time, eager and compiled, as ``{"name", "compiled", "model"}``."""
     entries = []
-    loaders = [("bf16", lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)),
-               ("fp32", lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))]
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    loaders = [(name, lambda dtype=dtypes[name]: AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+               for name in args.float]
     for name in args.configs:
         folder = Path(tmp) / name
         AutoModelForCausalLM.from_pretrained(path, quantization_config=SplitQuantConfig(**CONFIGS[name]),
@@ -77,6 +78,8 @@ def load_models(args: argparse.Namespace, path: Path, tmp: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    parser.add_argument("--float", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
+                        help="float models to time (bf16 is the reference of the ratios and always included)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled models")
     parser.add_argument("--output", default=None, help="write the rows and conditions as JSON")
     args = parser.parse_args()
+    args.float = ["bf16"] + [f for f in args.float if f != "bf16"]
     torch.set_num_threads(args.threads)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -131,10 +135,10 @@ def main() -> None:
                          "kernels": kernel_paths(e["model"], 1, torch.bfloat16),
                          "wall_s": e["whole"], "load_1min": e["load"]})
     bf16 = next(r for r in rows if r["model"] == "bf16" and not r["compiled"])
-    fp32 = next(r for r in rows if r["model"] == "fp32" and not r["compiled"])
+    fp32 = next((r for r in rows if r["model"] == "fp32" and not r["compiled"]), None)
     for r in rows:
         r["vs_bf16_eager"] = r["tok_s"] / bf16["tok_s"]
-        r["vs_fp32_eager"] = r["tok_s"] / fp32["tok_s"]
+        r["vs_fp32_eager"] = r["tok_s"] / fp32["tok_s"] if fp32 else float("nan")
         r["decode_vs_bf16_eager"] = r["decode_tok_s"] / bf16["decode_tok_s"]
     after = machine_conditions(args.threads)
     conditions = format_conditions(before, after)
