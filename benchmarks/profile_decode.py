@@ -7,7 +7,7 @@ speed ratios come from ``bench_decode.py``).
 Models: bf16 float, RTN int4 g64 with the head in bf16, and RTN int4 g64 with the packed head
 (``SplitQuantConfig(embedding_bits=4)``), all saved once and reloaded in bf16 (the packed models' int4 layouts
 are built on the warm-up step). ``--compiled`` profiles the compiled decoding step instead
-(:func:`hf_splitquant.compile_for_decoding`).
+(:func:`hf_splitquant.compile_for_decoding`, a static cache; no per-module split there: one graph).
 
 Each module's ``forward`` is wrapped in a ``record_function`` label during profiling only, so a module's
 *self* time is the Python and dispatch time spent in its own code (outside the ops it calls); the aten ops'
@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 import splitquant_assets as assets  # noqa: E402
@@ -72,10 +72,18 @@ def _label_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object
     return restore
 
 
-def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int):  # noqa: ANN201
-    """A prefilled cache and a callable doing ``steps`` greedy decoding steps (batch 1)."""
+def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int, compiled: bool = False,  # noqa: ANN201
+                 max_steps: int = 64):
+    """A prefilled cache and a callable doing ``steps`` greedy decoding steps (batch 1); ``compiled``: a static
+    cache of ``max_steps`` more positions and the compiled call ``generate`` would use (after
+    :func:`hf_splitquant.compile_for_decoding`)."""
+    forward = model
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
+        if compiled:
+            cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + max_steps)
+            forward = model.get_compiled_call(model.generation_config.compile_config)
+        else:
+            cache = DynamicCache(config=model.config)
         out = model(prompt, past_key_values=cache, use_cache=True)
     start = prompt.shape[1]
 
@@ -85,20 +93,23 @@ def decode_steps(model: torch.nn.Module, prompt: torch.Tensor, steps: int):  # n
             token = out.logits[:, -1:].argmax(-1)
             for i in range(steps):
                 pos = torch.tensor([[start + i]])
-                out = model(token, past_key_values=cache, position_ids=pos, cache_position=pos[0], use_cache=True)
+                out = forward(token, past_key_values=cache, position_ids=pos, cache_position=pos[0], use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
 
     return run
 
 
-def profile_model(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> dict:
-    run = decode_steps(model, prompt, 1)
-    run()  # warm-up: kernel layouts built
+def profile_model(model: torch.nn.Module, prompt: torch.Tensor, steps: int, compiled: bool = False) -> dict:
+    run = decode_steps(model, prompt, 1, compiled, max_steps=2 * steps + 8)
+    t0 = time.perf_counter()
+    run()  # warm-up: kernel layouts built, the compiled step compiled
+    print(f"first step {time.perf_counter() - t0:.1f} s", flush=True)
     t0 = time.perf_counter()
     for _ in range(steps):
         run()
     plain_ms = (time.perf_counter() - t0) / steps * 1e3
-    restore = _label_modules(model)
+    # module labels only in eager code (wrapping a compiled model's modules would make it recompile)
+    restore = [] if compiled else _label_modules(model)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
@@ -171,7 +182,7 @@ def main() -> None:
                 from hf_splitquant import compile_for_decoding
 
                 compile_for_decoding(model)
-            results[name] = profile_model(model, prompt, args.steps)
+            results[name] = profile_model(model, prompt, args.steps, args.compiled)
             print(table(name, results[name]) + "\n", flush=True)
     conditions = format_conditions(before, machine_conditions(args.threads))
     print(conditions)
