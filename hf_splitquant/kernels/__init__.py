@@ -165,6 +165,12 @@ class Int4Layout:
     #: the layer's grid tensors beyond the kernel's scales, compact (set where the layer dropped them)
     residual: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        #: one term, no gathered inputs, no padding: the kernel's output is the layer's (the common case,
+        #: decided once so a decoding step does not re-check it per call)
+        self.plain = (self.terms == 1 and self.input_index is None and self.padded_columns == self.in_columns
+                      and self.padded_rows == self.out_features)
+
     def nbytes(self) -> int:
         extra = self.residual.numel() * self.residual.element_size() if self.residual is not None else 0
         return self.weight.numel() * self.weight.element_size() + self.scales_and_zeros.numel() * 2 + extra
@@ -389,6 +395,11 @@ def int4_grid_tensors(spec: LayerSpec, layout: Int4Layout, residual: torch.Tenso
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W^T + b`` on the int4 kernel (bf16 compute), returned in ``x``'s dtype."""
+    if layout.plain and bias is None and x.dtype == torch.bfloat16 and x.is_contiguous():
+        # bf16 decoding: the kernel call and two views, nothing else
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.view(-1, layout.in_columns), layout.weight, layout.group,
+                                                       layout.scales_and_zeros)
+        return y.view(*x.shape[:-1], layout.out_features)
     h = x.reshape(-1, x.shape[-1])
     if h.dtype != torch.bfloat16:
         h = h.to(torch.bfloat16)

@@ -65,7 +65,10 @@ class PackedEmbedding(PackedLinear):
     def rows(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dequantized table rows ``ids`` (any shape) -> ``[*ids.shape, embedding_dim]``."""
         flat = ids.reshape(-1).long()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        # the range check reads the ids back (a graph break under torch.compile); compiled code checks its
+        # gathers' bounds itself
+        if flat.numel() and not torch.compiler.is_compiling() and (
+                int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
         spec = self.spec
         tensors = {name: buf for name, buf in self._buffers.items() if name.startswith("weight")}

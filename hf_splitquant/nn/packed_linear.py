@@ -213,10 +213,43 @@ class PackedLinear(nn.Module):
             return "int4"
         return "dequant-bf16" if kernels.wants_fast_path(mode, x) else "reference"
 
+    def prepare_int4(self, device: torch.device | str | None = None) -> bool:
+        """Build the int4 kernel layout now (it is otherwise built on the first call with few tokens) and
+        return whether this layer runs on it on ``device`` (default: where its tensors are).
+
+        :func:`hf_splitquant.compile_for_decoding` calls it so a compiled decoding step never traces the
+        one-time conversion.
+        """
+        if device is None:  # the stored tensors may live only in the layout (dropped codes and grid)
+            device = self._int4.weight.device if self._int4 is not None else next(iter(self.buffers())).device
+        device = torch.device(device)
+        if kernels.int4_reason(self.spec, device) is not None:
+            self._int4_ok = (device, False, 0)
+            return False
+        if self._int4 is None:
+            self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
+            if self._int4 is None:
+                self._int4_ok = (device, False, 0)
+                return False
+            self._drop_stored_codes()
+        self._int4_ok = (device, True, kernels.int4_max_tokens(self.spec))
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The decoding fast path: the layout exists and was accepted for this device; only what can change
+        # per call is checked (mode, gradients, tokens), the rest of `kernel_for` was answered once.
+        layout, ok = self._int4, self._int4_ok
+        if (layout is not None and ok is not None and ok[1] and (self.kernel_mode or kernels._mode) != "reference"
+                and not (x.requires_grad and torch.is_grad_enabled()) and kernels.tokens_of(x) <= ok[2]
+                and ok[0] == x.device):
+            return kernels.int4_linear(x, layout, self.bias)
         path = self.kernel_for(x)
         if path == "int4":
             layout = self._int4
+            if layout is None and torch.compiler.is_compiling():
+                raise RuntimeError("hf_splitquant: a compiled model reached a packed layer without its int4 layout "
+                                   "(the model was moved or reloaded after compiling); call "
+                                   "hf_splitquant.compile_for_decoding(model) again")
             if layout is None:
                 layout = self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
                 self._drop_stored_codes()

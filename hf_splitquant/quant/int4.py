@@ -64,7 +64,10 @@ def affine_codes(terms: list[Int4Term], origin: torch.Tensor, group: int, bits: 
         return None
     _, step, zero = terms[-1]
     e = torch.round(zero.float() / (step if scale is None else scale).float())
-    if not torch.isfinite(e).all():
+    # the checks read values back to Python (graph breaks under torch.compile); compiled code only reads back
+    # layouts that passed them when they were built
+    checked = not torch.compiler.is_compiling()
+    if checked and not torch.isfinite(e).all():
         return None
     if len(terms) == 1:
         d = terms[0][0].to(torch.int32) - 8
@@ -73,7 +76,7 @@ def affine_codes(terms: list[Int4Term], origin: torch.Tensor, group: int, bits: 
     cols = d.shape[1]
     d = d + e.to(torch.int32).repeat_interleave(group, dim=1)[:, :cols]
     codes = d + origin.round().to(torch.int32)
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
+    if checked and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
         return None
     return codes
 

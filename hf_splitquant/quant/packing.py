@@ -79,6 +79,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         per = 8 // bits
+        if torch.compiler.is_compiling():  # dynamo cannot trace `out=` into a strided view; the fused
+            parts = [torch.bitwise_and(p >> (k * bits), mask) for k in range(per)]  # kernel needs no buffer
+            return torch.stack(parts, dim=-1).reshape(rows, nbytes * per)[:, :n].contiguous()
         out = torch.empty(rows, nbytes, per, dtype=torch.uint8, device=p.device)
         for k in range(per):
             torch.bitwise_and(p >> (k * bits), mask, out=out[..., k])

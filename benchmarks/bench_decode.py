@@ -1,0 +1,167 @@
+"""Batch-1 greedy decoding of SmolLM2-135M: eager against compiled (``hf_splitquant.compile_for_decoding``),
+float against packed, interleaved in one process.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_decode.py                       # the default set below
+    HF_HUB_OFFLINE=1 python benchmarks/bench_decode.py --configs rtn-int4-g64+head rtn-int2-g64 ...  # others
+    HF_HUB_OFFLINE=1 python benchmarks/bench_decode.py --output benchmarks/results/decode_smollm2.json
+
+Models (each eager and compiled): bf16 and fp32 float, and packed checkpoints (quantized from the fp32 model,
+saved, reloaded in bf16 as ``bench_speed.py`` does): by default RTN int4 g64 with the head in bf16 and with
+the packed head (``embedding_bits=4``). ``--configs`` adds any of :data:`CONFIGS`.
+
+Per model: the seconds of its first ``generate`` (for a compiled model: compiling included), then
+``--repeats`` interleaved rounds (every model once per round, in turn; the median round counts) of
+``model.generate`` with a ``--prompt-tokens`` prompt and ``--new-tokens`` new tokens; throughput is new tokens
+per second of the whole call (prompt included, as a user sees it) and, separately, per second of the decoding
+steps alone (the whole call minus a prefill-only call timed in the same round). Ratios are against bf16
+eager (and fp32 eager) of the same run. Whether the compiled model's greedy tokens equal its eager twin's is
+checked. The CPU, threads and load average before and after are printed and saved: figures taken on a busy
+machine are not idle figures (the ratios, interleaved, hold up better than the absolute speeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+import splitquant_assets as assets  # noqa: E402
+from hf_splitquant import SplitQuantConfig, compile_for_decoding  # noqa: E402
+from hf_splitquant.speed import format_conditions, kernel_paths, machine_conditions, resident_bytes  # noqa: E402
+
+CONFIGS = {
+    "rtn-int4-g64": dict(bits=4, group_size=64),
+    "rtn-int4-g64+head": dict(bits=4, group_size=64, embedding_bits=4),
+    "rtn-int2-g64": dict(bits=2, group_size=64),
+    "rtn-int3-g64": dict(bits=3, group_size=64),
+    "rtn-int8-g64": dict(bits=8, group_size=64),
+    "splitquant-int4-g64": dict(bits=4, group_size=64, transform="splitquant"),
+    "ocs-int4-g64": dict(bits=4, group_size=64, transform="ocs", ocs_expand_ratio=0.02),
+    "mixquant-3bpw-g64": dict(group_size=64, bit_allocation="mixquant", target_bits=3.0, mixquant_candidates=[2, 3, 4]),
+}
+DEFAULT_CONFIGS = ["rtn-int4-g64", "rtn-int4-g64+head"]
+
+
+def load_models(args: argparse.Namespace, path: Path, tmp: str) -> list[dict]:
+    """Every model to time, eager and compiled, as ``{"name", "compiled", "model"}``."""
+    entries = []
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    loaders = [(name, lambda dtype=dtypes[name]: AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+               for name in args.float]
+    for name in args.configs:
+        folder = Path(tmp) / name
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=SplitQuantConfig(**CONFIGS[name]),
+                                             dtype=torch.float32).save_pretrained(folder)
+        loaders.append((name, lambda folder=folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)))
+    for name, load in loaders:
+        for compiled in (False, True) if not args.eager_only else (False,):
+            model = load().eval()
+            if compiled:
+                compile_for_decoding(model)
+            entries.append({"name": name, "compiled": compiled, "model": model})
+        print(f"loaded {name}", flush=True)
+    return entries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    parser.add_argument("--float", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"],
+                        help="float models to time (bf16 is the reference of the ratios and always included)")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eager-only", action="store_true", help="skip the compiled models")
+    parser.add_argument("--output", default=None, help="write the rows and conditions as JSON")
+    args = parser.parse_args()
+    args.float = ["bf16"] + [f for f in args.float if f != "bf16"]
+    torch.set_num_threads(args.threads)
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    before = machine_conditions(args.threads)
+    start = time.perf_counter()
+    path = assets.smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = tokenizer(" ".join(assets.wikipedia_split("eval")[:2])[:2000], return_tensors="pt").input_ids
+    prompt = prompt[:, : args.prompt_tokens]
+
+    def generate(model: torch.nn.Module, new_tokens: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = load_models(args, path, tmp)
+        for e in entries:  # first call: kernel layouts built, compiled models compile
+            t0 = time.perf_counter()
+            e["tokens"] = generate(e["model"], args.new_tokens)
+            e["first_call_s"] = time.perf_counter() - t0
+            generate(e["model"], 1)  # the prefill-only call (its cache length is within the compiled one's)
+            print(f"{e['name']} {'compiled' if e['compiled'] else 'eager'}: first call {e['first_call_s']:.1f} s",
+                  flush=True)
+        for e in entries:
+            e["whole"], e["prefill"], e["load"] = [], [], []
+        for _ in range(args.repeats):
+            for e in entries:
+                t0 = time.perf_counter()
+                generate(e["model"], args.new_tokens)
+                t1 = time.perf_counter()
+                generate(e["model"], 1)
+                e["whole"].append(t1 - t0)
+                e["prefill"].append(time.perf_counter() - t1)
+                e["load"].append(os.getloadavg()[0])
+        rows = []
+        for e in entries:
+            whole, prefill = statistics.median(e["whole"]), statistics.median(e["prefill"])
+            twin = next(o for o in entries if o["name"] == e["name"] and not o["compiled"])
+            rows.append({"model": e["name"], "compiled": e["compiled"], "first_call_s": e["first_call_s"],
+                         "tok_s": args.new_tokens / whole,
+                         "decode_tok_s": (args.new_tokens - 1) / max(whole - prefill, 1e-9),
+                         "ms_per_decode_step": (whole - prefill) / (args.new_tokens - 1) * 1e3,
+                         "tokens_equal_eager": bool(torch.equal(e["tokens"], twin["tokens"])),
+                         "resident_mb": resident_bytes(e["model"]) / 1e6,
+                         "kernels": kernel_paths(e["model"], 1, torch.bfloat16),
+                         "wall_s": e["whole"], "load_1min": e["load"]})
+    bf16 = next(r for r in rows if r["model"] == "bf16" and not r["compiled"])
+    fp32 = next((r for r in rows if r["model"] == "fp32" and not r["compiled"]), None)
+    for r in rows:
+        r["vs_bf16_eager"] = r["tok_s"] / bf16["tok_s"]
+        r["vs_fp32_eager"] = r["tok_s"] / fp32["tok_s"] if fp32 else float("nan")
+        r["decode_vs_bf16_eager"] = r["decode_tok_s"] / bf16["decode_tok_s"]
+    after = machine_conditions(args.threads)
+    conditions = format_conditions(before, after)
+    lines = ["| model | step | first call s | tok/s (whole generate) | vs bf16 eager | vs fp32 eager | decode steps "
+             "tok/s | ms/step | decode vs bf16 eager | greedy = eager | resident MB | layer paths |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {'compiled' if r['compiled'] else 'eager'} | {r['first_call_s']:.1f} | "
+                     f"{r['tok_s']:.1f} | {r['vs_bf16_eager']:.2f}x | {r['vs_fp32_eager']:.2f}x | "
+                     f"{r['decode_tok_s']:.1f} | {r['ms_per_decode_step']:.1f} | {r['decode_vs_bf16_eager']:.2f}x | "
+                     f"{'yes' if r['tokens_equal_eager'] else 'no'} | {r['resident_mb']:.0f} | {r['kernels']} |")
+    loads = [x for r in rows for x in r["load_1min"]]
+    lines += ["", f"SmolLM2-135M, batch 1, greedy, {prompt.shape[1]}-token prompt, {args.new_tokens} new tokens, "
+              f"{args.repeats} interleaved rounds (median); 1-min load average during the rounds "
+              f"{min(loads):.2f}-{max(loads):.2f}.", f"conditions: {conditions}"]
+    print("\n" + "\n".join(lines))
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
+            "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "conditions_before": before, "conditions_after": after, "conditions": conditions,
+            "wall_s": time.perf_counter() - start}
+    if args.output:
+        Path(args.output).write_text(json.dumps({"meta": meta, "rows": rows, "table": "\n".join(lines)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

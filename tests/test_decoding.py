@@ -1,0 +1,102 @@
+"""Fast decoding (issue 16, item 3): the compiled, static-cache decoding step of packed models.
+
+* the decoding step of a packed Llama (int4 layers and the packed tied head) traces into one graph, no
+  graph breaks (what ``fullgraph=True`` needs);
+* ``compile_for_decoding`` makes plain ``model.generate`` use a static cache and the compiled step, and its
+  greedy tokens equal the eager path's, for a model quantized on load and the same model reloaded
+  (compiling takes tens of seconds: slow tests).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_llama
+from transformers import AutoModelForCausalLM, StaticCache
+
+from hf_splitquant import PackedLinear, SplitQuantConfig, compile_for_decoding, kernels
+from hf_splitquant.nn.packed_embedding import PackedEmbedding
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")]
+
+CONFIG = dict(bits=4, group_size=32, embedding_bits=4)
+
+
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("decoding") / "float"
+    tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(5))
+
+
+def _greedy(model: torch.nn.Module, **kwargs) -> torch.Tensor:  # noqa: ANN003
+    with torch.inference_mode():
+        return model.generate(_prompt(), max_new_tokens=12, min_new_tokens=12, do_sample=False, **kwargs)
+
+
+def test_compile_for_decoding_sets_the_static_cache_and_builds_the_layouts(llama_checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG))
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m._int4 is None for m in packed)  # built lazily, on the first call
+    assert compile_for_decoding(model) is model
+    assert all(m._int4 is not None and m._int4_ok[1] for m in packed)
+    assert any(isinstance(m, PackedEmbedding) for m in packed)
+    config = model.generation_config
+    assert config.cache_implementation == "static"
+    assert config.compile_config.fullgraph and config.compile_config._compile_all_devices
+    assert model._valid_auto_compile_criteria({"cache": StaticCache(config=model.config, max_cache_len=32)}, config)
+
+
+def test_packed_decoding_step_traces_without_graph_breaks(llama_checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG))
+    compile_for_decoding(model)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    prompt = _prompt()
+    with torch.inference_mode():
+        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        position = torch.tensor([prompt.shape[1]])
+        explained = torch._dynamo.explain(model)(token, past_key_values=cache, cache_position=position,
+                                                 position_ids=position[None])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+    # the int4 kernel is in the graph: every packed layer (and the head) computes there, not in Python
+    calls = [node for graph in explained.graphs for node in graph.graph.nodes
+             if "_weight_int4pack_mm_for_cpu" in str(node.target)]
+    assert len(calls) == sum(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_a_compiled_graph_refuses_to_rebuild_a_layout_it_lost(llama_checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(bits=4,
+                                                                                                      group_size=32))
+    layer = next(m for m in model.modules() if isinstance(m, PackedLinear))
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.inference_mode(), pytest.raises(Exception, match="compile_for_decoding"):
+        compiled(torch.randn(1, 1, layer.in_features))
+
+
+@pytest.mark.slow
+def test_compiled_greedy_tokens_equal_eager_on_load_and_after_reload(llama_checkpoint, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG))
+    eager = _greedy(model)
+    compile_for_decoding(model)
+    torch._dynamo.reset()
+    compiled = _greedy(model)
+    assert hasattr(model, "_compiled_call")  # generate took the compiled step
+    assert torch.equal(compiled, eager)
+    assert torch.equal(_greedy(model, disable_compile=True), eager)  # static cache, eager step: the same
+
+    model.save_pretrained(tmp_path / "packed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    assert torch.equal(_greedy(reloaded), eager)
+    compile_for_decoding(reloaded)
+    assert torch.equal(_greedy(reloaded), eager)
+    # compiling did not change what is saved
+    reloaded.save_pretrained(tmp_path / "again")
+    saved, again = reloaded.state_dict(), AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
