@@ -19,17 +19,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import logging
 
 from ..methods import get_format
 from ..methods.block_tuning import BlockTuningOptions, cosine_factor, masked_mse
 from ..modeling import set_module
 from ..nn.fake_quant import FakeQuantLinear
 from ..nn.packed_linear import PackedLinear
+from ..qat import qat_parameter_groups
 from .blocks import first_output
-from .distributed import broadcast
-
-logger = logging.get_logger(__name__)
+from .distributed import broadcast, gather
 
 __all__ = ["tune_block"]
 
@@ -46,31 +44,11 @@ def _fake_quant_copy(packed: PackedLinear, seed: int) -> FakeQuantLinear:
                            init_state=packed.packed_tensors()).to(weight.device)
 
 
-def _parameter_groups(layers: Sequence[FakeQuantLinear], options: BlockTuningOptions) -> list[dict[str, Any]]:
-    """Adam groups with learning rates in units of each layer's mean grid step."""
-    groups = []
-    for layer in layers:
-        step = max(float(layer.weight_qat_scale.detach().abs().mean()), 1e-12)
-        groups.append({"params": [layer.weight_qat_scale], "lr": options.scale_lr * step})
-        if options.weight_lr > 0:
-            groups.append({"params": [p for p in (layer.weight, layer.bias) if p is not None],
-                           "lr": options.weight_lr * step})
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    return groups
-
-
-def _gather_sum(values: dict[int, float], accelerator: Any) -> float:
+def _sum_in_global_order(values: dict[int, float], accelerator: Any) -> float:
     """The sum of ``{global batch: value}`` over every process, added in global order (the same float on
     every process, whatever the number of processes)."""
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        merged: dict[int, float] = {}
-        for part in gather_object([values]):
-            merged.update(part)
-        values = merged
-    return float(sum(values[g] for g in sorted(values)))
+    merged = {g: v for part in gather(values, accelerator) for g, v in part.items()}
+    return float(sum(merged[g] for g in sorted(merged)))
 
 
 def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tuple[tuple, dict]],
@@ -109,22 +87,19 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
         layers.append(layer)
     if not layers:
         return {"layers": 0}
-    trainable = {id(p) for layer in layers for p in layer.parameters()}
-    frozen = [(p, p.requires_grad) for p in block.parameters() if id(p) not in trainable]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    groups = _parameter_groups(layers, options)
-    for layer in layers:  # the zero points are fixed; the latent weights train only with weight_lr > 0
-        layer.weight.requires_grad_(options.weight_lr > 0)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(options.weight_lr > 0)
+    untouched = [(p, p.requires_grad) for p in block.parameters()]  # the block's own flags, restored afterwards
+    # learning rates in units of each layer's grid step; the block's other parameters (norms) stay frozen
+    groups = qat_parameter_groups(block, options.scale_lr, options.weight_lr or None, per_grid_step=True)
+    for group in groups:
+        group["base_lr"] = group["lr"]
     params = [p for g in groups for p in g["params"]]
     was_training = block.training
     block.eval()  # no dropout: the targets were computed without it, and every process must compute the same
     optimizer = torch.optim.Adam(groups)
     local = {g: j for j, g in enumerate(global_index)}
-    total_batches = _gather_count(len(global_index), accelerator)
-    fitted_global = sorted(_gather_list([g for g, f in zip(global_index, fitted) if f], accelerator))
+    total_batches = sum(gather(len(global_index), accelerator))
+    fitted_global = sorted(g for part in gather([g for g, f in zip(global_index, fitted) if f], accelerator)
+                           for g in part)
 
     def losses(which: bool) -> float | None:
         """Mean error per token over the fitted (``which``) or held-out batches of every process."""
@@ -136,8 +111,8 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
                 args, kwargs = inputs[j]
                 sse, n = masked_mse(first_output(block(*args, **kwargs)), targets[j], masks[j])
                 sums[g], counts[g] = float(sse), float(n)
-        total = _gather_sum(counts, accelerator)
-        return _gather_sum(sums, accelerator) / total if total else None
+        total = _sum_in_global_order(counts, accelerator)
+        return _sum_in_global_order(sums, accelerator) / total if total else None
 
     report: dict[str, Any] = {"layers": len(layers), "fitted_before": losses(True), "heldout_before": losses(False)}
     steps = options.epochs * len(fitted_global)
@@ -162,7 +137,7 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-    for p, flag in frozen:
+    for p, flag in untouched:
         p.requires_grad_(flag)
     report["fitted_after"] = losses(True)
     report["heldout_after"] = losses(False)
@@ -181,14 +156,3 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
     report.update(steps=steps, batches=total_batches, seconds=time.perf_counter() - started)
     return report
 
-
-def _gather_list(values: list[int], accelerator: Any) -> list[int]:
-    if accelerator is None or accelerator.num_processes == 1:
-        return list(values)
-    from accelerate.utils import gather_object
-
-    return [v for part in gather_object([values]) for v in part]
-
-
-def _gather_count(count: int, accelerator: Any) -> int:
-    return sum(_gather_list([count], accelerator))

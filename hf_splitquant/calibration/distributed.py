@@ -9,7 +9,7 @@ import torch
 
 from ..methods import get_format
 
-__all__ = ["broadcast", "make_accelerator", "assign_owners"]
+__all__ = ["broadcast", "gather", "make_accelerator", "assign_owners"]
 
 
 def broadcast(payload: Any, owner: int, accelerator: Any) -> Any:
@@ -21,6 +21,15 @@ def broadcast(payload: Any, owner: int, accelerator: Any) -> Any:
     box = [payload]
     broadcast_object_list(box, from_process=owner)
     return box[0]
+
+
+def gather(payload: Any, accelerator: Any) -> list[Any]:
+    """Every process's ``payload``, in process order, on every process (``[payload]`` with one process)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [payload]
+    from accelerate.utils import gather_object
+
+    return gather_object([payload])
 
 
 def make_accelerator(device: torch.device) -> Any:

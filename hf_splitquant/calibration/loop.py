@@ -144,11 +144,11 @@ def calibrate_and_quantize(
         global_batches(calibration_data, tokenizer, num_samples, batch_size, max_length, seed), rank, world)
     masks = [b["attention_mask"].bool() if isinstance(b.get("attention_mask"), torch.Tensor) else None for b in batches]
     heldout = heldout_batches(num_batches, heldout_fraction)
-    # local batch j is global batch j * world + rank; the last `heldout` global batches are held out
-    fitted = [j * world + rank < num_batches - heldout for j in range(len(batches))]
+    global_index = [j * world + rank for j in range(len(batches))]  # local batch j's place among the global ones
+    fitted = [g < num_batches - heldout for g in global_index]  # the last `heldout` global batches are held out
     specs, modules = _plan_layers(model, config, accelerator, show,
                                   batches=[b for b, f in zip(batches, fitted) if f], device=device)
-    rounder = _LayerRounder(model, config, specs, modules, accelerator, fitted, heldout)
+    rounder = _LayerRounder(model, config, specs, modules, accelerator, fitted, heldout, global_index)
     with torch.no_grad(), no_cache(model):
         if world > 1 and not batches and rank == 0:
             raise ValueError("process 0 got no calibration batch: use at least as many batches as processes")
@@ -252,6 +252,7 @@ class _LayerRounder:
     accelerator: Any
     fitted: list[bool]  # per local batch: fitted on (True) or held out (False)
     heldout_count: int  # global batches held out
+    global_index: list[int]  # per local batch: its index among the global batches
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -388,8 +389,6 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
     float_stored = stored if rounder.float_target else None  # the float model's block inputs
     tuning = rounder.block_tuning
     tune_inputs = stored if tuning is not None and tuning.target == "float" else None  # the float model's, too
-    world, rank = rounder.accelerator.num_processes, rounder.accelerator.process_index
-    global_index = [j * world + rank for j in range(len(batches))]
     # one tick per layer (not per block), so that the estimate of the remaining time moves steadily
     bar = tqdm(total=len(names), desc=f"Calibrating ({rounder.config.rounding})", unit="layer", disable=not show)
     for index, block in enumerate(blocks):
@@ -419,7 +418,7 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
                 bar.set_postfix_str(f"block {index + 1}/{len(blocks)}: tuning", refresh=True)
                 local = f"{prefix}{index}."
                 report = tune_block(block, [n[len(local):] for n in in_block[index]], stored, targets, masks,
-                                    global_index, rounder.fitted, tuning, rounder.accelerator, rounder.config.seed)
+                                    rounder.global_index, rounder.fitted, tuning, rounder.accelerator, rounder.config.seed)
                 rounder.block_report.append({"block": index, **report})
                 logger.info(f"block {index}: tuned {report.get('layers', 0)} layers, error per token "
                             f"{report.get('fitted_before')} -> {report.get('fitted_after')} (fitted), "

@@ -226,14 +226,19 @@ class PackedLinear(nn.Module):
         if kernels.int4_reason(self.spec, device) is not None:
             self._int4_ok = (device, False, 0)
             return False
-        if self._int4 is None:
-            self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
-            if self._int4 is None:
-                self._int4_ok = (device, False, 0)
-                return False
-            self._drop_stored_codes()
+        if self._built_layout() is None:
+            self._int4_ok = (device, False, 0)
+            return False
         self._int4_ok = (device, True, kernels.int4_max_tokens(self.spec))
         return True
+
+    def _built_layout(self) -> kernels.Int4Layout | None:
+        """The int4 layout, built on first use (then the stored codes it gives back exactly are dropped);
+        ``None`` when these tensors have no int4 form."""
+        if self._int4 is None:
+            self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
+            self._drop_stored_codes()
+        return self._int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The decoding fast path: the layout exists and was accepted for this device; only what can change
@@ -245,14 +250,11 @@ class PackedLinear(nn.Module):
             return kernels.int4_linear(x, layout, self.bias)
         path = self.kernel_for(x)
         if path == "int4":
-            layout = self._int4
-            if layout is None and torch.compiler.is_compiling():
+            if self._int4 is None and torch.compiler.is_compiling():
                 raise RuntimeError("hf_splitquant: a compiled model reached a packed layer without its int4 layout "
                                    "(the model was moved or reloaded after compiling); call "
                                    "hf_splitquant.compile_for_decoding(model) again")
-            if layout is None:
-                layout = self._int4 = kernels.build_int4_layout(self.spec, self.packed_tensors())
-                self._drop_stored_codes()
+            layout = self._built_layout()
             if layout is not None:
                 return kernels.int4_linear(x, layout, self.bias)
             self._int4_ok = (x.device, False, 0)  # these tensors have no int4 form: dequantize from now on
