@@ -142,7 +142,7 @@ def kernel_paths(model: nn.Module, tokens: int, dtype: torch.dtype) -> str:
     paths: Counter[str] = Counter()
     for module in model.modules():
         if isinstance(module, PackedLinear):
-            path = module.kernel_for(probe.to(next(iter(module.buffers())).device))
+            path = module.kernel_for(probe.to(module.device))
             if path == "int4":
                 path = f"int4/{kernels.int4_terms(module.spec)}"
             paths[path] += 1

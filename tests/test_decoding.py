@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, StaticCache
 
 from hf_splitquant import PackedLinear, SplitQuantConfig, compile_for_decoding, kernels
 from hf_splitquant.nn.packed_embedding import PackedEmbedding
+from hf_splitquant.speed import kernel_paths
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")]
@@ -51,6 +52,9 @@ def test_compile_for_decoding_sets_the_static_cache_and_builds_the_layouts(llama
     assert config.cache_implementation == "static"
     assert config.compile_config.fullgraph and config.compile_config._compile_all_devices
     assert model._valid_auto_compile_criteria({"cache": StaticCache(config=model.config, max_cache_len=32)}, config)
+    # the stored codes were dropped for the layouts: the layers still say where they live and which path runs
+    assert all(m.device == torch.device("cpu") for m in packed)
+    assert "int4/1 x" in kernel_paths(model, 1, torch.bfloat16)
 
 
 def test_packed_decoding_step_traces_without_graph_breaks(llama_checkpoint):

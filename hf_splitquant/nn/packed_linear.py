@@ -213,6 +213,15 @@ class PackedLinear(nn.Module):
             return "int4"
         return "dequant-bf16" if kernels.wants_fast_path(mode, x) else "reference"
 
+    @property
+    def device(self) -> torch.device:
+        """Where this layer's tensors live (the int4 layout's device once the stored codes were dropped)."""
+        if self._int4 is not None:
+            return self._int4.weight.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
     def prepare_int4(self, device: torch.device | str | None = None) -> bool:
         """Build the int4 kernel layout now (it is otherwise built on the first call with few tokens) and
         return whether this layer runs on it on ``device`` (default: where its tensors are).
@@ -220,9 +229,7 @@ class PackedLinear(nn.Module):
         :func:`hf_splitquant.compile_for_decoding` calls it so a compiled decoding step never traces the
         one-time conversion.
         """
-        if device is None:  # the stored tensors may live only in the layout (dropped codes and grid)
-            device = self._int4.weight.device if self._int4 is not None else next(iter(self.buffers())).device
-        device = torch.device(device)
+        device = self.device if device is None else torch.device(device)
         if kernels.int4_reason(self.spec, device) is not None:
             self._int4_ok = (device, False, 0)
             return False
