@@ -17,7 +17,7 @@ import hf_splitquant
 from hf_splitquant import PackedLinear, SplitQuantConfig
 from hf_splitquant.calibration.block_tuning import _fake_quant_copy
 from hf_splitquant.kernels import kernel_mode
-from hf_splitquant.methods.block_tuning import BlockTuningOptions, cosine_factor, masked_mse
+from hf_splitquant.methods.block_tuning import BlockTuningOptions, cosine_factor, masked_mse, masked_token_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,20 +50,21 @@ def test_the_fake_quant_copy_starts_exactly_at_the_packed_layer() -> None:
                 torch.testing.assert_close(copy_(x), packed(x), rtol=1e-5, atol=1e-6)
 
 
-def test_tuning_lowers_each_blocks_error_and_tracks_the_float_model_better() -> None:
+@pytest.mark.parametrize("loss", ["mse", "relative"])
+def test_tuning_lowers_each_blocks_error_and_tracks_the_float_model_better(loss: str) -> None:
     torch.manual_seed(0)
     base = tiny_llama().eval()
     held_out = samples(16, 16, seed=2)
     with torch.no_grad():
         reference = base(input_ids=held_out).logits
     errors, models = {}, {}
-    for name, tuning in (("gptq", None), ("tuned", {"epochs": 20, "keep_best": False})):
+    for name, tuning in (("gptq", None), ("tuned", {"epochs": 20, "keep_best": False, "loss": loss})):
         models[name] = calibrated(copy.deepcopy(base), tuning)
         with torch.no_grad():
             errors[name] = float((models[name](input_ids=held_out).logits - reference).pow(2).mean())
     blocks = models["tuned"].calibration_report["blocks"]
     assert [b["block"] for b in blocks] == [0, 1] and all(b["layers"] == 7 for b in blocks)
-    assert all(b["fitted_after"] < b["fitted_before"] and b["steps"] == 20 * 3 for b in blocks)
+    assert all(b["fitted_after"] < b["fitted_before"] and b["steps"] == 20 * 3 and b["loss"] == loss for b in blocks)
     assert models["tuned"].calibration_report["block_tuning"]["epochs"] == 20
     assert models["gptq"].calibration_report["blocks"] == []
     # one block's activations: its inputs and outputs, plus the float model's block inputs (= the targets)
@@ -101,6 +102,7 @@ def test_a_tuned_model_saves_and_reloads_exactly(tmp_path: Path) -> None:
     ({"rounding": "gptq", "block_tuning": {"epoch": 2}}, "unknown block_tuning ['epoch']"),
     ({"rounding": "gptq", "block_tuning": {"scale_lr": 0}}, "scale_lr"),
     ({"rounding": "gptq", "block_tuning": {"target": "model"}}, "target"),
+    ({"rounding": "gptq", "block_tuning": {"loss": "l1"}}, "loss"),
     ({"rounding": "gptq", "block_tuning": [1]}, "must be a dict"),
 ])
 def test_bad_block_tuning_options_are_refused_by_name(kwargs: dict, message: str) -> None:
@@ -115,3 +117,12 @@ def test_objective_pieces() -> None:
     assert masked_mse(out, target, None)[1] == 6
     assert cosine_factor(0, 10) == 1.0 and cosine_factor(5, 10) == pytest.approx(0.5) and 0 < cosine_factor(9, 10) < 0.03
     assert BlockTuningOptions.from_dict(None) == BlockTuningOptions()
+    # "relative": each token's squared error over its target's squared norm, so a token 1000x larger than the
+    # others with the same relative error counts the same
+    target = torch.tensor([[[1.0, 0.0], [1000.0, 0.0], [0.0, 2.0]]])
+    out = target * 1.1
+    total, n = masked_token_error(out, target, None, "relative")
+    assert n == 3 and float(total) == pytest.approx(3 * 0.01)
+    assert float(masked_token_error(out, target, None, "mse")[0]) == pytest.approx(0.01 + 1e4 + 0.04)
+    assert float(masked_token_error(out, target, torch.tensor([[True, False, True]]), "relative")[0]) == \
+        pytest.approx(0.02)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..methods import get_format
-from ..methods.block_tuning import BlockTuningOptions, cosine_factor, masked_mse
+from ..methods.block_tuning import BlockTuningOptions, cosine_factor, masked_token_error
 from ..modeling import set_module
 from ..nn.fake_quant import FakeQuantLinear
 from ..nn.packed_linear import PackedLinear
@@ -69,7 +69,7 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
         seed: the fake-quant layers' seed.
 
     Returns:
-        the block's report: mean squared error per token (summed over the hidden size) before and after,
+        the block's report: the mean error per token (``options.loss``) before and after,
         fitted and held out, steps, seconds, and ``kept_rounding`` (the tuned codes were dropped).
     """
     started = time.perf_counter()
@@ -109,12 +109,14 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
                 if fitted[j] != which:
                     continue
                 args, kwargs = inputs[j]
-                sse, n = masked_mse(first_output(block(*args, **kwargs)), targets[j], masks[j])
+                sse, n = masked_token_error(first_output(block(*args, **kwargs)), targets[j], masks[j],
+                                            options.loss)
                 sums[g], counts[g] = float(sse), float(n)
         total = _sum_in_global_order(counts, accelerator)
         return _sum_in_global_order(sums, accelerator) / total if total else None
 
-    report: dict[str, Any] = {"layers": len(layers), "fitted_before": losses(True), "heldout_before": losses(False)}
+    report: dict[str, Any] = {"layers": len(layers), "loss": options.loss, "fitted_before": losses(True),
+                              "heldout_before": losses(False)}
     steps = options.epochs * len(fitted_global)
     step = 0
     with torch.enable_grad():
@@ -125,7 +127,8 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
                 if owner == rank:
                     j = local[g]
                     args, kwargs = inputs[j]
-                    sse, n = masked_mse(first_output(block(*args, **kwargs)), targets[j], masks[j])
+                    output = first_output(block(*args, **kwargs))
+                    sse, n = masked_token_error(output, targets[j], masks[j], options.loss)
                     (sse / max(n, 1)).backward()
                     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
                 grads = broadcast(grads, owner, accelerator)

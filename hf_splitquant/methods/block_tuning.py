@@ -40,10 +40,12 @@ import torch
 
 from .base import options_from_dict
 
-__all__ = ["BlockTuningOptions", "TARGETS", "masked_mse", "cosine_factor"]
+__all__ = ["BlockTuningOptions", "TARGETS", "LOSSES", "masked_mse", "masked_token_error", "cosine_factor"]
 
 #: what a tuned block is fitted to (module docstring)
 TARGETS = ("float", "block")
+#: how the error of one token is measured (:func:`masked_token_error`)
+LOSSES = ("mse", "relative")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class BlockTuningOptions:
             float block on the quantized model's inputs).
         keep_best: keep the rounding's codes for a block whose held-out loss (or, with nothing held out, fitted
             loss) rises.
+        loss: ``"mse"``: each token's squared error; ``"relative"``: each token's squared error divided by its
+            target's squared norm (what the next block sees: every reader of the residual stream normalises
+            each token first, so a token's error matters relative to its size; a few "massive activation"
+            tokens, thousands of times larger than the rest, then no longer decide the loss alone).
     """
 
     epochs: int = 20
@@ -66,6 +72,7 @@ class BlockTuningOptions:
     weight_lr: float = 0.02
     target: str = "float"
     keep_best: bool = True
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
@@ -78,6 +85,8 @@ class BlockTuningOptions:
                 raise ValueError(f"block_tuning[{name!r}] must be a number {bound} (in grid steps), got {value!r}")
         if self.target not in TARGETS:
             raise ValueError(f"block_tuning['target'] must be one of {TARGETS}, got {self.target!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"block_tuning['loss'] must be one of {LOSSES}, got {self.loss!r}")
         if not isinstance(self.keep_best, bool):
             raise ValueError(f"block_tuning['keep_best'] must be True or False, got {self.keep_best!r}")
 
@@ -95,6 +104,22 @@ def masked_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | 
     """``(sum of squared errors over the real tokens, number of real tokens)``; ``mask`` ``[batch, tokens]``
     (``True``: a real token) or ``None`` (every token counts). Hidden states are ``[batch, tokens, hidden]``."""
     error = (output.float() - target.float()).pow(2).sum(dim=-1)
+    if mask is None:
+        return error.sum(), error.numel()
+    mask = mask.to(error.device)
+    return (error * mask).sum(), int(mask.sum())
+
+
+def masked_token_error(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                       loss: str = "mse") -> tuple[torch.Tensor, int]:
+    """``(sum over the real tokens of each token's error, number of real tokens)`` with ``loss`` ``"mse"``
+    (:func:`masked_mse`) or ``"relative"`` (each token's squared error over its target's squared norm)."""
+    if loss == "mse":
+        return masked_mse(output, target, mask)
+    if loss != "relative":
+        raise ValueError(f"unknown block-tuning loss {loss!r}; expected one of {LOSSES}")
+    target = target.float()
+    error = (output.float() - target).pow(2).sum(dim=-1) / target.pow(2).sum(dim=-1).clamp_min(1e-12)
     if mask is None:
         return error.sum(), error.numel()
     mask = mask.to(error.device)
