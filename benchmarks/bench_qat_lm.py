@@ -173,7 +173,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         teacher = None
         if opts.mode != "qat":
             teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        cache = grid_cache(opts)
+        cache = Path(opts.init_from) if opts.init_from else grid_cache(opts)
         if opts.init in CALIBRATED:
             if not cache.is_dir():
                 raise SystemExit(f"--init {opts.init}: run `--mode ptq --init {opts.init}` with the same bits and group size "
@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--init", choices=("rtn", "mse", *CALIBRATED), default="mse",
                    help="gptq-bt: GPTQ then block-wise tuning (SplitQuantConfig.block_tuning defaults)")
+    p.add_argument("--init-from", default=None,
+                   help="with a calibrated --init: start from this saved packed model instead of the cached one "
+                        "(for example one bench_calibration.py --save-dir wrote with other block-tuning options)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning-rate schedule; cosine decays to 0 at --max-steps (set it to the steps the budget allows)")
     p.add_argument("--max-steps", type=int, default=1000)
