@@ -69,7 +69,7 @@ def load_models(args: argparse.Namespace, path: Path, tmp: str) -> list[dict]:
         for compiled in (False, True) if not args.eager_only else (False,):
             model = load().eval()
             if compiled:
-                compile_for_decoding(model)
+                compile_for_decoding(model, options=json.loads(args.compile_options) if args.compile_options else None)
             entries.append({"name": name, "compiled": compiled, "model": model})
         print(f"loaded {name}", flush=True)
     return entries
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled models")
+    parser.add_argument("--compile-options", default=None,
+                        help='inductor options for the compiled models as JSON, e.g. \'{"cpp_wrapper": true}\'')
     parser.add_argument("--output", default=None, help="write the rows and conditions as JSON")
     args = parser.parse_args()
     args.float = ["bf16"] + [f for f in args.float if f != "bf16"]
@@ -156,7 +158,8 @@ def main() -> None:
               f"{min(loads):.2f}-{max(loads):.2f}.", f"conditions: {conditions}"]
     print("\n" + "\n".join(lines))
     meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
-            "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "compile_options": args.compile_options, "prompt_tokens": int(prompt.shape[1]),
+            "new_tokens": args.new_tokens, "repeats": args.repeats,
             "conditions_before": before, "conditions_after": after, "conditions": conditions,
             "wall_s": time.perf_counter() - start}
     if args.output:
