@@ -17,7 +17,12 @@ import hf_splitquant
 from hf_splitquant import PackedLinear, SplitQuantConfig
 from hf_splitquant.calibration.block_tuning import _fake_quant_copy
 from hf_splitquant.kernels import kernel_mode
-from hf_splitquant.methods.block_tuning import BlockTuningOptions, cosine_factor, masked_mse, masked_token_error
+from hf_splitquant.methods.block_tuning import (
+    BlockTuningOptions,
+    cosine_factor,
+    masked_mse,
+    masked_token_error,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
