@@ -107,23 +107,20 @@ class BlockTuningOptions:
 def masked_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """``(sum of squared errors over the real tokens, number of real tokens)``; ``mask`` ``[batch, tokens]``
     (``True``: a real token) or ``None`` (every token counts). Hidden states are ``[batch, tokens, hidden]``."""
-    error = (output.float() - target.float()).pow(2).sum(dim=-1)
-    if mask is None:
-        return error.sum(), error.numel()
-    mask = mask.to(error.device)
-    return (error * mask).sum(), int(mask.sum())
+    return masked_token_error(output, target, mask, "mse")
 
 
 def masked_token_error(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
                        loss: str = "mse") -> tuple[torch.Tensor, int]:
     """``(sum over the real tokens of each token's error, number of real tokens)`` with ``loss`` ``"mse"``
-    (:func:`masked_mse`) or ``"relative"`` (each token's squared error over its target's squared norm)."""
-    if loss == "mse":
-        return masked_mse(output, target, mask)
-    if loss != "relative":
+    (each token's squared error) or ``"relative"`` (that over its target's squared norm); ``mask`` as in
+    :func:`masked_mse`."""
+    if loss not in LOSSES:
         raise ValueError(f"unknown block-tuning loss {loss!r}; expected one of {LOSSES}")
     target = target.float()
-    error = (output.float() - target).pow(2).sum(dim=-1) / target.pow(2).sum(dim=-1).clamp_min(1e-12)
+    error = (output.float() - target).pow(2).sum(dim=-1)
+    if loss == "relative":
+        error = error / target.pow(2).sum(dim=-1).clamp_min(1e-12)
     if mask is None:
         return error.sum(), error.numel()
     mask = mask.to(error.device)
