@@ -131,3 +131,31 @@ def test_objective_pieces() -> None:
     assert float(masked_token_error(out, target, None, "mse")[0]) == pytest.approx(0.01 + 1e4 + 0.04)
     assert float(masked_token_error(out, target, torch.tensor([[True, False, True]]), "relative")[0]) == \
         pytest.approx(0.02)
+
+
+def test_best_epoch_ends_each_block_at_its_lowest_heldout_loss() -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    options = {"epochs": 12, "keep_best": False}  # on this model the held-out loss wanders: blocks end early
+    last = calibrated(copy.deepcopy(base), options)
+    best = calibrated(copy.deepcopy(base), {**options, "best_epoch": True})
+    restored = 0
+    first, tracked = last.calibration_report["blocks"][0], best.calibration_report["blocks"][0]
+    # the first block trains on the same inputs in both runs (later ones see what the earlier ones became)
+    assert tracked["heldout_curve"][-1] == pytest.approx(first["heldout_after"], rel=1e-5)
+    assert "heldout_curve" not in first
+    for chosen in best.calibration_report["blocks"]:
+        curve = chosen["heldout_curve"]
+        assert len(curve) == 12
+        losses = [chosen["heldout_before"], *curve]
+        assert chosen["best_epoch"] == losses.index(min(losses))
+        assert chosen["kept_rounding"] == (chosen["best_epoch"] == 0)  # epoch 0 is the rounding's codes
+        if chosen["best_epoch"]:
+            assert chosen["heldout_after"] == pytest.approx(min(losses), rel=1e-5)
+        restored += 0 < chosen["best_epoch"] < 12
+    assert restored >= 1  # the test exercises going back to an earlier epoch
+
+
+def test_best_epoch_is_refused_when_not_a_bool() -> None:
+    with pytest.raises(ValueError, match="best_epoch"):
+        SplitQuantConfig(bits=2, group_size=32, rounding="gptq", block_tuning={"best_epoch": "yes"})

@@ -4,7 +4,8 @@ the objective and options: :mod:`hf_splitquant.methods.block_tuning`).
 The block's packed RTN layers are swapped for :class:`~hf_splitquant.nn.fake_quant.FakeQuantLinear` layers
 with learned scales that start exactly at the packed codes and scales, trained with Adam (learning rates in
 grid steps, cosine decay) against the targets, and packed again; with ``keep_best`` a block whose held-out
-loss rose gets its rounded layers back.
+loss rose gets its rounded layers back, and with ``best_epoch`` the block ends at the epoch whose held-out loss
+was lowest.
 
 Several processes: the optimizer steps go over the *global* calibration batches in order; the process holding
 a batch computes its gradients and sends them to the others, so every process applies the same updates and
@@ -119,8 +120,12 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
                               "heldout_before": losses(False)}
     steps = options.epochs * len(fitted_global)
     step = 0
+    # best_epoch: the held-out loss after each epoch; the parameters of the best one (epoch 0: the rounding's)
+    track = options.best_epoch and report["heldout_before"] is not None
+    best = (report["heldout_before"], 0, None) if track else None
+    curve: list[float] = []
     with torch.enable_grad():
-        for _ in range(options.epochs):
+        for epoch in range(1, options.epochs + 1):
             for g in fitted_global:
                 owner = g % world if world > 1 else 0
                 grads = None
@@ -140,13 +145,23 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+            if track:
+                curve.append(losses(False))
+                if curve[-1] < best[0]:
+                    best = (curve[-1], epoch, [p.detach().clone() for p in params])
+    if track:
+        report.update(heldout_curve=curve, best_epoch=best[1])
+        if best[2] is not None and best[1] < options.epochs:
+            with torch.no_grad():
+                for p, value in zip(params, best[2]):
+                    p.copy_(value)
     for p, flag in untouched:
         p.requires_grad_(flag)
     report["fitted_after"] = losses(True)
     report["heldout_after"] = losses(False)
     decide = "heldout" if report["heldout_before"] is not None else "fitted"
     worse = report[f"{decide}_after"] > report[f"{decide}_before"]
-    report["kept_rounding"] = bool(options.keep_best and worse)
+    report["kept_rounding"] = bool((options.keep_best and worse) or (track and best[1] == 0))
     for (name, original), layer in zip(originals.items(), layers):
         if report["kept_rounding"]:
             set_module(block, name, original)

@@ -69,6 +69,10 @@ class BlockTuningOptions:
             target's squared norm (what the next block sees: every reader of the residual stream normalises
             each token first, so a token's error matters relative to its size; a few "massive activation"
             tokens, thousands of times larger than the rest, then no longer decide the loss alone).
+        best_epoch: measure the held-out loss after every epoch and end the block at the epoch with the lowest
+            (the rounding's codes count as epoch 0, so this includes ``keep_best``); a guard against the
+            overfitting of a few calibration tokens, at the cost of one held-out pass per epoch. Without
+            held-out batches it does nothing.
     """
 
     epochs: int = 20
@@ -77,6 +81,7 @@ class BlockTuningOptions:
     target: str = "float"
     keep_best: bool = True
     loss: str = "relative"
+    best_epoch: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
@@ -91,8 +96,9 @@ class BlockTuningOptions:
             raise ValueError(f"block_tuning['target'] must be one of {TARGETS}, got {self.target!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"block_tuning['loss'] must be one of {LOSSES}, got {self.loss!r}")
-        if not isinstance(self.keep_best, bool):
-            raise ValueError(f"block_tuning['keep_best'] must be True or False, got {self.keep_best!r}")
+        for name in ("keep_best", "best_epoch"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"block_tuning[{name!r}] must be True or False, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> BlockTuningOptions:
