@@ -12,9 +12,11 @@ For each code width (INT2, INT3, INT4; group size 64, asymmetric, fp16 scales) i
 * ``ar``: Attention Round (:func:`hf_splitquant.quantize` with ``calibration_data``), sequential
   block by block on ``--cal-samples`` blocks of ``--cal-len`` tokens of the Wikipedia
   ``"calibration"`` part, ``--iterations`` steps per layer;
-* ``gptq+sens`` / ``gptq+mq``: ``rounding="gptq"`` with per-layer widths (candidates 2, 3, 4) at
-  ``--target-bits`` (default: the bits per weight of the rtn variant): ``bit_allocation="sensitivity"``
-  (Fisher-weighted errors on the calibration data) or ``"mixquant"`` (data-free round-off errors);
+* ``gptq+sens`` / ``gptq+mq`` / ``gptq+cl`` / ``gptq+cli``: ``rounding="gptq"`` with per-layer widths
+  (candidates 2, 3, 4) at ``--target-bits`` (default: the bits per weight of the rtn variant):
+  ``bit_allocation="sensitivity"`` (Fisher-weighted errors on the calibration data), ``"mixquant"``
+  (data-free round-off errors), ``"coding_length"`` (the faithful coding length of the weights) or
+  ``"coding_length_inputs"`` (the coding length of the weights scaled by their inputs' RMS);
 * ``rtn+cl`` / ``ar+cl``: the same with ``bit_allocation="coding_length"`` at the bits per weight of
   the uniform width (so the comparison is at equal size; candidates 2, 3, 4, 5, 6, 8). Not at INT2:
   every candidate but 2 costs more than the INT2 budget, so the allocation is INT2 everywhere.
@@ -119,6 +121,9 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 2) -> 
 
 
 RESULT_MARKER = "@@BENCH_CALIBRATION_RESULT@@"
+#: per-layer width variants: the method name -> ``bit_allocation`` (all with ``rounding="gptq"``, candidates 2, 3, 4)
+ALLOCATIONS = {"gptq+sens": "sensitivity", "gptq+mq": "mixquant", "gptq+cl": "coding_length",
+               "gptq+cli": "coding_length_inputs"}
 
 
 def load_smollm2(eval_blocks: int, eval_len: int) -> tuple[Any, torch.Tensor, torch.nn.Module]:
@@ -150,7 +155,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         row["bits_per_weight"] = 32.0
     else:
         kwargs: dict[str, Any] = {"bits": job["bits"], "group_size": job["group_size"]}
-        if job["method"].endswith("+cl"):
+        if job["method"] in ("rtn+cl", "ar+cl"):
             kwargs.update(bit_allocation="coding_length", target_bits=job["target_bits"])
         if job["method"].startswith("ar"):
             kwargs.update(rounding="attention_round", rounding_options={"iterations": job["iterations"]})
@@ -163,9 +168,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if job["method"] == "gptq+bt":  # GPTQ, then block-wise tuning against the float model's block outputs
             kwargs.update(rounding="gptq", block_tuning=job["block_tuning"])
             row["block_tuning"] = job["block_tuning"]
-        if job["method"] in ("gptq+sens", "gptq+mq"):
-            kwargs.update(rounding="gptq", bit_allocation="sensitivity" if job["method"] == "gptq+sens" else "mixquant",
-                          target_bits=job["target_bits"], mixquant_candidates=[2, 3, 4])
+        if job["method"] in ALLOCATIONS:
+            kwargs.update(rounding="gptq", bit_allocation=ALLOCATIONS[job["method"]], target_bits=job["target_bits"],
+                          mixquant_candidates=[2, 3, 4])
         config = SplitQuantConfig(**kwargs)
         if job["method"] == "recipe":  # the named preset for this width, with its own group size
             config = SplitQuantConfig.recipe(f"w{job['bits']}")
@@ -193,7 +198,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             row.update(activations_mb=calibration["activations_mb"],
                        mean_layer_mse_vs_rtn=calibration["mean_mse_ratio"],
                        layers_kept_rtn=sum(1 for i in calibration["layers"].values() if i["kept_rtn"]))
-        if job["method"].endswith(("+cl", "+sens", "+mq")):
+        if job["method"].endswith("+cl") or job["method"] in ALLOCATIONS:
             widths = [spec["bits"] for spec in model.config.quantization_config.layers.values()]
             row["bit_histogram"] = {b: widths.count(b) for b in sorted(set(widths))}
     t0 = time.perf_counter()
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: INT3 only, tiny data, 2 steps")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "gptq-float", "recipe", "ar", "rtn+cl", "ar+cl",
-                                                            "gptq+sens", "gptq+mq", "gptq+bt"],
+                                                            *ALLOCATIONS, "gptq+bt"],
                         default=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--cal-samples", type=int, default=8, help="calibration blocks (default 8)")
@@ -257,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     for bits in args.bits:
         uniform_bpw = None
         for variant in [m for m in args.methods if bits > 2 or not m.endswith("+cl")]:
-            target = args.target_bits if variant in ("gptq+sens", "gptq+mq") and args.target_bits else uniform_bpw
-            if target is None and (variant.endswith(("+cl", "+sens", "+mq"))):
+            target = args.target_bits if variant in ALLOCATIONS and args.target_bits else uniform_bpw
+            if target is None and (variant.endswith("+cl") or variant in ALLOCATIONS):
                 parser.error(f"{variant} needs --target-bits or the rtn variant before it")
             row = run_child({**common, "method": variant, "bits": bits, "target_bits": target})
             if variant == "rtn":

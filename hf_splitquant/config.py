@@ -28,7 +28,7 @@ FORMAT_VERSION = 3
 ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
 #: ``None`` and ``"rtn"`` both mean plain round-to-nearest
 ALLOWED_TRANSFORMS = (None, *format_names())
-ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length", "sensitivity")
+ALLOWED_BIT_ALLOCATIONS = (None, "mixquant", "coding_length", "coding_length_inputs", "sensitivity")
 #: rounding method -> the class validating its ``rounding_options``
 ROUNDING_OPTIONS: dict[str, Any] = {"attention_round": AttentionRoundOptions, "gptq": GPTQOptions}
 ALLOWED_ROUNDINGS = (None, *ROUNDING_OPTIONS)
@@ -103,6 +103,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
             the round-off error of the same quantizer, data-free. Needs the float weights of every
             layer, so ``from_pretrained`` loads them in float first and quantizes after loading.
             ``"coding_length"``: widths from each layer's lossy coding length (needs ``target_bits``).
+            ``"coding_length_inputs"``: the same on each weight scaled by its input channels' RMS over the
+            calibration tokens, at unit RMS (``hf_splitquant/methods/coding_length.py``); needs ``target_bits``,
+            ``rounding`` and calibration data.
             ``"sensitivity"``: MixQuant's budget search on a calibrated sensitivity, each layer's round-off
             error weighted by the loss's empirical Fisher diagonal (``hf_splitquant/calibration/sensitivity.py``);
             needs ``target_bits``, ``rounding`` and calibration data (``hf_splitquant.quantize(model, config,
@@ -265,12 +268,12 @@ class SplitQuantConfig(QuantizationConfigMixin):
         eps = self.coding_length_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"`coding_length_eps` must be a positive number, got {eps!r}")
-        if self.bit_allocation in ("coding_length", "sensitivity") and self.target_bits is None:
+        if self.bit_allocation in ("coding_length", "coding_length_inputs", "sensitivity") and self.target_bits is None:
             raise ValueError(f"`bit_allocation={self.bit_allocation!r}` needs `target_bits` (average bits per weight)")
         if self.rounding not in ALLOWED_ROUNDINGS:
             raise ValueError(f"`rounding` must be one of {ALLOWED_ROUNDINGS}, got {self.rounding!r}")
-        if self.bit_allocation == "sensitivity" and self.rounding is None:
-            raise ValueError("`bit_allocation='sensitivity'` measures each layer's sensitivity on calibration data: set "
+        if self.bit_allocation in ("sensitivity", "coding_length_inputs") and self.rounding is None:
+            raise ValueError(f"`bit_allocation={self.bit_allocation!r}` measures each layer on calibration data: set "
                              "`rounding` (e.g. 'gptq') and pass `calibration_data` to hf_splitquant.quantize; "
                              "for a data-free allocation use bit_allocation='mixquant'")
         if self.rounding_options is not None:

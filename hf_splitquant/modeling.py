@@ -246,6 +246,9 @@ def search_bit_widths(selected: list[tuple[str, nn.Module]], config: SplitQuantC
     """Per-layer bit widths for ``config.bit_allocation`` (MixQuant or coding length), by module name."""
     from .methods.mixquant import allocate_by_budget, allocate_by_qem, roundoff_error, spec_bits
 
+    if config.bit_allocation in ("sensitivity", "coding_length_inputs"):
+        raise ValueError(f"bit_allocation={config.bit_allocation!r} needs calibration data: use hf_splitquant.calibrate "
+                         "(or quantize with calibration_data), or a data-free allocation ('mixquant', 'coding_length')")
     # Round-off errors are only needed by MixQuant; coding length needs only the stored costs.
     measure = config.bit_allocation == "mixquant"
     widths = sorted(set(config.mixquant_candidates) | ({config.mixquant_reference_bits} if measure else set()))

@@ -56,7 +56,7 @@ from .blocks import (
 )
 from .data import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, global_batches, load_calibration_file, shard_batches
 from .distributed import assign_owners, broadcast, make_accelerator
-from .sensitivity import fisher_errors
+from .sensitivity import fisher_errors, input_channel_rms
 from .statistics import InputStatistics
 
 #: share of the calibration batches held out to decide whether a layer keeps its optimised codes
@@ -208,6 +208,8 @@ def _plan_layers(model: nn.Module, config: SplitQuantConfig, accelerator: Any, s
     widths: dict[str, int] = {}
     if config.bit_allocation == "sensitivity":
         widths = sensitivity_bit_widths(model, dict(selected), config, batches, device, accelerator, show)
+    elif config.bit_allocation == "coding_length_inputs":
+        widths = input_weighted_coding_length_widths(model, dict(selected), config, batches, device, accelerator, show)
     elif config.bit_allocation:
         widths = search_bit_widths(selected, config, progress=show) if accelerator.is_main_process else None
         widths = broadcast(widths, 0, accelerator)
@@ -235,6 +237,27 @@ def sensitivity_bit_widths(model: nn.Module, modules: Mapping[str, nn.Module], c
     chosen = allocate_by_budget(errors, costs, sizes, config.target_bits)
     histogram = {b: sum(1 for v in chosen.values() if v == b) for b in widths}
     logger.info(f"sensitivity allocation at {config.target_bits} bits per weight: layers per width {histogram}")
+    return chosen
+
+
+def input_weighted_coding_length_widths(model: nn.Module, modules: Mapping[str, nn.Module], config: SplitQuantConfig,
+                                        batches: Sequence[Mapping[str, Any]], device: torch.device | None,
+                                        accelerator: Any, show: bool) -> dict[str, int]:
+    """Per-layer widths within ``config.target_bits`` from the coding length of each weight scaled by its input
+    channels' RMS over every process's ``batches`` (:func:`~hf_splitquant.methods.coding_length.input_weighted`).
+    Every process computes the same widths from the same exactly reduced statistics."""
+    from ..methods.coding_length import allocate_by_coding_length
+    from ..methods.mixquant import spec_bits
+
+    rms = input_channel_rms(model, modules, batches, device or model_device(model), accelerator, show)
+    widths = list(config.mixquant_candidates)
+    costs = {n: {b: spec_bits(spec_for_module(config, m, bits=b)) for b in widths} for n, m in modules.items()}
+    sizes = {n: module_shape(m)[0] * module_shape(m)[1] for n, m in modules.items()}
+    weights = {n: float_weight(m) for n, m in modules.items()}
+    chosen = allocate_by_coding_length(weights, costs, sizes, config.target_bits, config.coding_length_eps, rms)
+    histogram = {b: sum(1 for v in chosen.values() if v == b) for b in widths}
+    logger.info(f"input-weighted coding-length allocation at {config.target_bits} bits per weight: layers per width "
+                f"{histogram}")
     return chosen
 
 

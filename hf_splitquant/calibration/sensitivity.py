@@ -37,7 +37,7 @@ from .statistics import ExactSum
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["fisher_errors"]
+__all__ = ["fisher_errors", "input_channel_rms"]
 
 
 def _labels(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -142,3 +142,47 @@ def fisher_errors(model: nn.Module, modules: Mapping[str, nn.Module], specs: Cal
             for b in widths:
                 sums[n][b].limbs = accelerator.reduce(sums[n][b].limbs, reduction="sum")
     return {n: {b: float(sums[n][b].value()) for b in widths} for n in names}
+
+
+def input_channel_rms(model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Mapping[str, Any]],
+                      device: torch.device, accelerator: Any = None, show: bool = False) -> dict[str, torch.Tensor]:
+    """``rms[name]`` ``[in_features]``: the root mean square of each input channel of each layer over the real
+    tokens of every process's ``batches`` (one forward pass of the float model; the square root of the
+    diagonal of the layer's ``H = E[x x^T]``). Summed exactly, so every process gets the same values."""
+    sums: dict[str, ExactSum] = {}
+    counts: dict[str, ExactSum] = {}
+    mask_now: list[torch.Tensor | None] = [None]
+
+    def hook(name: str):  # noqa: ANN202
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            mask = mask_now[0]
+            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+                x = x[mask.to(torch.bool)]  # padding tokens do not count
+            x = x.reshape(-1, x.shape[-1])
+            sums.setdefault(name, ExactSum((x.shape[-1],))).add(x.pow(2).sum(dim=0))
+            counts.setdefault(name, ExactSum(())).add(torch.tensor(float(x.shape[0])))
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="Input statistics", unit="batch", disable=not show):
+                batch = to_device(batch, device)
+                mask = batch.get("attention_mask")
+                mask_now[0] = mask if isinstance(mask, torch.Tensor) else None
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = sorted(set(modules) - set(sums))
+    if missing:
+        raise ValueError(f"the calibration batches never reached layers {missing[:5]}; cannot measure their inputs")
+    if accelerator is not None and accelerator.num_processes > 1:
+        for name in modules:
+            sums[name].limbs = accelerator.reduce(sums[name].limbs, reduction="sum")
+            counts[name].limbs = accelerator.reduce(counts[name].limbs, reduction="sum")
+    return {name: (sums[name].value() / counts[name].value().clamp_min(1.0)).sqrt().float() for name in modules}

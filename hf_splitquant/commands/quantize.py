@@ -56,7 +56,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--ocs-layout", choices=["source_group", "appended"], default="source_group",
                         help="OCS: copies on their source group's grid (format version 2) or appended (version 1)")
     parser.add_argument("--clip", choices=["mse"], default=None, help="search each group's clipping range (RTN, OCS)")
-    parser.add_argument("--bit-allocation", choices=["mixquant", "coding_length"], default=None, help="per-layer bit widths (MixQuant)")
+    parser.add_argument("--bit-allocation", choices=["mixquant", "coding_length", "coding_length_inputs", "sensitivity"], default=None,
+                        help="per-layer bit widths (needs --target-bits; the last two need --rounding and calibration data)")
     parser.add_argument("--target-bits", type=float, default=None,
                         help="with --bit-allocation: average bits per weight, overheads included")
     parser.add_argument("--mixquant-qem", type=float, default=300.0, help="MixQuant error multiplier (no --target-bits)")

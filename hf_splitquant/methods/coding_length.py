@@ -20,6 +20,13 @@ Allocation rule (ours; the paper's mapping from ``L`` to bits is not public)
     ``rho`` never gets fewer bits than a layer of the same shape with a smaller ``rho`` (an upgrade of
     the smaller-``rho`` layer always comes after the same upgrade of the larger one, and costs the same).
     A difference of one bit per weight in coding length maps to one bit of code width.
+
+Input-weighted form (``bit_allocation="coding_length_inputs"``, ours)
+    On SmolLM2-135M the faithful form follows the layers' shapes (``m / n`` in ``c``), not their importance:
+    gate/up projections get 4 bits and every down/k/v/o projection 2. What a layer's output error depends
+    on is ``W`` seen through its inputs, ``W diag(sqrt(diag H))`` with ``H = E[x x^T]`` (each input channel
+    scaled by its RMS over calibration tokens), so this form codes that matrix, rescaled to unit RMS so that
+    layers of any weight or activation scale compare (``eps`` is then a distortion relative to the layer).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["coding_length", "coding_length_per_parameter", "allocate_by_coding_length"]
+__all__ = ["coding_length", "coding_length_per_parameter", "input_weighted", "allocate_by_coding_length"]
 
 
 def coding_length(weight: torch.Tensor, eps: float) -> float:
@@ -52,8 +59,21 @@ def coding_length_per_parameter(weight: torch.Tensor, eps: float) -> float:
     return coding_length(weight, eps) / weight.numel()
 
 
+def input_weighted(weight: torch.Tensor, input_rms: torch.Tensor) -> torch.Tensor:
+    """``W diag(input_rms)`` rescaled to unit RMS (``weight`` ``[out, in]``, ``input_rms`` ``[in]``)."""
+    if input_rms.shape != (weight.shape[-1],):
+        raise ValueError(f"input_rms has shape {tuple(input_rms.shape)}, expected ({weight.shape[-1]},)")
+    scaled = weight.detach().to(torch.float64) * input_rms.to(torch.float64)
+    rms = scaled.pow(2).mean().sqrt()
+    if not torch.isfinite(rms):
+        raise ValueError("the input-weighted weight has NaN or Inf values (weights or input statistics)")
+    # a layer whose inputs are all zero needs no bits: its coding length is zero
+    return scaled / rms if rms > 0 else scaled
+
+
 def allocate_by_coding_length(weights: Mapping[str, torch.Tensor], costs: Mapping[str, Mapping[int, int]],
-                              sizes: Mapping[str, int], target_bits: float, eps: float) -> dict[str, int]:
+                              sizes: Mapping[str, int], target_bits: float, eps: float,
+                              input_rms: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Bit width per layer (keys of ``costs[name]`` are the candidates) meeting ``target_bits``.
 
     Args:
@@ -62,6 +82,8 @@ def allocate_by_coding_length(weights: Mapping[str, torch.Tensor], costs: Mappin
         sizes: number of weights of each layer (the budget is ``target_bits * sum(sizes)``).
         target_bits: average bits per weight over the layers, overheads included.
         eps: distortion of the coding length.
+        input_rms: ``[in]`` RMS of each layer's input channels (the input-weighted form, module docstring);
+            ``None``: the faithful form on the weights themselves.
 
     Raises:
         ValueError: the layers disagree, or ``target_bits`` is below the cost of the smallest widths.
@@ -70,6 +92,10 @@ def allocate_by_coding_length(weights: Mapping[str, torch.Tensor], costs: Mappin
         raise ValueError("weights, costs and sizes must describe the same layers")
     if not weights:
         return {}
+    if input_rms is not None:
+        if set(input_rms) != set(weights):
+            raise ValueError("input_rms must describe the same layers as weights")
+        weights = {name: input_weighted(w, input_rms[name]) for name, w in weights.items()}
     rho = {name: coding_length_per_parameter(weights[name], eps) for name in weights}
     candidates = {name: sorted(costs[name]) for name in weights}
     if any(not c for c in candidates.values()):
