@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--transform", choices=["rtn", "splitquant", "ocs"], default="rtn")
-    parser.add_argument("--bit-allocation", choices=["mixquant", "coding_length", "sensitivity"], default=None)
+    parser.add_argument("--bit-allocation", choices=["mixquant", "coding_length", "coding_length_inputs", "sensitivity"], default=None)
     parser.add_argument("--target-bits", type=float, default=None)
     parser.add_argument("--num-samples", type=int, default=None, help="default 128 (--smoke: 16)")
     parser.add_argument("--max-length", type=int, default=None, help="default 256 (--smoke: 64)")

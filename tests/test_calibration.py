@@ -423,10 +423,12 @@ def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_fo
     pytest.param(["--rounding", "gptq", "--rounding-options", '{"target": "float"}'], marks=pytest.mark.slow),
     # widths from the Fisher-weighted errors: per-sample gradients on each process, scalars summed exactly
     pytest.param(["--rounding", "gptq", "--bit-allocation", "sensitivity"], marks=pytest.mark.slow),
+    # widths from the input-weighted coding length: per-channel input sums reduced exactly
+    pytest.param(["--rounding", "gptq", "--bit-allocation", "coding_length_inputs"], marks=pytest.mark.slow),
     # block-wise tuning (RTN only): each step's gradients come from the process holding that global batch
     pytest.param(["--rounding", "gptq", "--transform", "rtn", "--block-tuning", '{"epochs": 2}'],
                  marks=pytest.mark.slow),
-], ids=["attention_round", "gptq_float_target", "gptq_sensitivity", "gptq_block_tuning"])
+], ids=["attention_round", "gptq_float_target", "gptq_sensitivity", "gptq_coding_length_inputs", "gptq_block_tuning"])
 def test_two_process_calibration_is_identical_to_one_process(tmp_path: Path, tiny_llama_folder: Path,
                                                              rounding: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
