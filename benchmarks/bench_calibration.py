@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(RESULT_MARKER + json.dumps(run_one(json.loads(args.child))), flush=True)
         return 0
-    if any(m.endswith("+cl") for m in args.methods) and "rtn" not in args.methods:
+    if any(m in ("rtn+cl", "ar+cl") for m in args.methods) and "rtn" not in args.methods:
         parser.error("the +cl variants take the bits per weight of the rtn variant: keep rtn in --methods")
     if args.quick:
         args.bits, args.cal_samples, args.cal_len, args.iterations = [3], 2, 64, 2
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"float: perplexity {rows[0]['perplexity']:.3f}")
     for bits in args.bits:
         uniform_bpw = None
-        for variant in [m for m in args.methods if bits > 2 or not m.endswith("+cl")]:
+        for variant in [m for m in args.methods if bits > 2 or m not in ("rtn+cl", "ar+cl")]:
             target = args.target_bits if variant in ALLOCATIONS and args.target_bits else uniform_bpw
             if target is None and (variant.endswith("+cl") or variant in ALLOCATIONS):
                 parser.error(f"{variant} needs --target-bits or the rtn variant before it")
