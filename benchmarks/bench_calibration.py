@@ -12,6 +12,8 @@ For each code width (INT2, INT3, INT4; group size 64, asymmetric, fp16 scales) i
 * ``ar``: Attention Round (:func:`hf_splitquant.quantize` with ``calibration_data``), sequential
   block by block on ``--cal-samples`` blocks of ``--cal-len`` tokens of the Wikipedia
   ``"calibration"`` part, ``--iterations`` steps per layer;
+* ``gptq+as`` / ``gptq+as+bt``: ``rounding="gptq"`` with ``activation_scaling=True`` (without / with
+  ``--block-tuning``);
 * ``gptq+sens`` / ``gptq+mq`` / ``gptq+cl`` / ``gptq+cli``: ``rounding="gptq"`` with per-layer widths
   (candidates 2, 3, 4) at ``--target-bits`` (default: the bits per weight of the rtn variant):
   ``bit_allocation="sensitivity"`` (Fisher-weighted errors on the calibration data), ``"mixquant"``
@@ -165,9 +167,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if job["method"] == "gptq-float":  # the same, each layer fitted to the float model's outputs
             kwargs.update(rounding="gptq", rounding_options={"target": "float", **(
                 {} if job.get("damping") is None else {"damping": job["damping"]})})
-        if job["method"] == "gptq+bt":  # GPTQ, then block-wise tuning against the float model's block outputs
+        if job["method"] in ("gptq+bt", "gptq+as+bt"):  # GPTQ, then block-wise tuning against the float block outputs
             kwargs.update(rounding="gptq", block_tuning=job["block_tuning"])
             row["block_tuning"] = job["block_tuning"]
+        if job["method"] in ("gptq+as", "gptq+as+bt"):  # activation-aware input scaling before GPTQ
+            kwargs.update(rounding="gptq", activation_scaling=True)
         if job["method"] in ALLOCATIONS:
             kwargs.update(rounding="gptq", bit_allocation=ALLOCATIONS[job["method"]], target_bits=job["target_bits"],
                           mixquant_candidates=[2, 3, 4])
@@ -195,6 +199,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if calibration is not None:
             if calibration.get("blocks"):
                 row["blocks"] = calibration["blocks"]
+            if calibration.get("activation_scaling"):
+                row["activation_scaling"] = calibration["activation_scaling"]
             row.update(activations_mb=calibration["activations_mb"],
                        mean_layer_mse_vs_rtn=calibration["mean_mse_ratio"],
                        layers_kept_rtn=sum(1 for i in calibration["layers"].values() if i["kept_rtn"]))
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: INT3 only, tiny data, 2 steps")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--methods", nargs="+", choices=["rtn", "gptq", "gptq-float", "recipe", "ar", "rtn+cl", "ar+cl",
-                                                            *ALLOCATIONS, "gptq+bt"],
+                                                            *ALLOCATIONS, "gptq+bt", "gptq+as", "gptq+as+bt"],
                         default=["rtn", "gptq", "ar", "rtn+cl", "ar+cl"], help="variants to run (+cl needs rtn)")
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--cal-samples", type=int, default=8, help="calibration blocks (default 8)")

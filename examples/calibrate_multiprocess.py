@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounding", choices=["attention_round", "gptq"], default="attention_round")
     parser.add_argument("--rounding-options", default=None,
                         help='rounding options as JSON, e.g. \'{"target": "float"}\' (see SplitQuantConfig)')
+    parser.add_argument("--activation-scaling", action="store_true",
+                        help="scale the inputs of the layers a norm feeds before the rounding (RTN format only; see "
+                             "SplitQuantConfig.activation_scaling)")
     parser.add_argument("--block-tuning", default=None,
                         help='block-wise tuning after the rounding, options as JSON ("{}" for the defaults), e.g. '
                              '\'{"epochs": 4}\' (RTN format only; see SplitQuantConfig.block_tuning)')
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         bit_allocation=args.bit_allocation, target_bits=args.target_bits, rounding=args.rounding,
         rounding_options=rounding_options(args),
         block_tuning=json.loads(args.block_tuning) if args.block_tuning is not None else None,
+        activation_scaling=args.activation_scaling,
     )
     hf_splitquant.quantize(model, config, calibration_data=calibration_paragraphs(), tokenizer=tokenizer,
                            num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,

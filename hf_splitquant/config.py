@@ -125,6 +125,10 @@ class SplitQuantConfig(QuantizationConfigMixin):
             needs :func:`hf_splitquant.calibrate` (or ``quantize`` with ``calibration_data``).
         rounding_options: hyper-parameters of the rounding method (:class:`~hf_splitquant.methods.gptq.GPTQOptions`,
             :class:`~hf_splitquant.methods.attention_round.AttentionRoundOptions`); ``None`` for its defaults.
+        activation_scaling: with ``rounding`` (RTN format): before each stage of a decoder block is rounded,
+            scale the input channels of the layers a normalisation layer feeds (q/k/v, gate/up) by a searched
+            power of their RMS and fold the inverse into the norm's weight (AWQ-style; float-equivalent, the
+            format unchanged; ``hf_splitquant/methods/activation_scaling.py``).
         block_tuning: ``None`` (default) or a dict of :class:`~hf_splitquant.methods.block_tuning.BlockTuningOptions`
             (``{}`` for the defaults): after the rounding, train each decoder block's learned scales and
             weights against the float model's block output (``hf_splitquant/methods/block_tuning.py``). Needs
@@ -174,6 +178,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         rounding: str | None = None,
         rounding_options: dict[str, Any] | None = None,
         block_tuning: dict[str, Any] | None = None,
+        activation_scaling: bool = False,
         qat: bool = False,
         qat_learn_scales: bool = False,
         scale_dtype: str = "float16",
@@ -210,6 +215,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self.rounding = rounding
         self.rounding_options = rounding_options
         self.block_tuning = block_tuning
+        self.activation_scaling = activation_scaling
         self.qat = qat
         self.qat_learn_scales = qat_learn_scales
         self.scale_dtype = scale_dtype
@@ -224,7 +230,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
     def _field_names() -> tuple[str, ...]:
         return ("bits", "group_size", "symmetric", "transform", "splitquant_range", "ocs_expand_ratio", "ocs_split",
                 "ocs_layout", "clip", "bit_allocation", "target_bits", "mixquant_candidates", "mixquant_reference_bits",
-                "mixquant_qem", "mixquant_error", "coding_length_eps", "rounding", "rounding_options", "block_tuning", "qat",
+                "mixquant_qem", "mixquant_error", "coding_length_eps", "rounding", "rounding_options", "block_tuning", "activation_scaling", "qat",
                 "qat_learn_scales", "scale_dtype",
                 "modules_to_not_convert", "embedding_bits", "seed", "layers", "format_version", "quant_method")
 
@@ -294,6 +300,18 @@ class SplitQuantConfig(QuantizationConfigMixin):
                 raise ValueError(f"`block_tuning` trains the learned scales of the RTN format only; transform="
                                  f"{self.transform!r} is not supported (use transform=None or drop `block_tuning`)")
             BlockTuningOptions.from_dict(self.block_tuning)  # raises on unknown keys / bad values
+        if not isinstance(self.activation_scaling, bool):
+            raise ValueError(f"`activation_scaling` must be True or False, got {self.activation_scaling!r}")
+        if self.activation_scaling:
+            if self.rounding is None:
+                raise ValueError("`activation_scaling` chooses input scales from calibration statistics: set `rounding` "
+                                 "(e.g. 'gptq') and pass calibration data, or drop `activation_scaling`")
+            if self.transform not in (None, "rtn"):
+                raise ValueError(f"`activation_scaling` is for the RTN format; transform={self.transform!r} is not "
+                                 "supported (use transform=None or drop `activation_scaling`)")
+            if (self.rounding_options or {}).get("target") == "float":
+                raise ValueError("`activation_scaling` cannot be combined with rounding_options target='float' (the "
+                                 "float block's inputs are not scaled); drop one of them")
         if not isinstance(self.qat, bool):
             raise ValueError(f"`qat` must be True or False, got {self.qat!r}")
         if not isinstance(self.qat_learn_scales, bool):

@@ -428,7 +428,10 @@ def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_fo
     # block-wise tuning (RTN only): each step's gradients come from the process holding that global batch
     pytest.param(["--rounding", "gptq", "--transform", "rtn", "--block-tuning", '{"epochs": 2}'],
                  marks=pytest.mark.slow),
-], ids=["attention_round", "gptq_float_target", "gptq_sensitivity", "gptq_coding_length_inputs", "gptq_block_tuning"])
+    # input scales searched on the exactly reduced statistics, then folded into the norms on every process
+    pytest.param(["--rounding", "gptq", "--transform", "rtn", "--activation-scaling"], marks=pytest.mark.slow),
+], ids=["attention_round", "gptq_float_target", "gptq_sensitivity", "gptq_coding_length_inputs", "gptq_block_tuning",
+        "gptq_activation_scaling"])
 def test_two_process_calibration_is_identical_to_one_process(tmp_path: Path, tiny_llama_folder: Path,
                                                              rounding: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

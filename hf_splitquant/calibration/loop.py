@@ -165,6 +165,7 @@ def calibrate_and_quantize(
         "options": rounder.options.to_dict(), "layers": rounder.report,
         "block_tuning": rounder.block_tuning.to_dict() if rounder.block_tuning is not None else None,
         "blocks": rounder.block_report,
+        "activation_scaling": rounder.scaling_report,
         "seconds": time.perf_counter() - started,
         "peak_memory_mb": memory.peak / 2**20,
         "memory_increase_mb": (memory.peak - memory.start) / 2**20,
@@ -283,6 +284,7 @@ class _LayerRounder:
         self.block_tuning = (BlockTuningOptions.from_dict(self.config.block_tuning)
                              if self.config.block_tuning is not None else None)
         self.block_report: list[dict[str, Any]] = []
+        self.scaling_report: list[dict[str, Any]] = []
         self.order = {name: i for i, name in enumerate(self.specs)}  # seeds of the layers (model order)
 
     @property
@@ -430,8 +432,16 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
             # sequentially inside the block too: each stage's inputs come from the already quantized stages
             stages = (execution_stages(in_block[index], rounder.modules, passes[0][0])
                       if rounder.accelerator.is_main_process else None)  # process 0 always holds batch 0
-            for stage in broadcast(stages, 0, rounder.accelerator):
+            norms = (stage_norms(block, stages, rounder.modules, passes[0][0])
+                     if rounder.config.activation_scaling and rounder.accelerator.is_main_process else None)
+            stages, norms = broadcast((stages, norms), 0, rounder.accelerator)
+            for stage in stages:
                 fit, heldout = _collect(rounder, stage, passes, device, reference, stop_after=stage[-1])
+                if norms and stage[0] in norms:  # scale the stage's inputs, then measure the scaled ones
+                    info = _scale_stage(rounder, block, norms[stage[0]], stage, fit)
+                    rounder.scaling_report.append({"block": index, **info})
+                    del fit, heldout
+                    fit, heldout = _collect(rounder, stage, passes, device, reference, stop_after=stage[-1])
                 memory.sample()
                 rounder.quantize(stage, fit, heldout)
                 del fit, heldout
@@ -477,6 +487,87 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
         bar.update(len(leftover))
     bar.close()
     return activation_peak
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer with a per-channel weight (LayerNorm, RMSNorm and their model-specific copies)."""
+    weight = getattr(module, "weight", None)
+    return ("norm" in type(module).__name__.lower() and not any(True for _ in module.children())
+            and isinstance(weight, torch.Tensor) and weight.dim() == 1)
+
+
+def stage_norms(block: nn.Module, stages: Sequence[Sequence[str]], modules: Mapping[str, nn.Module],
+                run: Callable[[], Any]) -> dict[str, str]:
+    """``{first layer of a stage: path in block of the norm whose output is that stage's input}``, for the stages
+    fed directly by a normalisation layer (found by one forward pass ``run``: the very same tensor object)."""
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    def output_of(path: str):  # noqa: ANN202
+        def hook(_module: nn.Module, _args: tuple, out: Any) -> None:  # returns None: the output is left alone
+            if isinstance(out, torch.Tensor):
+                outputs.setdefault(id(out), (path, out))
+        return hook
+
+    def input_of(name: str):  # noqa: ANN202
+        def hook(_module: nn.Module, args: tuple) -> None:
+            inputs.setdefault(name, args[0])
+        return hook
+
+    handles = [module.register_forward_hook(output_of(path)) for path, module in block.named_modules()
+               if _is_norm(module)]
+    handles += [modules[stage[0]].register_forward_pre_hook(input_of(stage[0])) for stage in stages]
+    try:
+        with contextlib.suppress(StopForward):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    found = {}
+    for name, x in inputs.items():
+        match = outputs.get(id(x))
+        if match is not None and match[1] is x:
+            found[name] = match[0]
+    return found
+
+
+def _scale_stage(rounder: _LayerRounder, block: nn.Module, norm_path: str, stage: Sequence[str],
+                 fit: InputStatistics) -> dict[str, Any]:
+    """Search the input scales of ``stage`` from its fitted statistics and fold them into the norm at
+    ``norm_path`` and the stage's float weights (:mod:`hf_splitquant.methods.activation_scaling`)."""
+    from ..methods.activation_scaling import search_input_scale
+
+    fit.reduce(rounder.accelerator)  # every process searches on the same exact sums
+    leader = stage[0]
+    weights = [float_weight(rounder.modules[n]).float().cpu() for n in stage]
+    alpha, scales, errors = search_input_scale(weights, [rounder.specs[n] for n in stage], fit.hessian(leader),
+                                               fit.count(leader), seed=rounder.config.seed)
+    info = {"layers": list(stage), "norm": norm_path, "alpha": alpha,
+            "error_ratio": errors[alpha] / errors[0.0] if errors[0.0] > 0 else 1.0}
+    if alpha == 0.0:
+        return info
+    norm = block.get_submodule(norm_path)
+    probe = torch.randn(2, scales.numel(), generator=torch.Generator().manual_seed(0)).to(norm.weight.device,
+                                                                                        norm.weight.dtype)
+    before = norm(probe).float()
+    saved = {k: v.detach().clone() for k, v in norm.named_parameters(recurse=False)}
+    with torch.no_grad():
+        for param in saved:
+            getattr(norm, param).div_(scales.to(norm.weight.device, getattr(norm, param).dtype))
+        after = norm(probe).float() * scales.to(probe.device)
+        if not torch.allclose(after, before, rtol=1e-3, atol=1e-5 * float(before.abs().max())):
+            for param, value in saved.items():  # this norm does not scale its output by its weight: leave it
+                getattr(norm, param).copy_(value)
+            logger.warning(f"activation_scaling: {type(norm).__name__} `{norm_path}` does not scale its output by "
+                           "its weight; its layers are not scaled")
+            return {**info, "alpha": 0.0, "error_ratio": 1.0, "skipped": type(norm).__name__}
+        for n in stage:
+            module = rounder.modules[n]
+            s = scales.to(module.weight.device, module.weight.dtype)
+            if module_shape(module)[2] == "Conv1D":  # weight [in, out]
+                module.weight.mul_(s[:, None])
+            else:
+                module.weight.mul_(s)
+    return info
 
 
 def execution_stages(names: Sequence[str], modules: Mapping[str, nn.Module],
