@@ -218,26 +218,40 @@ def _plan_layers(model: nn.Module, config: SplitQuantConfig, accelerator: Any, s
     return specs, dict(selected)
 
 
+def _budget_terms(config: SplitQuantConfig, modules: Mapping[str, nn.Module]
+                  ) -> tuple[list[int], dict[str, dict[int, float]], dict[str, int]]:
+    """The candidate widths, each layer's bits per weight at each of them (overheads counted) and its weight
+    count: what a budget search over ``modules`` needs besides its per-layer errors."""
+    from ..methods.mixquant import spec_bits
+
+    widths = list(config.mixquant_candidates)
+    costs = {n: {b: spec_bits(spec_for_module(config, m, bits=b)) for b in widths} for n, m in modules.items()}
+    sizes = {n: module_shape(m)[0] * module_shape(m)[1] for n, m in modules.items()}
+    return widths, costs, sizes
+
+
+def _log_allocation(kind: str, config: SplitQuantConfig, chosen: Mapping[str, int], widths: Sequence[int]) -> None:
+    histogram = {b: sum(1 for v in chosen.values() if v == b) for b in widths}
+    logger.info(f"{kind} allocation at {config.target_bits} bits per weight: layers per width {histogram}")
+
+
 def sensitivity_bit_widths(model: nn.Module, modules: Mapping[str, nn.Module], config: SplitQuantConfig,
                            batches: Sequence[Mapping[str, Any]], device: torch.device | None, accelerator: Any,
                            show: bool) -> dict[str, int]:
     """Per-layer widths within ``config.target_bits`` (overheads counted) with the least total Fisher-weighted
     error (:func:`~hf_splitquant.calibration.sensitivity.fisher_errors`), by MixQuant's budget search.
     Every process computes the same widths from the same reduced sums."""
-    from ..methods.mixquant import allocate_by_budget, spec_bits
+    from ..methods.mixquant import allocate_by_budget
 
-    widths = list(config.mixquant_candidates)
+    widths, costs, sizes = _budget_terms(config, modules)
 
     def spec(name: str, bits: int) -> LayerSpec:
         return spec_for_module(config, modules[name], bits=bits)
 
     errors = fisher_errors(model, modules, spec, widths, batches, device or model_device(model), accelerator,
                            seed=config.seed, show=show)
-    costs = {n: {b: spec_bits(spec(n, b)) for b in widths} for n in modules}
-    sizes = {n: module_shape(m)[0] * module_shape(m)[1] for n, m in modules.items()}
     chosen = allocate_by_budget(errors, costs, sizes, config.target_bits)
-    histogram = {b: sum(1 for v in chosen.values() if v == b) for b in widths}
-    logger.info(f"sensitivity allocation at {config.target_bits} bits per weight: layers per width {histogram}")
+    _log_allocation("sensitivity", config, chosen, widths)
     return chosen
 
 
@@ -248,17 +262,12 @@ def input_weighted_coding_length_widths(model: nn.Module, modules: Mapping[str, 
     channels' RMS over every process's ``batches`` (:func:`~hf_splitquant.methods.coding_length.input_weighted`).
     Every process computes the same widths from the same exactly reduced statistics."""
     from ..methods.coding_length import allocate_by_coding_length
-    from ..methods.mixquant import spec_bits
 
     rms = input_channel_rms(model, modules, batches, device or model_device(model), accelerator, show)
-    widths = list(config.mixquant_candidates)
-    costs = {n: {b: spec_bits(spec_for_module(config, m, bits=b)) for b in widths} for n, m in modules.items()}
-    sizes = {n: module_shape(m)[0] * module_shape(m)[1] for n, m in modules.items()}
+    widths, costs, sizes = _budget_terms(config, modules)
     weights = {n: float_weight(m) for n, m in modules.items()}
     chosen = allocate_by_coding_length(weights, costs, sizes, config.target_bits, config.coding_length_eps, rms)
-    histogram = {b: sum(1 for v in chosen.values() if v == b) for b in widths}
-    logger.info(f"input-weighted coding-length allocation at {config.target_bits} bits per weight: layers per width "
-                f"{histogram}")
+    _log_allocation("input-weighted coding-length", config, chosen, widths)
     return chosen
 
 
@@ -327,15 +336,17 @@ def _stop_forward(module: nn.Module, args: tuple, output: Any) -> None:
 
 def _collect(rounder: _LayerRounder, names: list[str], passes: Sequence[tuple[Callable[[], Any], Any]],
              device: torch.device, reference: tuple[Mapping[str, nn.Module], Sequence[Callable[[], Any]]] | None = None,
-             stop_after: str | None = None) -> tuple[InputStatistics, InputStatistics | None]:
+             stop_after: str | None = None, with_heldout: bool = True) -> tuple[InputStatistics, InputStatistics | None]:
     """Run every pass with hooks summing the inputs of ``names`` (padding tokens masked out), into the
     fitted statistics or, for held-out batches, the held-out ones (``None`` when nothing is held out on
     any process). With ``reference`` ``(float layers by name, float passes)``, each batch's float pass runs
     first and the statistics also hold the float inputs and the cross products. With ``stop_after`` (the
-    last of ``names`` a pass calls), the passes stop there: the rest of the block is not needed."""
+    last of ``names`` a pass calls), the passes stop there: the rest of the block is not needed. With
+    ``with_heldout=False`` the held-out batches are not run at all (the held-out statistics are ``None``)."""
     modules = reference[0] if reference is not None else None
     fit = rounder.statistics(names, modules)
-    heldout = rounder.statistics(names, modules) if rounder.heldout_count else None  # every process reduces both
+    # every process reduces both (or, without held-out batches anywhere or wanted, only the fitted ones)
+    heldout = rounder.statistics(names, modules) if rounder.heldout_count and with_heldout else None
     everything = [s for s in (fit, heldout, fit.reference, heldout.reference if heldout else None) if s is not None]
     stops = []
     if stop_after is not None:  # registered after the statistics hooks, so they still see the input
@@ -347,6 +358,8 @@ def _collect(rounder: _LayerRounder, names: list[str], passes: Sequence[tuple[Ca
     try:
         for index, ((run, mask), fitted) in enumerate(zip(passes, rounder.fitted)):
             stats, other = (fit, heldout) if fitted else (heldout, fit)
+            if stats is None:  # a held-out batch, and the held-out statistics are not wanted
+                continue
             mask = None if mask is None else mask.to(device)
             if other is not None:
                 other.pause()
@@ -436,12 +449,14 @@ def _calibrate_blocks(model: nn.Module, rounder: _LayerRounder, batches: list[di
                      if rounder.config.activation_scaling and rounder.accelerator.is_main_process else None)
             stages, norms = broadcast((stages, norms), 0, rounder.accelerator)
             for stage in stages:
-                fit, heldout = _collect(rounder, stage, passes, device, reference, stop_after=stage[-1])
-                if norms and stage[0] in norms:  # scale the stage's inputs, then measure the scaled ones
+                if norms and stage[0] in norms:  # scale the stage's inputs (searched on the fitted batches only)
+                    fit, _ = _collect(rounder, stage, passes, device, reference, stop_after=stage[-1],
+                                      with_heldout=False)
                     info = _scale_stage(rounder, block, norms[stage[0]], stage, fit)
                     rounder.scaling_report.append({"block": index, **info})
-                    del fit, heldout
-                    fit, heldout = _collect(rounder, stage, passes, device, reference, stop_after=stage[-1])
+                    del fit
+                # then measure the inputs the layers will see
+                fit, heldout = _collect(rounder, stage, passes, device, reference, stop_after=stage[-1])
                 memory.sample()
                 rounder.quantize(stage, fit, heldout)
                 del fit, heldout

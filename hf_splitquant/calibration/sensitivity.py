@@ -33,7 +33,7 @@ from ..modeling import float_weight, module_shape
 from ..spec import LayerSpec
 from .blocks import to_device
 from .data import batch_size_of
-from .statistics import ExactSum
+from .statistics import ExactSum, real_token_rows
 
 logger = logging.get_logger(__name__)
 
@@ -155,11 +155,7 @@ def input_channel_rms(model: nn.Module, modules: Mapping[str, nn.Module], batche
 
     def hook(name: str):  # noqa: ANN202
         def record(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().float()
-            mask = mask_now[0]
-            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
-                x = x[mask.to(torch.bool)]  # padding tokens do not count
-            x = x.reshape(-1, x.shape[-1])
+            x = real_token_rows(args[0], mask_now[0])  # padding tokens do not count
             sums.setdefault(name, ExactSum((x.shape[-1],))).add(x.pow(2).sum(dim=0))
             counts.setdefault(name, ExactSum(())).add(torch.tensor(float(x.shape[0])))
         return record

@@ -11,7 +11,7 @@ from torch import nn
 
 from .distributed import broadcast
 
-__all__ = ["ExactSum", "InputStatistics"]
+__all__ = ["ExactSum", "InputStatistics", "real_token_rows"]
 
 
 class ExactSum:
@@ -54,6 +54,16 @@ class ExactSum:
             total += self.limbs[k].to(torch.float64) * 2.0 ** self.POSITIONS[k]
         return total
 
+
+
+def real_token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``[..., features]`` as float32 rows ``[tokens, features]``, without the padding tokens when ``mask``
+    (``[batch, tokens]``, nonzero = real) matches its leading dimensions; a mask of another shape is ignored
+    (the layer does not see token positions, e.g. after a reshape)."""
+    flat = x.detach()
+    if mask is not None and tuple(flat.shape[:-1]) == tuple(mask.shape):
+        flat = flat[mask.to(torch.bool)]
+    return flat.reshape(-1, flat.shape[-1]).float()
 
 
 class InputStatistics:
@@ -102,10 +112,7 @@ class InputStatistics:
             if self._last is not None and self._last[0] is x:  # same input as the previous layer
                 self.alias[name] = self._last[1]
                 return
-            flat = x.detach()
-            if self.mask is not None and tuple(flat.shape[:-1]) == tuple(self.mask.shape):
-                flat = flat[self.mask]  # padding tokens excluded
-            flat = flat.reshape(-1, flat.shape[-1]).float()
+            flat = real_token_rows(x, self.mask)
             h = flat.t() @ flat
             n = h.shape[0]
             if name not in self.sums:
