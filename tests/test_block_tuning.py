@@ -159,3 +159,17 @@ def test_best_epoch_ends_each_block_at_its_lowest_heldout_loss() -> None:
 def test_best_epoch_is_refused_when_not_a_bool() -> None:
     with pytest.raises(ValueError, match="best_epoch"):
         SplitQuantConfig(bits=2, group_size=32, rounding="gptq", block_tuning={"best_epoch": "yes"})
+
+
+def test_bfloat16_training_steps_still_lower_the_error_and_measure_in_float32() -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    options = {"epochs": 20, "keep_best": False}
+    full = calibrated(copy.deepcopy(base), options).calibration_report["blocks"]
+    half = calibrated(copy.deepcopy(base), {**options, "compute_dtype": "bfloat16"}).calibration_report["blocks"]
+    assert all(b["fitted_after"] < b["fitted_before"] for b in half)
+    # the first block starts from the same codes: its "before" is measured in float32 in both runs
+    assert half[0]["fitted_before"] == full[0]["fitted_before"]
+    assert half[0]["fitted_after"] != full[0]["fitted_after"]  # the steps did run in bf16
+    with pytest.raises(ValueError, match="compute_dtype"):
+        SplitQuantConfig(bits=2, group_size=32, rounding="gptq", block_tuning={"compute_dtype": "float16"})

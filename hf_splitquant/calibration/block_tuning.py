@@ -97,6 +97,8 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
     was_training = block.training
     block.eval()  # no dropout: the targets were computed without it, and every process must compute the same
     optimizer = torch.optim.Adam(groups)
+    device = params[0].device.type
+    low_precision = options.compute_dtype == "bfloat16"  # the training products only; every measurement is fp32
     local = {g: j for j, g in enumerate(global_index)}
     total_batches = sum(gather(len(global_index), accelerator))
     fitted_global = sorted(g for part in gather([g for g, f in zip(global_index, fitted) if f], accelerator)
@@ -132,7 +134,8 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
                 if owner == rank:
                     j = local[g]
                     args, kwargs = inputs[j]
-                    output = first_output(block(*args, **kwargs))
+                    with torch.autocast(device, dtype=torch.bfloat16, enabled=low_precision):
+                        output = first_output(block(*args, **kwargs))
                     sse, n = masked_token_error(output, targets[j], masks[j], options.loss)
                     (sse / max(n, 1)).backward()
                     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]

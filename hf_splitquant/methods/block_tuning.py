@@ -44,12 +44,14 @@ import torch
 
 from .base import options_from_dict
 
-__all__ = ["BlockTuningOptions", "TARGETS", "LOSSES", "masked_mse", "masked_token_error", "cosine_factor"]
+__all__ = ["BlockTuningOptions", "TARGETS", "LOSSES", "COMPUTE_DTYPES", "masked_mse", "masked_token_error", "cosine_factor"]
 
 #: what a tuned block is fitted to (module docstring)
 TARGETS = ("float", "block")
 #: how the error of one token is measured (:func:`masked_token_error`)
 LOSSES = ("mse", "relative")
+#: the dtypes the training steps' products may run in (``BlockTuningOptions.compute_dtype``)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,12 @@ class BlockTuningOptions:
             (the rounding's codes count as epoch 0, so this includes ``keep_best``); a guard against the
             overfitting of a few calibration tokens, at the cost of one held-out pass per epoch. Without
             held-out batches it does nothing.
+        compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the training steps' matrix products
+            (``torch.autocast``; the straight-through rounding, the loss and every held-out or keep-best
+            measurement stay float32). ``"bfloat16"`` made a SmolLM2-135M block's training step about 1.7x
+            faster on a CPU with AVX-512 BF16 (``benchmarks/bench_block_tuning_step.py``); on a CPU without
+            native bf16 it can be slower. Its effect on the tuned model's quality is recorded in
+            ``benchmarks/results/calibration_block_tuning.md``.
     """
 
     epochs: int = 20
@@ -82,6 +90,7 @@ class BlockTuningOptions:
     keep_best: bool = True
     loss: str = "relative"
     best_epoch: bool = False
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
@@ -96,6 +105,9 @@ class BlockTuningOptions:
             raise ValueError(f"block_tuning['target'] must be one of {TARGETS}, got {self.target!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"block_tuning['loss'] must be one of {LOSSES}, got {self.loss!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"block_tuning['compute_dtype'] must be one of {COMPUTE_DTYPES}, got "
+                             f"{self.compute_dtype!r}")
         for name in ("keep_best", "best_epoch"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"block_tuning[{name!r}] must be True or False, got {getattr(self, name)!r}")
