@@ -53,11 +53,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                        "(about 3.2 bits per weight; slow: a backward pass of each block per batch and epoch; "
                        "use 64+ calibration samples of 512 tokens)",
            {"bits": 3, "group_size": 128, **_CALIBRATED, "block_tuning": {"epochs": 5}}),
-    # benchmarks/results/calibration_block_tuning.md: 146.7 (GPTQ alone 352.4), about 40 min on 2 cores; measured
-    # with the squared-error loss (the relative one, the default since, is not yet measured at 2 bits)
+    # benchmarks/results/calibration_block_tuning.md: 91.03 (4.11x float) with 64 x 512 calibration tokens and 5
+    # epochs of the relative loss (16 x 512 tokens, squared error, 20 epochs: 146.7; GPTQ alone 352.4); about
+    # 50 min on 2 cores. Like w3-tuned it is data-limited: give it 64 or more calibration samples of 512 tokens.
     Recipe("w2-tuned", "2-bit codes, groups of 64, calibrated, then block-wise tuning against the float model "
-                       "(about 2.4 bits per weight; slow: a backward pass of each block per batch and epoch)",
-           {"bits": 2, "group_size": 64, **_CALIBRATED, "block_tuning": {"loss": "mse"}}),
+                       "(about 2.4 bits per weight; slow: a backward pass of each block per batch and epoch; "
+                       "use 64+ calibration samples of 512 tokens)",
+           {"bits": 2, "group_size": 64, **_CALIBRATED, "block_tuning": {"epochs": 5}}),
     # benchmarks/results/calibration_sensitivity_3.0.md: 52.90 at exactly 3.0 bpw (data-free MixQuant: 75.02)
     Recipe("w3-mixed", "2/3/4-bit codes per layer from a calibrated sensitivity (Fisher-weighted errors), groups of "
                        "128, calibrated, exactly 3.0 bits per weight; causal LMs only",
