@@ -102,6 +102,10 @@ class LlamaCppModel:
                 break
         return torch.cat([prompt, torch.tensor([out], dtype=prompt.dtype)], dim=1)
 
+    def close(self) -> None:
+        """Free the model now (llama-cpp-python's own finaliser fails at interpreter exit)."""
+        self.llm.close()
+
 
 def load_llama_cpp(args: argparse.Namespace) -> dict | None:
     """The llama.cpp entry, or ``None`` (with a message saying why and how to get it)."""
@@ -189,6 +193,8 @@ def main() -> None:
                          "resident_mb": (e["model"].path.stat().st_size if llama_cpp else resident_bytes(e["model"])) / 1e6,
                          "kernels": "llama.cpp" if llama_cpp else kernel_paths(e["model"], 1, torch.bfloat16),
                          "wall_s": e["whole"], "load_1min": e["load"]})
+    if llama is not None:
+        llama["model"].close()
     bf16 = next(r for r in rows if r["model"] == "bf16" and not r["compiled"])
     fp32 = next((r for r in rows if r["model"] == "fp32" and not r["compiled"]), None)
     for r in rows:
