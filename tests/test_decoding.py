@@ -104,3 +104,14 @@ def test_compiled_greedy_tokens_equal_eager_on_load_and_after_reload(llama_check
     reloaded.save_pretrained(tmp_path / "again")
     saved, again = reloaded.state_dict(), AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_inductor_options_reach_torch_compile_without_the_mode():
+    from hf_splitquant.integrations.decoding import decoding_compile_config
+
+    settings = decoding_compile_config(options={"cpp_wrapper": True}).to_dict()
+    assert settings["options"] == {"cpp_wrapper": True} and settings["mode"] is None
+    assert decoding_compile_config().to_dict()["mode"] == "default"
+    torch.compile(torch.nn.Identity(), **settings)  # torch refuses a mode beside options; this must not raise
+    with pytest.raises(ValueError, match="either `mode` or `options`"):
+        decoding_compile_config(mode="max-autotune", options={"cpp_wrapper": True})

@@ -32,7 +32,13 @@ def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = None,
     """The ``CompileConfig`` :func:`compile_for_decoding` sets: ``fullgraph`` (a graph break is an error, not a
     silent slowdown), inductor's ``mode="default"`` (``"reduce-overhead"``, transformers' default, means CUDA
     graphs), and the flag that lets ``generate`` compile on CPU (transformers otherwise compiles only on
-    accelerators)."""
+    accelerators). ``torch.compile`` takes inductor ``options`` *or* a ``mode``: with ``options``, ``mode`` must
+    stay ``"default"`` (it is then dropped)."""
+    if options is not None:
+        if mode not in ("default", None):
+            raise ValueError(f"torch.compile takes either `mode` or `options`, not both: got mode={mode!r} and "
+                             f"options={options!r}; drop one (mode='default' with options is fine)")
+        mode = None  # torch.compile refuses a mode beside options, even "default"
     config = CompileConfig(fullgraph=fullgraph, dynamic=dynamic, mode=mode, options=options)
     config._compile_all_devices = True  # transformers' switch for compiling on CPU (its generate checks it)
     return config
