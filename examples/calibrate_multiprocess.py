@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                            num_samples=args.num_samples, max_length=args.max_length, batch_size=args.batch_size,
                            accelerator=accelerator)
     digests = gather_object([state_digest(model)])
+    status = 0
     if accelerator.is_main_process:
         report = model.calibration_report
         agree = len(set(digests)) == 1
@@ -145,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_json:
             Path(args.report_json).write_text(json.dumps(report, indent=2))
         if not agree:
-            return 1
+            status = 1
     accelerator.wait_for_everyone()
-    return 0
+    # tear the process group down here, not in the interpreter's exit (where a worker once aborted with
+    # "terminate called without an active exception" after a successful run)
+    accelerator.end_training()
+    return status
 
 
 if __name__ == "__main__":
