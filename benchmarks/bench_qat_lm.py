@@ -256,10 +256,11 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     callbacks.append(Curve())
     args = TrainingArguments(workdir, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.grad_accum,
-                             max_steps=opts.max_steps, lr_scheduler_type=opts.schedule, report_to=[], use_cpu=True,
+                             max_steps=opts.max_steps, lr_scheduler_type=("constant_with_warmup" if opts.schedule == "constant" and opts.warmup_steps else opts.schedule), report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True,
                              seed=opts.seed, dataloader_num_workers=0, max_grad_norm=1.0,
-                             gradient_checkpointing=opts.gradient_checkpointing, bf16=opts.bf16)
+                             gradient_checkpointing=opts.gradient_checkpointing, bf16=opts.bf16,
+                             warmup_steps=opts.warmup_steps)
     trainer = Trainer(model, args, train_dataset=dataset, compute_loss_func=compute_loss_func,
                       optimizers=(optimizer, None), callbacks=callbacks)
     trainer.train()
@@ -411,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning-rate schedule; cosine decays to 0 at --max-steps (set it to the steps the budget allows)")
     p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear warm-up of the rates over the first steps (at INT2 the first full-rate steps "
+                        "threw the tuned model back: qat_lm.md, session 25)")
     p.add_argument("--minutes", type=float, default=10.0,
                    help="training budget in dedicated-core minutes: process CPU time / --threads (evaluation not counted)")
     p.add_argument("--wall-minutes", type=float, default=60.0, help="hard stop on training wall time")
