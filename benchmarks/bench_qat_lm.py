@@ -255,8 +255,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 control.should_training_stop = True
 
     callbacks.append(Curve())
+    # transformers' "constant" schedule ignores warmup_steps; its warm-up twin does not
+    schedule = "constant_with_warmup" if opts.schedule == "constant" and opts.warmup_steps else opts.schedule
     args = TrainingArguments(workdir, per_device_train_batch_size=opts.batch, gradient_accumulation_steps=opts.grad_accum,
-                             max_steps=opts.max_steps, lr_scheduler_type=("constant_with_warmup" if opts.schedule == "constant" and opts.warmup_steps else opts.schedule), report_to=[], use_cpu=True,
+                             max_steps=opts.max_steps, lr_scheduler_type=schedule, report_to=[], use_cpu=True,
                              save_strategy="no", logging_strategy="steps", logging_steps=1, disable_tqdm=True,
                              seed=opts.seed, dataloader_num_workers=0, max_grad_norm=1.0,
                              gradient_checkpointing=opts.gradient_checkpointing, bf16=opts.bf16,
