@@ -77,8 +77,8 @@ class BlockTuningOptions:
             held-out batches it does nothing.
         compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the training steps' matrix products
             (``torch.autocast``; the straight-through rounding, the loss and every held-out or keep-best
-            measurement stay float32). ``"bfloat16"`` made a SmolLM2-135M block's training step about 1.7x
-            faster on a CPU with AVX-512 BF16 (``benchmarks/bench_block_tuning_step.py``); on a CPU without
+            measurement stay float32). ``"bfloat16"`` made a SmolLM2-135M block's training step 1.5x
+            faster on a CPU with AVX-512 BF16 (2 threads, idle) (``benchmarks/bench_block_tuning_step.py``); on a CPU without
             native bf16 it can be slower. Its effect on the tuned model's quality is recorded in
             ``benchmarks/results/calibration_block_tuning.md``.
     """
