@@ -138,10 +138,15 @@ MODELS = {
 }
 
 
+#: benchmark transform name -> SplitQuantConfig fields
+TRANSFORMS = {"rtn": {"transform": None}, "splitquant": {"transform": "splitquant"},
+              "splitquant-aligned": {"transform": "splitquant", "splitquant_range": "aligned"}}
+
+
 def make_config(bits: int, group: int | None, transform: str) -> Any:
     from hf_splitquant import SplitQuantConfig
 
-    return SplitQuantConfig(bits=bits, group_size=group, transform=None if transform == "rtn" else transform)
+    return SplitQuantConfig(bits=bits, group_size=group, **TRANSFORMS[transform])
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4, 8])
     parser.add_argument("--group-sizes", nargs="+", type=parse_group, default=[None, 128, 64],
                         help="inputs per group; 'none' = per output channel (default: none 128 64)")
-    parser.add_argument("--transforms", nargs="+", default=["rtn", "splitquant"], choices=["rtn", "splitquant"])
+    parser.add_argument("--transforms", nargs="+", default=["rtn", "splitquant"], choices=list(TRANSFORMS),
+                        help="splitquant-aligned: splitquant_range='aligned' (2-3 bits)")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke run (< 60 s): minilm only, 32 sentences, bits 2 4, group 64, peak memory of "
                              "the first configuration only")

@@ -16,7 +16,8 @@ __all__ = ["LayerSpec", "SCALE_DTYPES"]
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
 #: "Embedding": a packed input embedding table ``[vocab, hidden]`` (format version 3)
 SOURCES = ("Linear", "Conv1D", "Embedding")
-SPLITQUANT_RANGES = ("cluster", "part")
+#: "aligned": format version 4 (hf_splitquant.config.written_format_version)
+SPLITQUANT_RANGES = ("cluster", "part", "aligned")
 OCS_SPLITS = ("auto", "qa", "naive")
 OCS_LAYOUTS = ("appended", "source_group")
 CLIPS = (None, "mse")
@@ -37,8 +38,10 @@ class LayerSpec:
         source: the float module type, ``"Linear"``, GPT-2's ``"Conv1D"`` (weight stored ``[in, out]``) or
             ``"Embedding"`` (an input embedding table, ``in_features = hidden``, ``out_features = vocab``).
         has_bias: whether the layer has a (float) bias.
-        splitquant_range: ``"cluster"`` (each cluster's grid spans its own members) or ``"part"``
-            (the paper's numerics: each dense part's grid spans its values and the zeros around them).
+        splitquant_range: ``"cluster"`` (each cluster's grid spans its own members, float origin),
+            ``"aligned"`` (likewise, but the origin a whole number of steps from 0: an int8 zero point;
+            2-3 bits) or ``"part"`` (the paper's numerics: each dense part's grid spans its values and the
+            zeros around them).
         ocs_expand_ratio: OCS only: duplicated input channels = ``ceil(ratio * in_features)``.
         ocs_split: OCS only: ``"qa"`` (quantization-aware halves), ``"naive"`` (plain halves) or
             ``"auto"`` (whichever of the two gives the smaller weight error for this layer).
@@ -91,6 +94,9 @@ class LayerSpec:
             raise ValueError(
                 f"layer spec field `splitquant_range` must be one of {SPLITQUANT_RANGES}, got {self.splitquant_range!r}"
             )
+        if self.transform == "splitquant" and self.splitquant_range == "aligned" and self.bits > 3:
+            raise ValueError(f"splitquant_range='aligned' takes 2-3 bits (its zero points must fit the int4 kernel's "
+                             f"codes), got bits={self.bits}; use splitquant_range='cluster' for wider codes")
 
         ratio = self.ocs_expand_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:

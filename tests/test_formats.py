@@ -17,7 +17,9 @@ from hf_splitquant.spec import LayerSpec
 #: format name -> the spec fields of its test rows (in 96 features, out 40; groups of 32 and per channel)
 FORMAT_ROWS: dict[str, list[dict]] = {
     "rtn": [{"bits": 3, "group_size": 32}, {"bits": 4, "group_size": None, "symmetric": True}, {"bits": 8, "group_size": 32}],
-    "splitquant": [{"bits": 2, "group_size": 32}, {"bits": 3, "group_size": None, "splitquant_range": "part"}],
+    "splitquant": [{"bits": 2, "group_size": 32}, {"bits": 3, "group_size": None, "splitquant_range": "part"},
+                   {"bits": 2, "group_size": 32, "splitquant_range": "aligned"},
+                   {"bits": 3, "group_size": None, "splitquant_range": "aligned"}],
     "ocs": [{"bits": 4, "group_size": 32, "ocs_expand_ratio": 0.05, "ocs_layout": "source_group"},
             {"bits": 3, "group_size": 32, "ocs_expand_ratio": 0.1, "ocs_split": "naive", "ocs_layout": "source_group"},
             {"bits": 2, "group_size": None, "ocs_expand_ratio": 0.05, "ocs_layout": "source_group"},

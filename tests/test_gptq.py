@@ -134,6 +134,7 @@ def test_singular_hessian_gets_extra_damping() -> None:
 @pytest.mark.parametrize("transform, extra", [
     ("splitquant", {}),
     ("splitquant", {"splitquant_range": "part"}),
+    ("splitquant", {"splitquant_range": "aligned"}),
     ("ocs", {"ocs_expand_ratio": 0.1}),
     ("ocs", {"ocs_expand_ratio": 0.1, "ocs_split": "naive"}),
 ])

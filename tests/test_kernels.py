@@ -9,6 +9,7 @@ from helpers import model_output
 from transformers import AutoModelForCausalLM
 
 from hf_splitquant import PackedLinear, SplitQuantConfig, kernels
+from hf_splitquant.methods import get_format
 from hf_splitquant.spec import LayerSpec
 
 
@@ -49,6 +50,35 @@ def test_int4_path_matches_reference(transform, bits, shape, group_size):
     assert fast.dtype == torch.bfloat16 and fast.shape == (1, tokens, out_f)
     # bf16 activations, grid parameters and output: about 3 significant digits
     assert torch.allclose(fast.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")
+@pytest.mark.parametrize(("splitquant_range", "bits", "symmetric", "terms"), [
+    ("cluster", 2, False, 6), ("cluster", 3, True, 3), ("aligned", 2, False, 3), ("aligned", 3, False, 3),
+    ("part", 3, False, 3), ("part", 4, False, 6)])
+def test_splitquant_integer_origins_take_one_term_per_cluster(splitquant_range, bits, symmetric, terms):
+    """Grids ``(q - zero) * scale`` whose zeros the kernel's codes reach need no mask term per cluster."""
+    spec = LayerSpec(200, 100, bits, 64, symmetric=symmetric, transform="splitquant",
+                     splitquant_range=splitquant_range)
+    layer = _layer(spec, seed=3)
+    x = torch.randn(1, 3, 200).to(torch.bfloat16)
+    with torch.no_grad():
+        fast = layer(x)
+        ref = _reference(layer, x)
+    assert layer.kernel_for(x) == "int4" and layer._int4.terms == terms == kernels.int4_terms(spec)
+    assert torch.allclose(fast.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_splitquant_zero_points_outside_the_kernel_range_are_refused():
+    spec = LayerSpec(64, 32, 2, 32, transform="splitquant", splitquant_range="aligned")
+    layer = _layer(spec)
+    tensors = layer.packed_tensors()
+    tensors["weight_zero"] = torch.full_like(tensors["weight_zero"], 100)  # a corrupt checkpoint
+    codes = torch.zeros(32, 64, dtype=torch.uint8)
+    fmt = get_format(spec)
+    assert fmt.invalid_values(tensors, spec)[0] == "weight_zero"  # loading refuses such a checkpoint
+    with pytest.raises(ValueError, match="corrupt"):  # and a layer patched in memory is not computed wrongly
+        fmt.int4_parts(tensors, spec, codes, 32)
 
 
 def test_dispatcher_paths_and_fallbacks():

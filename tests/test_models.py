@@ -57,6 +57,20 @@ def test_quantize_on_load_save_reload_bit_exact(float_checkpoints, tmp_path, inp
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_aligned_splitquant_is_format_version_4_and_reloads_bit_exact(float_checkpoints, tmp_path, input_ids):
+    cfg = SplitQuantConfig(bits=2, group_size=16, transform="splitquant", splitquant_range="aligned")
+    model = AutoModelForCausalLM.from_pretrained(float_checkpoints["llama"], quantization_config=cfg).eval()
+    out = model_output(model, input_ids)
+    model.save_pretrained(tmp_path)
+    saved_cfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved_cfg["format_version"] == 4  # older readers say "upgrade hf_splitquant"
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.metadata()[FORMAT_METADATA_KEY] == "4"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(model_output(reloaded, input_ids), out)
+    assert all(m.spec.splitquant_range == "aligned" for _, m in iter_packed_modules(reloaded))
+
+
 @pytest.mark.parametrize("arch", sorted(TINY_MODELS))
 def test_quantized_output_close_to_float_at_8_bits(float_checkpoints, input_ids, arch):
     auto = AUTO[arch]

@@ -49,7 +49,7 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--bits", type=int, default=4, choices=range(2, 9), metavar="{2..8}")
     parser.add_argument("--group-size", type=group_size, default=64, help="inputs per scale group, or 'none' (per channel)")
     parser.add_argument("--transform", choices=["rtn", "splitquant", "ocs"], default="rtn")
-    parser.add_argument("--splitquant-range", choices=["cluster", "part"], default="cluster")
+    parser.add_argument("--splitquant-range", choices=["cluster", "aligned", "part"], default="cluster")
     parser.add_argument("--ocs-expand-ratio", type=float, default=0.05, help="OCS: fraction of input channels duplicated")
     parser.add_argument("--ocs-split", choices=["auto", "qa", "naive"], default="qa",
                         help="OCS: quantization-aware or plain halves (auto: per layer, the one with the smaller error)")

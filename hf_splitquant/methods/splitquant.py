@@ -15,11 +15,19 @@ Stored tensors:
   ``weight``         uint8 ``[out * row_bytes]`` codes (see :mod:`hf_splitquant.quant.packing`)
   ``weight_cluster`` uint8 ``[out * ceil(in / 5)]`` cluster ids, five base-3 digits per byte
   ``weight_scale``   ``[3, out, groups]`` one grid per cluster (lower, middle, upper)
-  ``weight_zero``    uint8 ``[3, out, groups]`` (``splitquant_range="part"``, asymmetric)
+  ``weight_zero``    uint8 ``[3, out, groups]`` (``splitquant_range="part"``, asymmetric) or
+                     int8 (``"aligned"``, asymmetric)
   ``weight_min``     ``[3, out, groups]`` float grid origins (``splitquant_range="cluster"``, asymmetric)
 
 ``splitquant_range="cluster"`` (default) fits each cluster's grid to exactly its own members
 (``code * scale + min``: no level is spent on the empty span between a cluster and 0).
+``"aligned"`` fits each cluster's grid to its members too, but as ``(code - zero) * scale`` with an
+integer zero that may lie outside the codes (a cluster of positive weights gets a negative zero): the
+origin is a whole number of steps from 0, so each cluster is *one* int4-kernel term (three per layer,
+against six for ``"cluster"``, whose float origins need a second, mask term each) and a zero point
+costs 8 bits instead of 16. The zeros are limited to what the kernel's codes reach (2 bits: -4..8,
+3 bits: 0..8), which costs accuracy on narrow clusters far from 0 (SmolLM2-135M, 2 bits, group 64:
+1.13-1.33x the rounding error of ``"cluster"`` per layer).
 ``"part"`` reproduces the paper's numerics, where each dense part's grid also spans the zeros that
 fill it outside its cluster, with an integer zero point.
 """
@@ -33,6 +41,7 @@ from torch import nn
 
 from ..quant.grid import (
     ElementGrid,
+    compute_aligned_qparams,
     compute_offset_qparams,
     compute_qparams,
     expand_params,
@@ -57,6 +66,8 @@ __all__ = [
     "cluster_ids",
     "element_grid",
     "pack_grid_codes",
+    "kernel_zero_range",
+    "single_term_clusters",
 ]
 
 NUM_CLUSTERS = 3
@@ -124,8 +135,9 @@ def tensor_shapes(spec: LayerSpec) -> dict[str, tuple[tuple[int, ...], torch.dty
         "weight_scale": ((NUM_CLUSTERS, spec.out_features, groups), spec.torch_scale_dtype),
     }
     if not spec.symmetric:
-        if spec.splitquant_range == "part":
-            shapes["weight_zero"] = ((NUM_CLUSTERS, spec.out_features, groups), torch.uint8)
+        if spec.splitquant_range in ("part", "aligned"):
+            dtype = torch.uint8 if spec.splitquant_range == "part" else torch.int8
+            shapes["weight_zero"] = ((NUM_CLUSTERS, spec.out_features, groups), dtype)
         else:
             shapes["weight_min"] = ((NUM_CLUSTERS, spec.out_features, groups), spec.torch_scale_dtype)
     return shapes
@@ -146,6 +158,9 @@ def _cluster_grids(weight: torch.Tensor, spec: LayerSpec, seed: int, cache: dict
         zero = minimum = None
         if _offset_name(spec) == "weight_min":
             scale, minimum = compute_offset_qparams(w, spec.bits, spec.group_size, spec.torch_scale_dtype, mask=member)
+        elif spec.splitquant_range == "aligned":
+            scale, zero = compute_aligned_qparams(w, spec.bits, spec.group_size, kernel_zero_range(spec.bits),
+                                                  spec.torch_scale_dtype, mask=member)
         elif spec.splitquant_range == "part":
             part = torch.where(member, w, 0.0)
             scale, zero = compute_qparams(part, spec.bits, spec.group_size, spec.symmetric, spec.torch_scale_dtype)
@@ -205,7 +220,21 @@ def quantize(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict |
 def _offset_name(spec: LayerSpec) -> str | None:
     if spec.symmetric:
         return None
-    return "weight_zero" if spec.splitquant_range == "part" else "weight_min"
+    return "weight_zero" if spec.splitquant_range in ("part", "aligned") else "weight_min"
+
+
+def kernel_zero_range(bits: int) -> tuple[int, int]:
+    """The integer zeros ``z`` whose codes ``q - z + 8`` (``q`` in ``0 .. 2**bits - 1``) fit the int4 kernel's
+    0..15: a cluster with such a zero is one kernel term (``(q - z) * s``, the kernel's zero at code 8)."""
+    return 2**bits - 8, 8
+
+
+def single_term_clusters(spec: LayerSpec) -> bool:
+    """Whether each cluster's grid is ``(q - z) * s`` with every possible zero in :func:`kernel_zero_range`
+    (symmetric grids, ``"aligned"``, and ``"part"`` up to 3 bits, whose zeros lie in ``0 .. 2**bits - 1``)."""
+    if spec.symmetric or spec.splitquant_range == "aligned":
+        return True
+    return spec.splitquant_range == "part" and spec.bits <= 3
 
 
 def unpack_clusters(packed: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
@@ -237,26 +266,38 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
 
 
 def int4_parts(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor) -> list[Int4Term]:
-    """Six int4-kernel terms: per cluster, its codes (others at the kernel's zero) and its grid offset
-    (a 0/1 mask).
+    """The int4-kernel terms: one per cluster where its grid is ``(q - z) * s`` with a zero the kernel's codes
+    reach (:func:`single_term_clusters`), else two per cluster: its codes (others at the kernel's zero) and
+    its grid offset (a 0/1 mask).
 
-    A member of cluster ``c`` is ``q * s_c + o_c``; written ``(q - h) * s_c + (o_c + h * s_c)`` with
-    ``h = 2^(bits-1)`` the code term stays centred and the mask term carries the cluster's centre.
+    One term: code ``q - z + 8`` for members, 8 (the kernel's zero) for the rest. Two terms: a member of
+    cluster ``c`` is ``q * s_c + o_c``; written ``(q - h) * s_c + (o_c + h * s_c)`` with ``h = 2^(bits-1)``
+    the code term stays centred and the mask term carries the cluster's centre.
     """
     cols = spec.in_features
     ids = unpack_clusters(tensors["weight_cluster"], spec)
     h = 2 ** (spec.bits - 1)
+    single = single_term_clusters(spec)
     terms = []
     for c in range(NUM_CLUSTERS):
         member = ids == c
         scale = expand_params(tensors["weight_scale"][c].float(), cols, spec.group_size)
+        zeros = torch.zeros_like(scale)
+        if single:
+            zero = (expand_params(tensors["weight_zero"][c].float(), cols, spec.group_size).round().to(torch.int32)
+                    if "weight_zero" in tensors else h)
+            code = torch.where(member, codes.to(torch.int32) - zero + 8, 8)
+            if bool(((code < 0) | (code > 15)).any()):
+                raise ValueError(f"SplitQuant zero points outside {kernel_zero_range(spec.bits)} for a "
+                                 f"{spec.bits}-bit {spec.splitquant_range!r} layer: the checkpoint is corrupt")
+            terms.append((code, scale, zeros))
+            continue
         if "weight_min" in tensors:
             offset = expand_params(tensors["weight_min"][c].float(), cols, spec.group_size)
         elif "weight_zero" in tensors:
             offset = -expand_params(tensors["weight_zero"][c].float(), cols, spec.group_size) * scale
         else:
             offset = -h * scale
-        zeros = torch.zeros_like(scale)
         code = torch.where(member, codes.to(torch.int32) - h + 8, 8)
         terms.append((code, scale, zeros))
         terms.append((torch.where(member, 9, 8), offset + h * scale, zeros))
@@ -287,10 +328,16 @@ class SplitQuantFormat(QuantFormat):
         clusters = tensors["weight_cluster"]
         if clusters.numel() and int(clusters.max()) > 3**5 - 1:
             return "weight_cluster", "holds bytes that are not five base-3 cluster ids"
+        zero = tensors.get("weight_zero")
+        if spec.splitquant_range == "aligned" and zero is not None and zero.numel():
+            low, high = kernel_zero_range(spec.bits)
+            if int(zero.min()) < low or int(zero.max()) > high:
+                return "weight_zero", f"holds zero points outside {low}..{high} for {spec.bits}-bit aligned grids"
+            return super().invalid_values({k: v for k, v in tensors.items() if k != "weight_zero"}, spec)
         return super().invalid_values(tensors, spec)
 
     def int4_terms(self, spec: LayerSpec) -> int:
-        return 2 * NUM_CLUSTERS
+        return NUM_CLUSTERS if single_term_clusters(spec) else 2 * NUM_CLUSTERS
 
     def int4_unsupported(self, spec: LayerSpec) -> str | None:
         if spec.bits > 4:

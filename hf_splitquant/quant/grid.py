@@ -29,6 +29,7 @@ __all__ = [
     "num_groups",
     "compute_qparams",
     "compute_offset_qparams",
+    "compute_aligned_qparams",
     "search_clip_qparams",
     "quantize_codes",
     "dequantize_codes",
@@ -255,6 +256,104 @@ def compute_offset_qparams(
             f"a quantization parameter overflows {scale_dtype}; use scale_dtype='float32'"
         )
     return stored, minimum
+
+
+def compute_aligned_qparams(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    zero_range: tuple[int, int],
+    scale_dtype: torch.dtype = torch.float16,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of every group for the grid ``(code - zero) * scale``, with the zero in
+    ``zero_range`` (inclusive), chosen to minimise the members' squared rounding error.
+
+    Unlike :func:`compute_qparams` the grid need not contain 0 (the zero may lie outside ``0 .. 2**bits - 1``),
+    so it spans a cluster of all-positive or all-negative weights almost as tightly as a float minimum
+    (:func:`compute_offset_qparams`), while its origin stays a whole number of steps from zero: a layer whose
+    zeros lie in the int4 kernel's range is one kernel term per grid (:mod:`hf_splitquant.quant.int4`).
+    Two candidates per group: the smallest step (over the allowed zeros) whose grid covers the members'
+    ``[min, max]``, and the usual asymmetric grid (step ``(max - min) / (2**bits - 1)``, zero the integer
+    nearest ``-min / step``, which may clip an end by half a step) where that zero is allowed.
+
+    Args:
+        weight: ``[out, in]`` float tensor.
+        bits: code width.
+        group_size: inputs per group, or ``None`` for per-channel.
+        zero_range: the allowed integer zero points, inclusive; it must allow a grid that contains 0
+            (``low <= 2**bits - 1`` and ``high >= 0``) and lie in -128..127.
+        scale_dtype: storage dtype of the scales.
+        mask: optional boolean ``[out, in]``: only ``True`` entries count. A group without members (or whose
+            members are all 0) gets scale 1 and the allowed zero closest to 0.
+
+    Returns:
+        ``(scale [out, groups] in scale_dtype, zero [out, groups] int8)``.
+    """
+    levels = 2**bits - 1
+    low, high = zero_range
+    if not (-128 <= low <= high <= 127 and low <= levels and high >= 0):
+        raise ValueError(f"zero_range {zero_range} must lie in -128..127 and allow a grid containing 0 "
+                         f"(low <= {levels}, high >= 0)")
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.float()
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf values; cannot compute quantization scales")
+    lo, hi, present = _masked_range(w, group_size, mask)
+    # the covering candidate: per group, the zero whose covering grid has the smallest step (cheap: [out, groups])
+    cover_step = torch.full_like(lo, math.inf)
+    cover_zero = torch.full_like(lo, float(min(max(0, low), high)))
+    for z in range(low, high + 1):
+        # the grid spans -z * s .. (levels - z) * s: an end on the far side of 0 bounds s from below (it must
+        # reach the range), an end on the range's side of 0 from above (it must not overshoot it)
+        need = torch.zeros_like(lo)
+        cap = torch.full_like(lo, math.inf)
+        if z > 0:
+            need = torch.maximum(need, -lo / z)
+        elif z < 0:
+            cap = torch.where(lo > 0, lo / -z, torch.zeros_like(lo))
+        else:
+            cap = torch.where(lo >= 0, cap, torch.zeros_like(lo))
+        top = levels - z
+        if top > 0:
+            need = torch.maximum(need, hi / top)
+        elif top < 0:
+            cap = torch.minimum(cap, torch.where(hi < 0, hi / top, torch.zeros_like(hi)))
+        else:
+            cap = torch.where(hi <= 0, cap, torch.zeros_like(cap))
+        better = (need <= cap) & (need > 0) & (need < cover_step)
+        cover_step = torch.where(better, need, cover_step)
+        cover_zero = torch.where(better, torch.full_like(lo, float(z)), cover_zero)
+    # the min-max candidate: the usual asymmetric grid, where its rounded zero is allowed
+    minmax = (hi - lo) / levels
+    minmax_zero = torch.round(-lo / torch.where(minmax > 0, minmax, torch.ones_like(minmax)))
+    gw = group_view(w, group_size)
+    members = group_view(mask if mask is not None else torch.ones_like(w, dtype=torch.bool), group_size, fill=False)
+    fallback = float(min(max(0, low), high))
+    best_err = torch.full_like(lo, math.inf)
+    best_scale = torch.ones_like(lo)
+    best_zero = torch.full_like(lo, fallback)
+    for step, zero, valid in ((cover_step, cover_zero, torch.isfinite(cover_step)),
+                              (minmax, minmax_zero, (minmax > 0) & (minmax_zero >= low) & (minmax_zero <= high))):
+        stored = _round_up_to_dtype(torch.where(valid, step, torch.ones_like(step)), scale_dtype).float()
+        z = torch.where(valid, zero, torch.zeros_like(zero)).unsqueeze(-1)
+        s = stored.unsqueeze(-1)
+        codes = torch.round(gw / s).add_(z).clamp_(0, levels)
+        err = (((codes - z) * s - gw).square_() * members).sum(dim=-1)
+        better = valid & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, stored, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    empty = ~present | ~torch.isfinite(best_err)  # no members, or only zeros (no positive step needed)
+    scale = torch.where(empty, torch.ones_like(best_scale), best_scale).to(scale_dtype)
+    zero = torch.where(empty, torch.full_like(best_zero, fallback), best_zero)
+    if not torch.isfinite(scale).all():
+        raise ValueError(
+            f"a quantization scale overflows {scale_dtype} (weights larger than the scale dtype can hold); "
+            "use scale_dtype='float32'"
+        )
+    return scale, zero.to(torch.int8)
 
 
 def expand_params(params: torch.Tensor, in_features: int, group_size: int | None) -> torch.Tensor:
