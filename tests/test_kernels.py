@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_splitquant import PackedLinear, SplitQuantConfig, kernels
 from hf_splitquant.methods import get_format
+from hf_splitquant.quant.int4 import affine_codes, affine_terms
 from hf_splitquant.spec import LayerSpec
 
 
@@ -41,7 +42,7 @@ def test_int4_path_matches_reference(transform, bits, shape, group_size):
                      splitquant_range="part" if bits == 4 else "cluster")
     layer = _layer(spec)
     tokens = min(5, kernels.int4_max_tokens(spec))
-    x = torch.randn(1, tokens, in_f).to(torch.bfloat16)
+    x = torch.randn(1, tokens, in_f, generator=torch.Generator().manual_seed(bits * 1000 + in_f)).to(torch.bfloat16)
     assert layer.kernel_for(x) == "int4"
     with torch.no_grad():
         fast = layer(x[:, :tokens])  # int4 terms
@@ -50,6 +51,25 @@ def test_int4_path_matches_reference(transform, bits, shape, group_size):
     assert fast.dtype == torch.bfloat16 and fast.shape == (1, tokens, out_f)
     # bf16 activations, grid parameters and output: about 3 significant digits
     assert torch.allclose(fast.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+def test_two_term_layers_keep_each_term_the_size_of_the_weights(bits):
+    """A group whose zero point sits far from the middle needs a per-group code offset. Carried by the
+    low term it made both terms large and opposite, and their bf16 outputs lost the result to
+    cancellation (a CI failure: 2.9% of the output range on an 8-bit layer). Each term must stay about
+    the size of the weights it adds up to."""
+    levels = 2 ** bits
+    codes = torch.cat([torch.zeros(4, 60), torch.full((4, 4), levels - 1.0)], dim=1)  # lopsided: zero at code 1
+    codes[:, :30] += 2
+    scale = torch.full((4, 64), 0.01)
+    origin = torch.ones(4, 64)
+    terms = affine_terms(codes, scale, origin, bits, 64)
+    weights = [((q.float() - 8) * s + z) for q, s, z in terms]
+    assert torch.allclose(sum(weights), (codes - origin) * scale, atol=1e-6)
+    assert weights[0].abs().max() <= ((codes - origin) * scale).abs().max() + 8 * 0.01 + 1e-6
+    assert weights[1].abs().max() <= 8 * 0.01 + 1e-6
+    assert torch.equal(affine_codes(terms, origin, 64, bits), codes.to(torch.int32))
 
 
 @pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")
