@@ -2,11 +2,14 @@
 
 The recipe:
 
-1. start from the best post-training grid (here the MSE-clipped round-to-nearest grid, ``clip="mse"``;
-   a calibrated packed model, e.g. GPTQ, works too: ``prepare_qat(packed_model, config)`` keeps its
-   scales and zero points);
-2. learn the step sizes (LSQ, ``qat_learn_scales=True``) and, optionally, the latent float weights,
-   through the packed format's own grid (straight-through rounding);
+1. start from the best post-training result: by default the MSE-clipped round-to-nearest grid
+   (``clip="mse"``, seconds); better, a calibrated packed model saved with ``save_pretrained`` (``--init-from``,
+   e.g. the ``w2-tuned`` recipe of the README): ``prepare_qat(packed_model, config)`` keeps its codes, scales and
+   zero points, so step 0 computes exactly what the packed model computes;
+2. learn the step sizes (LSQ, ``qat_learn_scales=True``) and the latent float weights through the packed
+   format's own grid (straight-through rounding), with rates in units of each layer's own grid step
+   (``per_grid_step=True``) and a cosine schedule: the settings that measured best on SmolLM2-135M INT2 g64
+   (``benchmarks/results/qat_lm.md``: 91.03 -> 58.94 perplexity in 180 steps of 1,024 tokens);
 3. the loss is the KL to the float teacher's next-token distribution (``distillation_loss``), passed to
    the stock ``Trainer`` as ``compute_loss_func``; checkpoints and ``resume_from_checkpoint`` work as
    for any Trainer run (``QATCallback`` saves the grid state next to them);
@@ -17,7 +20,9 @@ Usage::
 
     python examples/qat_distill_causal_lm.py --smoke            # tiny random Llama, seconds
     python examples/qat_distill_causal_lm.py --bits 2 --group-size 64 --steps 100 --output smollm2-int2-qat
-        # SmolLM2-135M (offline asset package), Wikipedia training text
+        # SmolLM2-135M (offline asset package), Wikipedia training text, from the MSE-clipped grid
+    python examples/qat_distill_causal_lm.py --init-from smollm2-w2-tuned --steps 180 --grad-accum 2
+        # from a calibrated packed model (bits and groups are the saved model's)
 
 Prints a JSON summary: perplexity and KL to the float model before and after, tokens seen, and how
 far the reloaded packed model is from the fake-quant model. Note: in ``--smoke`` mode the "text" is random tokens, so perplexities mean nothing there;
@@ -96,32 +101,50 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--scale-lr", type=float, default=1e-3)
-    parser.add_argument("--weight-lr", type=float, default=1e-5, help="0: learn the step sizes only")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--init-from", default=None,
+                        help="a packed model saved with save_pretrained (e.g. a calibrated recipe): start from its codes "
+                             "and grids; --bits and --group-size are then the saved model's")
+    parser.add_argument("--scale-lr", type=float, default=0.0025, help="step-size rate (grid steps per step)")
+    parser.add_argument("--weight-lr", type=float, default=0.01,
+                        help="latent-weight rate (grid steps per step); 0: learn the step sizes only")
+    parser.add_argument("--per-grid-step", action=argparse.BooleanOptionalAction, default=True,
+                        help="rates in units of each layer's grid step (default) or absolute")
+    parser.add_argument("--schedule", default="cosine", help="transformers lr_scheduler_type")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=1.0, help="weight of the KL (1 - alpha: next-token CE)")
     parser.add_argument("--output", default=None, help="folder for the packed model (default: a temporary one)")
     opts = parser.parse_args(argv)
     if opts.smoke:
         teacher, train, evaluation = tiny_setup()
-        opts.group_size, opts.steps, opts.batch, opts.scale_lr, opts.weight_lr = 16, 12, 4, 1e-2, 1e-3
+        opts.group_size, opts.steps, opts.batch = 16, 12, 4
     else:
-        teacher, train, evaluation = smollm2_setup(max(opts.steps * opts.batch, 8), opts.seq_len)
+        teacher, train, evaluation = smollm2_setup(max(opts.steps * opts.batch * opts.grad_accum, 8), opts.seq_len)
     teacher.eval()
     float_ppl = perplexity(teacher, evaluation)
 
-    # 1. the student starts on the MSE-clipped PTQ grid; its latent weights are the float ones
-    config = SplitQuantConfig(bits=opts.bits, group_size=opts.group_size, clip="mse", qat_learn_scales=True)
-    student = prepare_qat(copy.deepcopy(teacher), config)
+    # 1. the student: a saved packed model (its codes and grids), or the MSE-clipped PTQ grid over the
+    #    float weights
+    if opts.init_from:
+        student = AutoModelForCausalLM.from_pretrained(opts.init_from, dtype=torch.float32)
+        saved = student.config.quantization_config
+        saved = saved.to_dict() if hasattr(saved, "to_dict") else dict(saved)
+        opts.bits, opts.group_size = saved["bits"], saved.get("group_size")
+        config = SplitQuantConfig(bits=opts.bits, group_size=opts.group_size, qat_learn_scales=True)
+    else:
+        student = copy.deepcopy(teacher)
+        config = SplitQuantConfig(bits=opts.bits, group_size=opts.group_size, clip="mse", qat_learn_scales=True)
+    student = prepare_qat(student, config)
     ptq_ppl, ptq_kl = perplexity(student, evaluation), kl_to_teacher(student, teacher, evaluation)
     ptq_fit = kl_to_teacher(student, teacher, train[:8])
 
     # 2.-3. learned step sizes (+ weights), KL to the teacher, the stock Trainer
-    groups = hf_splitquant.qat_parameter_groups(student, scale_lr=opts.scale_lr, weight_lr=opts.weight_lr or None)
+    groups = hf_splitquant.qat_parameter_groups(student, scale_lr=opts.scale_lr, weight_lr=opts.weight_lr or None,
+                                                per_grid_step=opts.per_grid_step)
     loss = distillation_loss(teacher, student, temperature=opts.temperature, alpha=opts.alpha)
     workdir = tempfile.mkdtemp(prefix="qat_distill_")
     args = TrainingArguments(workdir, max_steps=opts.steps, per_device_train_batch_size=opts.batch,
-                             lr_scheduler_type="constant", logging_steps=max(1, opts.steps // 10), report_to=[],
+                             gradient_accumulation_steps=opts.grad_accum, lr_scheduler_type=opts.schedule, logging_steps=max(1, opts.steps // 10), report_to=[],
                              use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = Trainer(student, args, train_dataset=[{"input_ids": b, "labels": b} for b in train],
                       compute_loss_func=loss, optimizers=(torch.optim.AdamW(groups), None), callbacks=[QATCallback()])
@@ -142,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         packed = reloaded(evaluation[:1]).logits
     summary = {
         "bits": opts.bits, "group_size": opts.group_size, "steps": trainer.state.global_step,
-        "tokens_seen": trainer.state.global_step * opts.batch * train.shape[1],
+        "tokens_seen": trainer.state.global_step * opts.batch * opts.grad_accum * train.shape[1],
         "teacher_mb": round(loss.teacher_bytes / 2**20, 2),
         "first_loss": losses[0], "last_loss": losses[-1],
         "ptq_kl_to_float": ptq_kl, "qat_kl_to_float": qat_kl,

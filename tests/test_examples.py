@@ -139,3 +139,11 @@ def test_qat_distill_causal_lm_example_smoke(tmp_path: Path) -> None:
     assert summary["packed_ppl"] == pytest.approx(summary["qat_ppl"], rel=1e-5)
     assert summary["max_logit_diff_packed_vs_fake_quant"] < 1e-4
     assert (tmp_path / "packed" / "model.safetensors").is_file()
+
+    # --init-from: a second run starts from that packed model's codes and grids, exactly where the first ended
+    again = _run([sys.executable, str(EXAMPLES / "qat_distill_causal_lm.py"), "--smoke", "--init-from",
+                  str(tmp_path / "packed"), "--output", str(tmp_path / "packed2")], _env(), tmp_path, timeout=900)
+    resumed = json.loads(again.stdout[again.stdout.index("{\n"):])
+    assert resumed["ptq_ppl"] == pytest.approx(summary["packed_ppl"], rel=1e-5)
+    assert resumed["ptq_kl_to_float"] == pytest.approx(summary["qat_kl_to_float"], rel=1e-4)
+    assert (tmp_path / "packed2" / "model.safetensors").is_file()
