@@ -135,3 +135,30 @@ def test_aligned_grid_of_a_positive_cluster_need_not_contain_zero() -> None:
 def test_aligned_range_takes_two_or_three_bits() -> None:
     with pytest.raises(ValueError, match="2-3 bits"):
         LayerSpec(64, 32, 4, 32, transform="splitquant", splitquant_range="aligned")
+
+
+@pytest.mark.parametrize("group_size", [16, 64, None])
+@pytest.mark.parametrize(("variant", "bits"), [(v, b) for v in ("cluster", "part", "symmetric") for b in (2, 3, 4, 8)]
+                         + [("aligned", 2), ("aligned", 3)])
+def test_dequantize_equals_each_weights_own_grid(bits: int, group_size: int | None, variant: str) -> None:
+    """The level-table dequantize (narrow codes) and the per-weight gather (wide codes) both give, bit for bit,
+    each weight's value on its own cluster's grid, including a partial last group."""
+    spec = LayerSpec(in_features=100, out_features=12, bits=bits, group_size=group_size, transform="splitquant",
+                     symmetric=variant == "symmetric", splitquant_range="cluster" if variant == "symmetric" else variant)
+    tensors = splitquant.quantize(_heavy_tailed(12, 100, seed=bits), spec)
+    codes = splitquant.rtn.unpack(tensors["weight"], spec).float()
+    ids = splitquant.unpack_clusters(tensors["weight_cluster"], spec)
+    expected = torch.zeros(12, 100)
+    for c in range(3):
+        scale = splitquant.expand_params(tensors["weight_scale"][c].float(), 100, group_size)
+        if "weight_min" in tensors:
+            value = codes * scale + splitquant.expand_params(tensors["weight_min"][c].float(), 100, group_size)
+        elif "weight_zero" in tensors:
+            value = (codes - splitquant.expand_params(tensors["weight_zero"][c].float(), 100, group_size)) * scale
+        else:
+            value = (codes - 2 ** (bits - 1)) * scale
+        expected = torch.where(ids == c, value, expected)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = splitquant.dequantize(tensors, spec, dtype)
+        assert got.dtype == dtype and got.shape == (12, 100)
+        assert torch.equal(got, expected.to(dtype))

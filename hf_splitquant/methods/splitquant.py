@@ -246,9 +246,12 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     ids = unpack_clusters(tensors["weight_cluster"], spec)
     if int(ids.max()) >= NUM_CLUSTERS:
         raise ValueError("SplitQuant cluster ids out of range (corrupt `weight_cluster` tensor)")
-    # One flat gather per grid parameter: element (r, c) reads entry (cluster, group) of row r.
     out_f, in_f = codes.shape
     g = in_f if spec.group_size is None or spec.group_size >= in_f else spec.group_size
+    if NUM_CLUSTERS * 2**spec.bits <= g:
+        return _dequantize_by_level_table(tensors, spec, codes, ids, g, dtype)
+    # Wide codes (the table would outgrow the weights): one flat gather per grid parameter, element (r, c)
+    # reads entry (cluster, group) of row r.
     groups = tensors["weight_scale"].shape[-1]
     index = ids.long() * groups + (torch.arange(in_f, device=codes.device) // g)
 
@@ -263,6 +266,40 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     else:
         w = q.sub_(2 ** (spec.bits - 1)).mul_(per_element(tensors["weight_scale"]))
     return w.to(dtype)
+
+
+def level_table(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Every value a weight of each row and group can take: ``[out, groups, 3 * 2**bits]``, entry
+    ``cluster * 2**bits + code``, computed with the same float32 operations as a per-weight dequantize (so
+    the result is bit-identical) and then cast to ``dtype``."""
+    levels = torch.arange(2**spec.bits, dtype=torch.float32, device=tensors["weight_scale"].device)
+
+    def per_cluster(params: torch.Tensor) -> torch.Tensor:  # [3, out, groups] -> [out, groups, 3, 1]
+        return params.float().permute(1, 2, 0).contiguous().unsqueeze(-1)
+
+    scale = per_cluster(tensors["weight_scale"])
+    if "weight_min" in tensors:
+        table = levels * scale + per_cluster(tensors["weight_min"])
+    elif "weight_zero" in tensors:
+        table = (levels - per_cluster(tensors["weight_zero"])) * scale
+    else:
+        table = (levels - 2 ** (spec.bits - 1)) * scale
+    out_f, groups = table.shape[0], table.shape[1]
+    return table.to(dtype).reshape(out_f, groups, NUM_CLUSTERS * 2**spec.bits)
+
+
+def _dequantize_by_level_table(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor,
+                               ids: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
+    # A group's 3 grids hold at most 3 * 2**bits values: look each weight up in its group's small table
+    # (one gather on 1-byte indices) instead of gathering a scale and an offset per weight and computing.
+    out_f, in_f = codes.shape
+    table = level_table(tensors, spec, dtype)
+    groups = table.shape[1]
+    index = ids.mul_(2**spec.bits).add_(codes)  # uint8: < 3 * 2**bits <= 48
+    if groups * g != in_f:  # a partial last group: pad it with index 0 (a valid entry), cut after
+        index = torch.nn.functional.pad(index, (0, groups * g - in_f))
+    w = torch.gather(table, 2, index.view(out_f, groups, g).long())
+    return w.reshape(out_f, groups * g)[:, :in_f]
 
 
 def int4_parts(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, codes: torch.Tensor) -> list[Int4Term]:

@@ -126,8 +126,9 @@ def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
     rows, nbytes = packed.shape
     if nbytes != trit_row_bytes(n):
         raise ValueError(f"packed cluster ids hold {nbytes} bytes per row but {n} ids need {trit_row_bytes(n)}")
-    # one lookup per byte (a 256 x 5 table) instead of five integer divisions per digit
-    digits = _trit_table(packed.device)[packed.to(torch.uint8).long()]
+    # one lookup per byte (a 256 x 5 table) instead of five integer divisions per digit; index_select on
+    # int32 indices is several times faster on CPU than advanced indexing with int64 ones
+    digits = _trit_table(packed.device).index_select(0, packed.to(torch.uint8).reshape(-1).to(torch.int32))
     return digits.reshape(rows, nbytes * 5)[:, :n].contiguous()
 
 
