@@ -183,3 +183,19 @@ def test_element_grid_nearest_codes_reproduce_quantize(transform: str, symmetric
         assert torch.allclose(fold_back(grid.values(codes), grid.input_index, 40), restored, atol=1e-6)
     with pytest.raises(ValueError, match="codes"):
         pack_grid_codes(grid, codes.float(), spec)
+
+
+def test_dequantize_codes_leaves_its_inputs_alone_and_follows_the_formula() -> None:
+    """It computes in place on its own copy: float codes passed in stay unchanged (whole and ragged groups)."""
+    from hf_splitquant.quant.grid import dequantize_codes
+
+    for columns in (48, 40):  # groups of 16: a plain view of the codes, and a ragged last group
+        codes = torch.randint(0, 8, (4, columns)).float()
+        before = codes.clone()
+        scale, zero, minimum = torch.rand(4, 3) + 0.1, torch.randint(0, 8, (4, 3)).float(), torch.randn(4, 3)
+        expand = lambda t, n=columns: t.repeat_interleave(16, dim=1)[:, :n]  # noqa: E731
+        assert torch.equal(dequantize_codes(codes, scale, zero, 3, 16), (codes - expand(zero)) * expand(scale))
+        assert torch.equal(dequantize_codes(codes, scale, None, 3, 16, minimum=minimum),
+                           codes * expand(scale) + expand(minimum))
+        assert torch.equal(dequantize_codes(codes, scale, None, 3, 16), (codes - 4.0) * expand(scale))
+        assert torch.equal(codes, before)

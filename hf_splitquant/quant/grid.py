@@ -400,12 +400,13 @@ def dequantize_codes(
     out_f, in_f = codes.shape
     n = num_groups(in_f, group_size)
     g = _effective_group(in_f, group_size)
-    q = group_view(codes, group_size).float()
+    # a fresh float32 copy computed in place: the same operations as out-of-place, fewer full-size buffers
+    q = group_view(codes, group_size).to(torch.float32, copy=True)
     if minimum is not None:
-        w = q * scale.float().unsqueeze(-1) + minimum.float().unsqueeze(-1)
+        w = q.mul_(scale.float().unsqueeze(-1)).add_(minimum.float().unsqueeze(-1))
     else:
-        offset = zero.float().unsqueeze(-1) if zero is not None else float(2 ** (bits - 1))
-        w = (q - offset) * scale.float().unsqueeze(-1)
+        w = q.sub_(zero.float().unsqueeze(-1) if zero is not None else float(2 ** (bits - 1)))
+        w = w.mul_(scale.float().unsqueeze(-1))
     return w.reshape(out_f, n * g)[:, :in_f].to(dtype)
 
 
