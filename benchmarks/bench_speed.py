@@ -137,7 +137,12 @@ def encode_benchmark(args: argparse.Namespace) -> list[dict]:
     probe = torch.zeros(args.batch, batch["input_ids"].shape[1], 384, dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         packed_rows, packed = _load_packed(args, path, AutoModel, probe, "minilm", tmp)
-        return _measure(rows + packed_rows, models + packed, run, args.batch, args.repeats)
+        rows, models = rows + packed_rows, models + packed
+        if args.compile:  # every model alike, the float ones too: compiled against compiled
+            models = [torch.compile(model) for model in models]
+            for row in rows:
+                row["compiled"] = True
+        return _measure(rows, models, run, args.batch, args.repeats)
 
 
 def table(rows: list[dict], batch: int) -> str:
@@ -153,7 +158,8 @@ def table(rows: list[dict], batch: int) -> str:
         for r in group:
             per_m = f"{r['quantize_s_per_million']:.2f}" if "quantize_s_per_million" in r else "-"
             dtype = r.get("dtype", {"fp32": "float32", "bf16": "bfloat16"}.get(r["config"], "-"))
-            lines.append(f"| {model} | {r['config']} | {dtype} | {r['bits_per_weight']:.2f} | {r['throughput']:.2f} {unit} | "
+            config = r["config"] + (" (compiled)" if r.get("compiled") else "")
+            lines.append(f"| {model} | {config} | {dtype} | {r['bits_per_weight']:.2f} | {r['throughput']:.2f} {unit} | "
                          f"{r['throughput'] / fp32:.2f}x | {r['throughput'] / bf16:.2f}x | "
                          f"{r['resident_bytes'] / MB:.0f} | {per_m} | {r['kernels']} |")
     lines.append("")
@@ -171,6 +177,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--packed-dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"],
                         help="dtype of the reloaded packed models' activations (auto = the checkpoint's own)")
+    parser.add_argument("--compile", action="store_true",
+                        help="MiniLM: torch.compile every model (float and packed alike) before timing; the warm-up "
+                             "call compiles (inductor fuses a packed layer's many-token dequantize into one kernel)")
     parser.add_argument("--quick", action="store_true", help="MiniLM only, two configs, one repeat")
     parser.add_argument("--output", default=None, help="write the rows as JSON")
     args = parser.parse_args()
@@ -183,7 +192,7 @@ def main() -> None:
     conditions = machine_conditions(args.threads)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "load_avg_before": os.getloadavg(),
-            "new_tokens": args.new_tokens, "batch": args.batch, "repeats": args.repeats, "conditions": conditions}
+            "new_tokens": args.new_tokens, "batch": args.batch, "compile": args.compile, "repeats": args.repeats, "conditions": conditions}
     start = time.perf_counter()
     rows = []
     if args.model in ("smollm2", "all"):

@@ -40,6 +40,17 @@ def test_pack_unpack_round_trip(bits: int, shape: tuple[int, int], seed: int) ->
     assert torch.equal(unpack_codes(packed, bits, shape[1]), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_unpack_traced_by_torch_compile_equals_eager(bits: int) -> None:
+    # the branch dynamo traces (written for inductor's fused kernel) must decode the same codes
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (5, 45), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    torch._dynamo.reset()
+    traced = torch.compile(unpack_codes, backend="eager", fullgraph=True)(packed, bits, 45)
+    assert traced.dtype == torch.uint8 and torch.equal(traced, codes)
+
+
 def test_bit_order_is_documented_little_endian() -> None:
     codes = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)
     # 2-bit: element k of byte j at bits 2k..2k+1

@@ -96,6 +96,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     word = byte_chunks[..., 0].clone()
     for k in range(1, bits):
         word |= byte_chunks[..., k] << (8 * k)
+    if torch.compiler.is_compiling():  # as above: eight strided stores compile into a very slow kernel
+        shifts = torch.arange(0, 8 * bits, bits, dtype=word.dtype, device=word.device)
+        codes = torch.bitwise_and(word.unsqueeze(-1) >> shifts, mask).to(torch.uint8)
+        return codes.reshape(rows, chunks * 8)[:, :n].contiguous()
     out = torch.empty(rows, chunks, 8, dtype=torch.uint8, device=p.device)
     for k in range(8):
         out[..., k] = (word >> (k * bits)) & mask
