@@ -28,7 +28,7 @@ from . import kernels
 from .nn.packed_linear import PackedLinear
 from .version import __version__
 
-__all__ = ["CPU_FEATURES", "Throughput", "machine_conditions", "format_conditions", "interleaved_throughput",
+__all__ = ["CPU_FEATURES", "native_bf16", "Throughput", "machine_conditions", "format_conditions", "interleaved_throughput",
            "kernel_paths", "tensor_bytes", "resident_bytes"]
 
 #: ``/proc/cpuinfo`` flags that decide which CPU kernels torch can use (bf16 and int8 dot products, AMX tiles)
@@ -53,6 +53,17 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, list[str]]
         if name is not None and flags:
             break
     return name, [f for f in CPU_FEATURES if f in flags]
+
+
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether ``device_type`` computes bf16 matrix products natively (faster than float32): a CPU with
+    AVX-512 BF16 or AMX-BF16 (read from ``/proc/cpuinfo``), or a CUDA device that supports bf16."""
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
+    flags = _cpuinfo()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def machine_conditions(threads: int | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from hf_splitquant.methods.block_tuning import (
     masked_mse,
     masked_token_error,
 )
+from hf_splitquant.speed import native_bf16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -171,5 +172,11 @@ def test_bfloat16_training_steps_still_lower_the_error_and_measure_in_float32() 
     # the first block starts from the same codes: its "before" is measured in float32 in both runs
     assert half[0]["fitted_before"] == full[0]["fitted_before"]
     assert half[0]["fitted_after"] != full[0]["fitted_after"]  # the steps did run in bf16
+    assert {b["compute_dtype"] for b in half} == {"bfloat16"} and {b["compute_dtype"] for b in full} == {"float32"}
+    # "auto": bf16 exactly where this machine computes it natively, the same numbers as asking for it
+    auto = calibrated(copy.deepcopy(base), {**options, "compute_dtype": "auto"}).calibration_report["blocks"]
+    same_as = half if native_bf16("cpu") else full
+    assert [b["fitted_after"] for b in auto] == [b["fitted_after"] for b in same_as]
+    assert {b["compute_dtype"] for b in auto} == {same_as[0]["compute_dtype"]}
     with pytest.raises(ValueError, match="compute_dtype"):
         SplitQuantConfig(bits=2, group_size=32, rounding="gptq", block_tuning={"compute_dtype": "float16"})

@@ -27,6 +27,7 @@ from ..modeling import set_module
 from ..nn.fake_quant import FakeQuantLinear
 from ..nn.packed_linear import PackedLinear
 from ..qat import qat_parameter_groups
+from ..speed import native_bf16
 from .blocks import first_output
 from .distributed import broadcast, gather
 
@@ -98,7 +99,8 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
     block.eval()  # no dropout: the targets were computed without it, and every process must compute the same
     optimizer = torch.optim.Adam(groups)
     device = params[0].device.type
-    low_precision = options.compute_dtype == "bfloat16"  # the training products only; every measurement is fp32
+    # the training products only; every measurement is fp32
+    low_precision = options.compute_dtype == "bfloat16" or (options.compute_dtype == "auto" and native_bf16(device))
     local = {g: j for j, g in enumerate(global_index)}
     total_batches = sum(gather(len(global_index), accelerator))
     fitted_global = sorted(g for part in gather([g for g, f in zip(global_index, fitted) if f], accelerator)
@@ -118,7 +120,8 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
         total = _sum_in_global_order(counts, accelerator)
         return _sum_in_global_order(sums, accelerator) / total if total else None
 
-    report: dict[str, Any] = {"layers": len(layers), "loss": options.loss, "fitted_before": losses(True),
+    report: dict[str, Any] = {"layers": len(layers), "loss": options.loss,
+                              "compute_dtype": "bfloat16" if low_precision else "float32", "fitted_before": losses(True),
                               "heldout_before": losses(False)}
     steps = options.epochs * len(fitted_global)
     step = 0

@@ -51,7 +51,7 @@ TARGETS = ("float", "block")
 #: how the error of one token is measured (:func:`masked_token_error`)
 LOSSES = ("mse", "relative")
 #: the dtypes the training steps' products may run in (``BlockTuningOptions.compute_dtype``)
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,14 @@ class BlockTuningOptions:
             (the rounding's codes count as epoch 0, so this includes ``keep_best``); a guard against the
             overfitting of a few calibration tokens, at the cost of one held-out pass per epoch. Without
             held-out batches it does nothing.
-        compute_dtype: ``"float32"`` or ``"bfloat16"``: the dtype of the training steps' matrix products
-            (``torch.autocast``; the straight-through rounding, the loss and every held-out or keep-best
+        compute_dtype: ``"float32"``, ``"bfloat16"`` or ``"auto"``: the dtype of the training steps' matrix
+            products (``torch.autocast``; the straight-through rounding, the loss and every held-out or keep-best
             measurement stay float32). ``"bfloat16"`` made a SmolLM2-135M block's training step 1.5x
-            faster on a CPU with AVX-512 BF16 (2 threads, idle) (``benchmarks/bench_block_tuning_step.py``); on a CPU without
-            native bf16 it can be slower. Its effect on the tuned model's quality is recorded in
-            ``benchmarks/results/calibration_block_tuning.md``.
+            faster on a CPU with AVX-512 BF16 (2 threads, idle) (``benchmarks/bench_block_tuning_step.py``) and
+            whole tuned calibrations 1.5x faster at the same quality (INT2 g64: 90.66 against 91.03 perplexity,
+            ``benchmarks/results/calibration_block_tuning.md``); on a CPU without native bf16 it can be slower.
+            ``"auto"`` (what the tuned recipes use) takes bf16 where the hardware computes it natively (a CPU
+            with AVX-512 BF16 or AMX, a GPU that supports bf16) and float32 elsewhere.
     """
 
     epochs: int = 20
