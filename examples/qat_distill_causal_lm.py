@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="TrainingArguments(bf16=True): the training steps under bf16 autocast (evaluation and "
                              "packing stay float32); default: on where the CPU computes bf16 natively (AVX-512 BF16, "
-                             "AMX), where it made SmolLM2 INT2 steps ~1.25x faster (benchmarks/results/qat_lm.md)")
+                             "AMX), where SmolLM2 INT2 training ran 1.09x faster by wall time (benchmarks/results/qat_lm.md)")
     parser.add_argument("--output", default=None, help="folder for the packed model (default: a temporary one)")
     opts = parser.parse_args(argv)
     if opts.bf16 is None:

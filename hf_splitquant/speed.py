@@ -11,6 +11,7 @@ throughput, the latter being what a busy or throttled machine distorts least.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -55,6 +56,7 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, list[str]]
     return name, [f for f in CPU_FEATURES if f in flags]
 
 
+@functools.cache  # the hardware does not change while running: read /proc/cpuinfo once
 def native_bf16(device_type: str = "cpu") -> bool:
     """Whether ``device_type`` computes bf16 matrix products natively (faster than float32): a CPU with
     AVX-512 BF16 or AMX-BF16 (read from ``/proc/cpuinfo``), or a CUDA device that supports bf16."""
