@@ -175,6 +175,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if job["method"] in ALLOCATIONS:
             kwargs.update(rounding="gptq", bit_allocation=ALLOCATIONS[job["method"]], target_bits=job["target_bits"],
                           mixquant_candidates=[2, 3, 4])
+        if job.get("input_rotation"):  # Hadamard-rotated inputs (hf_splitquant/quant/rotation.py)
+            kwargs["input_rotation"] = job["input_rotation"]
+            row["input_rotation"] = job["input_rotation"]
         config = SplitQuantConfig(**kwargs)
         if job["method"] == "recipe":  # the named preset for this width, with its own group size
             config = SplitQuantConfig.recipe(f"w{job['bits']}")
@@ -240,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-tuning", default="{}",
                         help='gptq+bt: block-wise tuning options as JSON (default "{}": the library defaults)')
     parser.add_argument("--batch-size", type=int, default=4, help="calibration batch size (default 4)")
+    parser.add_argument("--input-rotation", type=int, default=None,
+                        help="Hadamard block of the input rotation (SplitQuantConfig.input_rotation; default: none)")
     parser.add_argument("--save-dir", default=None,
                         help="also save each packed model under DIR/int<bits>_g<group>_<method> (e.g. to start QAT from)")
     parser.add_argument("--eval-blocks", type=int, default=4)
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_blocks, args.eval_len = 1, 128
     output = Path(args.output or HERE / "results" / ("calibration_quick.json" if args.quick else "calibration.json"))
     common = {key: getattr(args, key) for key in ("group_size", "cal_samples", "cal_len", "iterations", "eval_blocks",
-                                                  "eval_len", "threads", "damping", "batch_size", "save_dir")}
+                                                  "eval_len", "threads", "damping", "batch_size", "save_dir",
+                                                  "input_rotation")}
     common["block_tuning"] = json.loads(args.block_tuning)
 
     started = time.perf_counter()
@@ -304,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             name += f" ({row['recipe']}, group {row['group_size']})"
         if "block_tuning" in row:
             name += f" {json.dumps(row['block_tuning'])}"
+        if row.get("input_rotation"):
+            name += f" rotated (Hadamard {row['input_rotation']})"
         if "bit_histogram" in row:
             name += " " + "/".join(f"{n}x{b}b" for b, n in row["bit_histogram"].items())
         mse = f"{row['mean_layer_mse_vs_rtn']:.3f}" if "mean_layer_mse_vs_rtn" in row else "-"

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 
-from .config import SplitQuantConfig
+from .config import SplitQuantConfig, written_format_version
 from .methods import get_format
 from .modeling import (
     dequantize_model,
@@ -148,11 +148,14 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
     # grid, so the fake-quant model computes exactly what the packed model computed
     packed_grids = {name: module.packed_tensors() for name, module in iter_packed_modules(model)
                     if config.qat_learn_scales and get_format(module.spec).name == "rtn"}
+    init_specs: dict[str, Any] = {}
     if init_from is not None:
         if not config.qat_learn_scales:
             raise ValueError("`init_from` sets the initial learned scales: it needs SplitQuantConfig(qat_learn_scales=True)")
+        init_specs = {name: module.spec for name, module in iter_packed_modules(init_from)
+                      if get_format(module.spec).name == "rtn"}
         packed_grids.update({name: module.packed_tensors() for name, module in iter_packed_modules(init_from)
-                             if get_format(module.spec).name == "rtn"})
+                             if name in init_specs})
         if not packed_grids:
             raise ValueError("`init_from` has no packed RTN layer to take the grids from")
     if packed_specs:
@@ -160,6 +163,11 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
         dequantize_model(model)
     layers: dict[str, dict[str, Any]] = {}
     for name, module, spec in _layer_specs(model, config, packed_specs):
+        start = init_specs.get(name)
+        if start is not None and start.input_rotation != spec.input_rotation:
+            raise ValueError(f"`init_from` stores layer `{name}` with input_rotation={start.input_rotation} but the QAT "
+                             f"config gives it input_rotation={spec.input_rotation}: its grids belong to another "
+                             f"basis; use SplitQuantConfig(input_rotation={start.input_rotation}, ...)")
         weight = module.weight.detach()
         if not float_weight(module).isfinite().all():
             raise ValueError(f"layer `{name}` has NaN or Inf weights; cannot prepare it for QAT")
@@ -170,6 +178,7 @@ def prepare_fake_quant(model: nn.Module, config: SplitQuantConfig, in_place: boo
         set_module(model, name, new)
         layers[normalise_name(model, name)] = spec.to_dict()
     config.layers = layers
+    config.format_version = max(config.format_version, written_format_version(layers))
     return model
 
 

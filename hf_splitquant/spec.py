@@ -48,6 +48,10 @@ class LayerSpec:
         clip: ``None`` or ``"mse"`` (per-group MSE search of the clipping range; RTN and OCS grids).
         ocs_layout: OCS only: ``"source_group"`` (each copy on its source's group grid, format version 2)
             or ``"appended"`` (the copies form the last groups, format version 1).
+        input_rotation: ``None``, or the block size ``b`` (a power of two dividing ``in_features``) of the
+            Hadamard rotation the codes are stored in: they describe ``W R`` with ``R = diag(H_b, ...)``, and
+            the layer multiplies its input by ``R`` first (:mod:`hf_splitquant.quant.rotation`; format
+            version 5). Round-to-nearest format and ``Linear``/``Conv1D`` sources only.
     """
 
     in_features: int
@@ -65,6 +69,8 @@ class LayerSpec:
     clip: str | None = None
     #: where OCS copies take their grid; maps written before format version 2 have no field: "appended"
     ocs_layout: str = "appended"
+    #: Hadamard block of the stored basis (format version 5); maps written before have no field: None
+    input_rotation: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("in_features", "out_features"):
@@ -107,13 +113,26 @@ class LayerSpec:
             raise ValueError(f"layer spec field `ocs_layout` must be one of {OCS_LAYOUTS}, got {self.ocs_layout!r}")
         if self.clip not in CLIPS:
             raise ValueError(f"layer spec field `clip` must be one of {CLIPS}, got {self.clip!r}")
+        if self.input_rotation is not None:
+            block = self.input_rotation
+            if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+                raise ValueError(f"layer spec field `input_rotation` must be None or a power of two >= 2, got {block!r}")
+            if self.in_features % block:
+                raise ValueError(f"layer spec field `input_rotation` ({block}) must divide in_features "
+                                 f"({self.in_features})")
+            if self.transform != "rtn" or self.source == "Embedding":
+                raise ValueError("layer spec field `input_rotation` is for round-to-nearest (`transform='rtn'`) "
+                                 f"Linear/Conv1D layers, got transform={self.transform!r}, source={self.source!r}")
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["input_rotation"] is None:  # maps without rotation stay as older releases wrote (and read) them
+            del data["input_rotation"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSpec:

@@ -57,8 +57,13 @@ def test_compile_for_decoding_sets_the_static_cache_and_builds_the_layouts(llama
     assert "int4/1 x" in kernel_paths(model, 1, torch.bfloat16)
 
 
-def test_packed_decoding_step_traces_without_graph_breaks(llama_checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG))
+@pytest.mark.parametrize("rotation", [None, 32])
+def test_packed_decoding_step_traces_without_graph_breaks(llama_checkpoint, rotation):
+    # (rotated layers: the input rotation is one more small matmul in the same graph)
+    model = AutoModelForCausalLM.from_pretrained(
+        llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG, input_rotation=rotation))
+    assert all(m.spec.input_rotation == (None if isinstance(m, PackedEmbedding) else rotation)
+               for m in model.modules() if isinstance(m, PackedLinear))
     compile_for_decoding(model)
     cache = StaticCache(config=model.config, max_cache_len=16)
     prompt = _prompt()

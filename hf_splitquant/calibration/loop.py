@@ -19,11 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..config import ROUNDING_OPTIONS, SplitQuantConfig
+from ..config import ROUNDING_OPTIONS, SplitQuantConfig, written_format_version
 from ..integrations.transformers import attach_quantizer, quantize_model
 from ..memory import release_freed_memory
-from ..methods import element_grid, get_format, pack_grid_codes
-from ..methods.attention_round import AttentionRoundOptions, attention_round, expand_hessian, layer_objective
+from ..methods import element_grid, get_format, pack_grid_codes, stored_hessian, to_input_basis
+from ..methods.attention_round import AttentionRoundOptions, attention_round, layer_objective
 from ..methods.block_tuning import BlockTuningOptions
 from ..methods.float_target import float_model_objective, float_model_target
 from ..methods.gptq import GPTQOptions, gptq_round
@@ -156,6 +156,7 @@ def calibrate_and_quantize(
     for _, packed_module in iter_packed_modules(model):
         packed_module.set_weight_cache(False)
     config.layers = {normalise_name(model, name): spec.to_dict() for name, spec in specs.items()}
+    config.format_version = max(config.format_version, written_format_version(config.layers))
     attach_quantizer(model, config)
     memory.sample()
     layers = rounder.report.values()
@@ -670,14 +671,14 @@ def round_layer(name: str, module: nn.Module, spec: LayerSpec, fit: InputStatist
     def objective(values: torch.Tensor, on: ElementGrid, stats: InputStatistics, tokens: int) -> float:
         if id(stats) not in matrices:
             h = hessian if stats is fit else stats.hessian(name)
-            matrices[id(stats)] = ((expand_hessian(h, grid.input_index),) if cross is None else
+            matrices[id(stats)] = ((stored_hessian(h, grid),) if cross is None else
                                    (h, stats.cross(name), stats.reference.hessian(name)))
         m = matrices[id(stats)]
         if cross is None:
             return layer_objective(values, grid.weight, m[0], tokens)
-        return float_model_objective(values, weight, *m, tokens, on.input_index)  # OCS: W* may split other inputs
+        return float_model_objective(to_input_basis(values, on), weight, *m, tokens, on.input_index)  # OCS: W* may split other inputs
 
-    codes, extra = _choose_codes(grid, expand_hessian(hessian, grid.input_index), count, options, seed)
+    codes, extra = _choose_codes(grid, stored_hessian(hessian, grid), count, options, seed)
     rtn = plain.nearest_codes()
     values, rtn_values = grid.values(codes), plain.values(rtn)
     info = {"tokens": count, "input_power": input_power, "target": "layer" if cross is None else "float",

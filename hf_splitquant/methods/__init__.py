@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 
 from ..quant.grid import ElementGrid
+from ..quant.rotation import rotate_hessian, rotate_inputs
 from ..spec import LayerSpec
 from .base import QuantFormat, TensorShapes
 from .ocs import OCSFormat
@@ -33,6 +34,8 @@ __all__ = [
     "dequantize_weight",
     "element_grid",
     "pack_grid_codes",
+    "stored_hessian",
+    "to_input_basis",
 ]
 
 _FORMATS: dict[str, QuantFormat] = {}
@@ -92,7 +95,7 @@ def quantize_weight(
     if not fmt.rows_independent or spec.out_features <= rows:
         if not torch.isfinite(weight).all():
             raise ValueError("weight contains NaN or Inf values")
-        return fmt.quantize(weight, spec, seed=seed, cache=cache)
+        return fmt.quantize(_stored_basis(weight, spec), spec, seed=seed, cache=cache)
     # Blocks of rows, written into the preallocated stored tensors: the float temporaries of the
     # quantization (upcast copy, grid search, codes before packing) stay at the size of one block, not
     # several copies of the layer (bit-identical: no statistic spans rows).
@@ -102,7 +105,7 @@ def quantize_weight(
         block = weight[start:start + rows]
         if not torch.isfinite(block).all():
             raise ValueError("weight contains NaN or Inf values")
-        part = fmt.quantize(block, replace(spec, out_features=block.shape[0]), seed=seed)
+        part = fmt.quantize(_stored_basis(block, spec), replace(spec, out_features=block.shape[0]), seed=seed)
         for name, tensor in part.items():
             per_row = out[name].shape[0] // spec.out_features
             out[name][start * per_row:(start + block.shape[0]) * per_row] = tensor
@@ -110,14 +113,45 @@ def quantize_weight(
     return out
 
 
-def dequantize_weight(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Stored tensors -> float ``[out, in]`` weight in ``dtype``."""
-    return get_format(spec).dequantize(tensors, spec, dtype)
+def _stored_basis(weight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """The weight in the basis its codes describe: ``W R`` for a layer with ``input_rotation``, else ``W``."""
+    if spec.input_rotation is None:
+        return weight
+    return rotate_inputs(weight.float(), spec.input_rotation)
+
+
+def dequantize_weight(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype,
+                      stored_basis: bool = False) -> torch.Tensor:
+    """Stored tensors -> float ``[out, in]`` weight in ``dtype``: the weight the layer computes with on its
+    inputs, or with ``stored_basis=True`` the one the codes describe (``W R`` for a rotated layer, which
+    computes on rotated inputs)."""
+    fmt = get_format(spec)
+    if spec.input_rotation is None or stored_basis:
+        return fmt.dequantize(tensors, spec, dtype)
+    return rotate_inputs(fmt.dequantize(tensors, spec, torch.float32), spec.input_rotation).to(dtype)
 
 
 def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
-    """The grid each element of ``weight`` is rounded on under ``spec`` (see :class:`ElementGrid`)."""
-    return get_format(spec).element_grid(weight, spec, seed=seed, cache=cache)
+    """The grid each element of ``weight`` is rounded on under ``spec`` (see :class:`ElementGrid`); for a
+    rotated layer the grid's weight is ``W R`` (hessians for it: :func:`stored_hessian`)."""
+    grid = get_format(spec).element_grid(_stored_basis(weight, spec), spec, seed=seed, cache=cache)
+    grid.input_rotation = spec.input_rotation
+    return grid
+
+
+def stored_hessian(hessian: torch.Tensor, grid: ElementGrid) -> torch.Tensor:
+    """The ``X^T X`` of the inputs ``grid.weight`` multiplies, from the ``X^T X`` of the layer's inputs
+    (OCS: the duplicated channels appended; rotated layers: ``R^T H R``)."""
+    from .attention_round import expand_hessian
+
+    h = expand_hessian(hessian, grid.input_index)
+    return h if grid.input_rotation is None else rotate_hessian(h, grid.input_rotation)
+
+
+def to_input_basis(values: torch.Tensor, grid: ElementGrid) -> torch.Tensor:
+    """Values on a rotated grid (``[out, in]``, ``W R`` basis) -> the weight they compute with on the layer's
+    own inputs (unchanged for other grids)."""
+    return values if grid.input_rotation is None else rotate_inputs(values, grid.input_rotation)
 
 
 def pack_grid_codes(grid: ElementGrid, codes: torch.Tensor, spec: LayerSpec) -> dict[str, torch.Tensor]:

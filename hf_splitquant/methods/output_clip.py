@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.grid import ElementGrid
+from ..quant.rotation import rotate_hessian, rotate_inputs
 from ..spec import LayerSpec
 from . import get_format
 
@@ -78,7 +79,8 @@ def output_clip_grid(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tenso
     Args:
         weight: float ``[out, in]`` weight.
         spec: an RTN or OCS layer spec (``spec.clip`` is ignored: this search replaces it).
-        hessian: ``H = X^T X`` of the layer's (original, unexpanded) inputs ``[in, in]``, or its diagonal.
+        hessian: ``H = X^T X`` of the layer's (original, unexpanded) inputs ``[in, in]``, or its diagonal
+            (not for a rotated layer: the importance of a rotated input needs the whole ``H``).
         factors: shrink factors tried per group; keep ``1.0`` first so that "no clip" is a candidate.
 
     Returns:
@@ -89,9 +91,16 @@ def output_clip_grid(weight: torch.Tensor, spec: LayerSpec, hessian: torch.Tenso
                          f"{(spec.out_features, spec.in_features)}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values")
+    block = spec.input_rotation
+    if block is not None:  # clip the rotated weight for the rotated inputs
+        if hessian.dim() != 2:
+            raise ValueError("a layer with input_rotation needs the whole H = X^T X [in, in], not its diagonal")
+        weight, hessian = rotate_inputs(weight.float(), block), rotate_hessian(hessian, block)
     importance = input_importance(hessian)
     if importance.shape[0] != spec.in_features:
         raise ValueError(f"H has {importance.shape[0]} inputs but the layer {spec.in_features}")
     if not factors or factors[0] != 1.0:
         raise ValueError("factors must start with 1.0 (no clipping)")
-    return get_format(spec).clipped_grid(weight, spec, importance, factors)
+    grid = get_format(spec).clipped_grid(weight, spec, importance, factors)
+    grid.input_rotation = block
+    return grid

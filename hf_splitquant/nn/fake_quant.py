@@ -37,6 +37,7 @@ from torch import nn
 
 from ..methods import element_grid, get_format, pack_grid_codes
 from ..quant.grid import ElementGrid
+from ..quant.rotation import rotate_inputs
 from ..spec import LayerSpec
 
 __all__ = ["FakeQuantLinear", "STE_MODES"]
@@ -91,6 +92,9 @@ class FakeQuantLinear(nn.Module):
         if ste == "clipped" and not self.format.supports_clipped_ste:
             raise ValueError(f"ste='clipped' is not available for {spec.transform} (a weight's copies sit on "
                              "different grid positions); use ste='identity'")
+        if ste == "clipped" and spec.input_rotation is not None:
+            raise ValueError("ste='clipped' is not available for a layer with input_rotation (its grid bounds hold "
+                             "for the rotated weight W R, not for each weight); use ste='identity'")
         if kmeans_refresh_every is not None and (not isinstance(kmeans_refresh_every, int) or kmeans_refresh_every < 1):
             raise ValueError(f"`kmeans_refresh_every` must be a positive integer or None, got {kmeans_refresh_every!r}")
         if bool(spec.has_bias) != (bias is not None):
@@ -179,8 +183,18 @@ class FakeQuantLinear(nn.Module):
         self.fake_quant_enabled = bool(enabled)
 
     def _expanded(self, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """The weight the codes describe with the fixed channel choices (differentiable in ``w``)."""
+        """The weight the codes describe with the fixed channel choices (differentiable in ``w``; ``W R`` for
+        a rotated layer)."""
+        if self.spec.input_rotation is not None:
+            w = rotate_inputs(w.float(), self.spec.input_rotation)
         return self.format.expand_weight(w, self.spec, scale, self._ocs_order)
+
+    def _folded(self, w_q: torch.Tensor, input_index: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of :meth:`_expanded`: the ``[out, in]`` weight computing what the codes' weight computes."""
+        w_q = self.format.fold_weight(w_q, input_index, self.spec)
+        if self.spec.input_rotation is not None:
+            w_q = rotate_inputs(w_q, self.spec.input_rotation)
+        return w_q
 
     # ----------------------------------------------------------------------------------------
     # learned scales (LSQ)
@@ -274,7 +288,7 @@ class FakeQuantLinear(nn.Module):
         q = codes if hard else torch.clamp(_round_ste(v), 0, max_code)
         w_q = q * s_e + m_e if m_e is not None else (q - offset_codes) * s_e
         index = lsq["input_index"]
-        w_q = self.format.fold_weight(w_q, index.to(w_q.device) if index is not None else None, spec)
+        w_q = self._folded(w_q, index.to(w_q.device) if index is not None else None)
         state = dict(lsq["fixed"])
         state["weight_scale"] = s.detach().to(dtype)
         if m_e is not None:
@@ -288,10 +302,10 @@ class FakeQuantLinear(nn.Module):
         out, groups = s.shape
         s_g = s.unsqueeze(-1)
         offset = lsq["offset_codes"].to(s.device)
-        v = w.float().reshape(out, groups, -1) / s_g + offset
+        v = self._expanded(w.float(), None).reshape(out, groups, -1) / s_g + offset
         codes = torch.clamp(torch.round(v.detach()), 0, max_code)
         q = codes if hard else torch.clamp(_round_ste(v), 0, max_code)
-        w_q = ((q - offset) * s_g).reshape(out, -1)
+        w_q = self._folded(((q - offset) * s_g).reshape(out, -1), None)
         state = dict(lsq["fixed"])
         state["weight_scale"] = s.detach().to(spec.torch_scale_dtype)
         return w_q, codes.reshape(out, -1).to(torch.uint8), state
@@ -308,8 +322,7 @@ class FakeQuantLinear(nn.Module):
         grid = self.current_grid()
         wf = w.float()
         expanded = self._expanded(wf, grid.state["weight_scale"]) if self.grid_frozen else grid.weight
-        deq = self.format.fold_weight(grid.values(grid.nearest_codes(expanded.detach())), grid.input_index,
-                                      self.spec)
+        deq = self._folded(grid.values(grid.nearest_codes(expanded.detach())), grid.input_index)
         if self.ste == "clipped":
             low = grid.offset - grid.scale / 2
             high = grid.offset + grid.scale * (grid.max_code + 0.5)
@@ -383,7 +396,7 @@ class FakeQuantLinear(nn.Module):
         if self.grid_frozen and self._grid is not None:
             g = self._grid
             state["grid"] = {"weight": g.weight, "scale": g.scale, "offset": g.offset, "max_code": g.max_code,
-                             "input_index": g.input_index, "state": dict(g.state)}
+                             "input_index": g.input_index, "state": dict(g.state), "input_rotation": g.input_rotation}
         if self._lsq is not None:
             state["lsq"] = dict(self._lsq)
         return state

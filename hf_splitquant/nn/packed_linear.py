@@ -13,6 +13,10 @@ layout equal the stored ones (checked when the layout is built), the ``weight`` 
 rebuilt from the layout whenever it is needed (``state_dict`` / ``save_pretrained``, the dequantize
 paths, ``.to()``), so a layer holds its kernel layout plus the small grid tensors. Set
 ``PackedLinear.keep_stored_codes = True`` (class-wide or per layer) to keep both.
+
+A layer whose spec has ``input_rotation`` stores the codes of ``W R`` (:mod:`hf_splitquant.quant.rotation`):
+its forward multiplies the input by ``R`` (one small batched matmul) and then runs the same paths;
+:meth:`PackedLinear.dequantize_weight` gives the weight in the layer's own input basis.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from torch import nn
 
 from .. import kernels
 from ..methods import dequantize_weight, quantize_weight, tensor_shapes
+from ..quant.rotation import hadamard, rotate_inputs
 from ..spec import LayerSpec
 
 __all__ = ["PackedLinear"]
@@ -61,6 +66,7 @@ class PackedLinear(nn.Module):
         self._cached: torch.Tensor | None = None
         self._int4: kernels.Int4Layout | None = None
         self._int4_ok: tuple[torch.device, bool, int] | None = None
+        self._rotation: torch.Tensor | None = None  # H_b in the dtype/device of the last input
 
     @classmethod
     def from_packed(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
@@ -174,9 +180,25 @@ class PackedLinear(nn.Module):
         self._int4 = None  # the codes are in the buffers again
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float ``[out, in]`` weight this layer computes with."""
+        """The float ``[out, in]`` weight this layer computes with (on its own, unrotated inputs)."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         return dequantize_weight(self.packed_tensors(), self.spec, dtype)
+
+    def prepare_rotation(self, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        """Build the rotation matrix for inputs of ``dtype`` now (no-op without ``input_rotation``), so a
+        compiled step finds it instead of creating it while tracing."""
+        if self.spec.input_rotation is not None:
+            self._rotation = hadamard(self.spec.input_rotation, dtype, self.device if device is None else device)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` for a rotated layer (module docstring), else ``x``."""
+        block = self.spec.input_rotation
+        if block is None:
+            return x
+        h = self._rotation
+        if h is None or h.dtype != x.dtype or h.device != x.device:
+            h = self._rotation = hadamard(block, x.dtype, x.device)
+        return rotate_inputs(x, block, h)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         self.restore_stored_codes()  # a buffer to load into (and the right codes if the key is missing)
@@ -248,6 +270,7 @@ class PackedLinear(nn.Module):
         return self._int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._rotate(x)  # the codes describe W R (no-op without input_rotation)
         # The decoding fast path: the layout exists and was accepted for this device; only what can change
         # per call is checked (mode, gradients, tokens), the rest of `kernel_for` was answered once.
         layout, ok = self._int4, self._int4_ok
@@ -276,11 +299,12 @@ class PackedLinear(nn.Module):
         return F.linear(x, weight, bias)
 
     def _dequantized(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The weight of the forward pass: in the stored basis (``W R``: the input was rotated already)."""
         if self.cache_dequantized:
             if self._cached is None or self._cached.dtype != dtype or self._cached.device != device:
-                self._cached = self.dequantize_weight(dtype).to(device)
+                self._cached = dequantize_weight(self.packed_tensors(), self.spec, dtype, stored_basis=True).to(device)
             return self._cached
-        return self.dequantize_weight(dtype)
+        return dequantize_weight(self.packed_tensors(), self.spec, dtype, stored_basis=True)
 
     def __str__(self) -> str:
         # What a message that formats one layer shows (print(model) uses repr, unchanged). peft names the
@@ -292,5 +316,6 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         group = "per-channel" if s.group_size is None else f"group_size={s.group_size}"
+        rotation = "" if s.input_rotation is None else f", input_rotation={s.input_rotation}"
         return (f"in_features={s.in_features}, out_features={s.out_features}, bits={s.bits}, {group}, "
-                f"transform={s.transform}, symmetric={s.symmetric}, bias={s.has_bias}")
+                f"transform={s.transform}, symmetric={s.symmetric}, bias={s.has_bias}{rotation}")

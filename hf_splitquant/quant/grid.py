@@ -56,6 +56,8 @@ class ElementGrid:
         input_index: OCS only: the input features appended to ``x`` (``[x, x[..., index]]``) so that
             ``x' @ weight.T`` equals the layer's output; ``None`` otherwise.
         state: the method's stored grid tensors (scales, zero points, cluster ids, ...).
+        input_rotation: the Hadamard block when ``weight`` is ``W R`` (a rotated layer,
+            :mod:`hf_splitquant.quant.rotation`); ``None`` otherwise.
     """
 
     weight: torch.Tensor
@@ -64,6 +66,7 @@ class ElementGrid:
     max_code: int
     input_index: torch.Tensor | None = None
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_rotation: int | None = None
 
     def nearest_codes(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """Round-to-nearest codes of ``values`` (default: the weight) on this grid, as uint8."""
