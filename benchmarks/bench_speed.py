@@ -53,6 +53,7 @@ CONFIGS = {
     "rtn-int2-g64": dict(bits=2, group_size=64),
     "rtn-int3-g64": dict(bits=3, group_size=64),
     "rtn-int4-g64": dict(bits=4, group_size=64),
+    "rtn-int4-g64-rot64": dict(bits=4, group_size=64, input_rotation=64),  # Hadamard-rotated inputs
     "rtn-int8-g64": dict(bits=8, group_size=64),
     "rtn-int8-chan": dict(bits=8, group_size=None, symmetric=True),
     "splitquant-int2-g64": dict(bits=2, group_size=64, transform="splitquant"),

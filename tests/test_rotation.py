@@ -160,6 +160,16 @@ def test_calibrated_rotated_model_saves_as_format_5_and_reloads_bit_for_bit(tmp_
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "rot").eval()
     assert all(m.spec.input_rotation == 32 for m in reloaded.modules() if isinstance(m, PackedLinear))
     assert torch.equal(model_output(reloaded, ids), out)
+    # dequantizing (for LoRA merges, or to leave the format) gives the weights the rotated layers compute with
+    from hf_splitquant.modeling import dequantize_model
+
+    with kernel_mode("reference"):
+        packed_out = model_output(reloaded, ids)
+    dequantize_model(reloaded, torch.float32)
+    assert not any(isinstance(m, PackedLinear) for m in reloaded.modules())
+    torch.testing.assert_close(model_output(reloaded, ids), packed_out, rtol=1e-4, atol=1e-5)
+    card = str(hf_splitquant.build_model_card(tmp_path / "rot"))
+    assert "14 of 14 layers store W R and rotate their inputs (Hadamard blocks of 32)" in card
     # a checkpoint without rotation is written as before (no field, an older format version)
     plain = calibrated(copy.deepcopy(base), None)
     plain.save_pretrained(tmp_path / "plain")
@@ -241,3 +251,18 @@ def test_qat_from_a_rotated_packed_model_starts_at_its_outputs_and_refuses_anoth
     with pytest.raises(ValueError, match="input_rotation=32"):
         hf_splitquant.prepare_qat(copy.deepcopy(model), SplitQuantConfig(bits=3, group_size=32, qat_learn_scales=True),
                                   init_from=packed)
+
+
+def test_cli_quantizes_with_rotation_and_names_a_bad_block(float_checkpoints, tmp_path, capsys) -> None:  # noqa: ANN001
+    from hf_splitquant.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", float_checkpoints["gpt2"], "-o", str(out), "--bits", "4", "--group-size", "32",
+                 "--input-rotation", "32"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.quantization_config.format_version == 5
+    assert all(m.spec.input_rotation == 32 for m in model.modules() if isinstance(m, PackedLinear))
+    capsys.readouterr()
+    assert main(["quantize", float_checkpoints["gpt2"], "-o", str(tmp_path / "bad"), "--input-rotation", "48"]) == 2
+    assert "`input_rotation` must be None or a power of two" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -56,6 +56,9 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--ocs-layout", choices=["source_group", "appended"], default="source_group",
                         help="OCS: copies on their source group's grid (format version 2) or appended (version 1)")
     parser.add_argument("--clip", choices=["mse"], default=None, help="search each group's clipping range (RTN, OCS)")
+    parser.add_argument("--input-rotation", type=int, default=None, metavar="BLOCK",
+                        help="store W R and rotate the inputs by Hadamard blocks of this size (e.g. 64; RTN, format "
+                             "version 5); pays with --rounding gptq")
     parser.add_argument("--bit-allocation", choices=["mixquant", "coding_length", "coding_length_inputs", "sensitivity"], default=None,
                         help="per-layer bit widths (needs --target-bits; the last two need --rounding and calibration data)")
     parser.add_argument("--target-bits", type=float, default=None,
@@ -107,6 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ocs_split=args.ocs_split,
         ocs_layout=args.ocs_layout,
         clip=args.clip,
+        input_rotation=args.input_rotation,
         bit_allocation=args.bit_allocation,
         target_bits=args.target_bits,
         mixquant_qem=args.mixquant_qem,

@@ -339,6 +339,12 @@ def build_model_card(
     if not grids:
         grids.append("symmetric: w = (code - 2^(bits-1)) * scale")
     rows.append(("grid", "; ".join(grids)))
+    layer_specs = qconfig.get("layers") if isinstance(qconfig.get("layers"), dict) else {}
+    rotated = [spec for spec in layer_specs.values() if isinstance(spec, dict) and spec.get("input_rotation")]
+    if rotated:
+        blocks = sorted({spec["input_rotation"] for spec in rotated})
+        rows.append(("input rotation", f"{len(rotated)} of {len(layer_specs)} layers store W R and rotate their "
+                                       f"inputs (Hadamard blocks of {', '.join(map(str, blocks))})"))
     if qconfig.get("scale_dtype"):
         rows.append(("scale dtype", str(qconfig["scale_dtype"])))
     skipped = qconfig.get("modules_to_not_convert")
