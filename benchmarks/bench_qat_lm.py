@@ -130,6 +130,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         distillation_loss,
         freeze,
         prepare_qat,
+        remove_autocast_forward,
     )
     from hf_splitquant.modeling import select_modules
     from hf_splitquant.qat import iter_fake_quant_modules, qat_parameter_groups
@@ -266,9 +267,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(model, args, train_dataset=dataset, compute_loss_func=compute_loss_func,
                       optimizers=(optimizer, None), callbacks=callbacks)
     trainer.train()
-    # with bf16=True Accelerate wraps forward in autocast for good; unwrap it so that evaluation, freezing and
-    # the reload check run in float32 (else the frozen model is compared in bf16 with its float32 reload)
-    model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    # with bf16=True Accelerate wraps forward in autocast for good; QATCallback removes that wrapper in the QAT
+    # modes, and the fine-tuning modes (no QAT layers, no callback) need it gone as well before evaluating
+    remove_autocast_forward(model)
     row["curve"] = curve
     row["losses"] = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     row["steps"] = trainer.state.global_step

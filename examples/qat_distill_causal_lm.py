@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                              use_cpu=True, bf16=opts.bf16, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
     trainer = Trainer(student, args, train_dataset=[{"input_ids": b, "labels": b} for b in train],
                       compute_loss_func=loss, optimizers=(torch.optim.AdamW(groups), None), callbacks=[QATCallback()])
-    trainer.train()
-    # with bf16=True Accelerate wraps forward in autocast for good; unwrap it so that evaluation, freezing and
-    # the reload check run in float32 (else the frozen model is compared in bf16 with its float32 reload)
-    student = trainer.accelerator.unwrap_model(student, keep_fp32_wrapper=False)
+    trainer.train()  # (with bf16=True, QATCallback removes the autocast wrapper Accelerate leaves on forward)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     qat_ppl, qat_kl = perplexity(student, evaluation), kl_to_teacher(student, teacher, evaluation)
     qat_fit = kl_to_teacher(student, teacher, train[:8])

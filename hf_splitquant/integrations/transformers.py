@@ -437,6 +437,11 @@ def prepare_qat(model: nn.Module, config: SplitQuantConfig, **kwargs: Any) -> nn
 def freeze(model: nn.Module) -> nn.Module:
     """Pack a QAT model's fake-quant layers into ``PackedLinear`` holding the same codes, ready to
     ``save_pretrained`` (reloaded with plain ``from_pretrained``). Call it after training, or let
-    ``QATCallback(freeze_on_train_end=True)`` do it."""
+    ``QATCallback(freeze_on_train_end=True)`` do it. A mixed-precision wrapper left on ``model.forward`` by
+    ``Trainer(bf16=True)`` is removed first (the packed model computes in its own dtype)."""
+    from .trainer import remove_autocast_forward
+
+    if remove_autocast_forward(model):
+        logger.info("freeze: removed the mixed-precision autocast wrapper of model.forward left by training")
     attach_quantizer(model, pack_fake_quant(model))
     return model
