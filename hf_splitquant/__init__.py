@@ -23,7 +23,7 @@ from torch import nn
 from . import kernels
 from .checkpoint import CheckpointError
 from .config import FORMAT_VERSION, SplitQuantConfig
-from .integrations.transformers import freeze, prepare_qat, quantize_model, register
+from .integrations.transformers import freeze, prepare_qat, quantize_model, register, remove_autocast_forward
 from .kernels import kernel_mode
 from .methods.attention_round import AttentionRoundOptions
 from .modeling import dequantize_model
@@ -61,7 +61,6 @@ _LAZY_EXPORTS = {
     "R2Regularizer": "hf_splitquant.methods.r2_loss",
     "R2LossCallback": "hf_splitquant.integrations.trainer",
     "QATCallback": "hf_splitquant.integrations.trainer",
-    "remove_autocast_forward": "hf_splitquant.integrations.trainer",
     "FakeQuantLinear": "hf_splitquant.nn.fake_quant",
     "push_to_hub": "hf_splitquant.integrations.hub",
     "build_model_card": "hf_splitquant.integrations.hub",

@@ -3,7 +3,7 @@
 ``SplitQuantConfig.recipe("w3")`` returns the configuration of the row ``w3`` below; keyword arguments
 override single settings (``SplitQuantConfig.recipe("w3", group_size=64)``). Every recipe is backed by a
 benchmark row: ``benchmarks/results/calibration_gptq_g128.md`` and ``..._g64.md``
-(``benchmarks/bench_calibration.py``), ``calibration_sensitivity_3.0.md`` for ``w3-mixed``,
+(``benchmarks/bench_calibration.py``), ``rotation.md`` for the rotated ones, ``calibration_sensitivity_3.0.md`` for ``w3-mixed``,
 ``benchmarks/results/peers_smollm2.md`` for ``w4-data-free``; the
 README's recommendation table gathers them. Recipes with ``rounding`` set
 need calibration data: pass ``calibration_data`` to :func:`hf_splitquant.quantize` (or use
@@ -36,33 +36,38 @@ class Recipe:
 #: held-out batches. (``target="float"`` measured no better at INT3 g128: 45.86 against 44.98 perplexity.)
 _CALIBRATED = {"rounding": "gptq"}
 
+#: Hadamard-rotated inputs (hf_splitquant/quant/rotation.py), for the 3-4 bit recipes: with GPTQ, INT4 g128 26.40 ->
+#: 24.80 and INT3 g128 44.98 -> 36.76 (benchmarks/results/rotation.md); no gain measured at INT2 g64 (one shot)
+_ROTATED = {"input_rotation": 64}
+
 #: block-wise tuning of the tuned recipes: 5 epochs over 64+ samples; the training steps' products in bf16 where the
 #: hardware has it (INT2 g64 measured 90.66 with bf16 steps against 91.03 in float32, in 24.5 instead of 37 minutes)
 _TUNED = {"epochs": 5, "compute_dtype": "auto"}
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    # SmolLM2-135M, 8 x 512 Wikipedia eval tokens, float 22.17, 16 x 512 calibration tokens, about 7 min each
-    # on 2 cores: benchmarks/results/calibration_gptq_g128.md (w4: 26.40, w3: 44.98), ..._g64.md (w2: 352.4)
-    Recipe("w4", "4-bit codes, groups of 128, calibrated (about 4.2 bits per weight)",
-           {"bits": 4, "group_size": 128, **_CALIBRATED}),
-    Recipe("w3", "3-bit codes, groups of 128, calibrated (about 3.2 bits per weight)",
-           {"bits": 3, "group_size": 128, **_CALIBRATED}),
+    # SmolLM2-135M, 8 x 512 Wikipedia eval tokens, float 22.17, 16 x 512 calibration tokens, 3-7 min each on 2
+    # cores: benchmarks/results/rotation.md (rotated: w4 24.80, w3 36.76; unrotated 26.40 / 44.98 in
+    # calibration_gptq_g128.md), ..._g64.md (w2: 352.4)
+    Recipe("w4", "4-bit codes, groups of 128, rotated inputs, calibrated (about 4.2 bits per weight)",
+           {"bits": 4, "group_size": 128, **_ROTATED, **_CALIBRATED}),
+    Recipe("w3", "3-bit codes, groups of 128, rotated inputs, calibrated (about 3.2 bits per weight)",
+           {"bits": 3, "group_size": 128, **_ROTATED, **_CALIBRATED}),
     Recipe("w2", "2-bit codes, groups of 64, calibrated (about 2.4 bits per weight); expect a clear quality "
                  "loss on small models: train afterwards (QAT) where quality matters",
            {"bits": 2, "group_size": 64, **_CALIBRATED}),
-    # benchmarks/results/calibration_block_tuning.md (session 28): 24.86 (1.12x float) with 64 x 512 calibration
-    # tokens, 5 epochs, bf16 training steps, 30 min on 2 cores with AVX-512 BF16 (GPTQ alone 26.40)
-    Recipe("w4-tuned", "4-bit codes, groups of 128, calibrated, then block-wise tuning against the float model "
-                       "(about 4.2 bits per weight; slow: a backward pass of each block per batch and epoch; "
-                       "use 64+ calibration samples of 512 tokens)",
-           {"bits": 4, "group_size": 128, **_CALIBRATED, "block_tuning": _TUNED}),
-    # benchmarks/results/calibration_block_tuning.md: 34.65 with 64 x 512 calibration tokens and 5 epochs (the
-    # number of steps of 16 x 512 tokens and the default 20 epochs: 40.09; GPTQ alone 44.98); about 60-85 min on
-    # 2 cores. The tuning is data-limited: give it 64 or more calibration samples of 512 tokens.
-    Recipe("w3-tuned", "3-bit codes, groups of 128, calibrated, then block-wise tuning against the float model "
-                       "(about 3.2 bits per weight; slow: a backward pass of each block per batch and epoch; "
-                       "use 64+ calibration samples of 512 tokens)",
-           {"bits": 3, "group_size": 128, **_CALIBRATED, "block_tuning": _TUNED}),
+    # benchmarks/results/rotation.md (session 29): 23.93 (1.08x float) rotated, with 64 x 512 calibration tokens,
+    # 5 epochs, bf16 training steps, 39 min on 2 cores with AVX-512 BF16 (unrotated, session 28: 24.86 in 30 min)
+    Recipe("w4-tuned", "4-bit codes, groups of 128, rotated inputs, calibrated, then block-wise tuning against the "
+                       "float model (about 4.2 bits per weight; slow: a backward pass of each block per batch and "
+                       "epoch; use 64+ calibration samples of 512 tokens)",
+           {"bits": 4, "group_size": 128, **_ROTATED, **_CALIBRATED, "block_tuning": _TUNED}),
+    # benchmarks/results/rotation.md (session 29): 30.91 (1.39x float) rotated, 64 x 512 calibration tokens, 5 epochs,
+    # bf16 steps, 30.5 min on 2 idle cores (unrotated, float32 steps: 34.65 in 60-85 min; GPTQ alone 44.98). The
+    # tuning is data-limited: give it 64 or more calibration samples of 512 tokens.
+    Recipe("w3-tuned", "3-bit codes, groups of 128, rotated inputs, calibrated, then block-wise tuning against the "
+                       "float model (about 3.2 bits per weight; slow: a backward pass of each block per batch and "
+                       "epoch; use 64+ calibration samples of 512 tokens)",
+           {"bits": 3, "group_size": 128, **_ROTATED, **_CALIBRATED, "block_tuning": _TUNED}),
     # benchmarks/results/calibration_block_tuning.md: 91.03 (4.11x float) with 64 x 512 calibration tokens and 5
     # epochs of the relative loss (16 x 512 tokens, squared error, 20 epochs: 146.7; GPTQ alone 352.4); about
     # 37 min on 2 idle cores in float32, 24.5 min with bf16 steps (90.66). Like w3-tuned it is data-limited: give

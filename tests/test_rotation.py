@@ -66,6 +66,26 @@ def test_hadamard_is_symmetric_orthogonal_and_rotation_is_its_own_inverse(block:
     torch.testing.assert_close(rotate_hessian(hess, block), r.t() @ hess @ r)
 
 
+def test_a_layers_rotation_is_reused_only_for_the_same_unmodified_input_in_the_same_grad_mode() -> None:
+    from hf_splitquant.quant.rotation import rotate_layer_input
+
+    h = hadamard(32)
+    x = torch.randn(2, 3, 64)
+    first = rotate_layer_input(x, 32, h)
+    torch.testing.assert_close(first, rotate_inputs(x, 32))
+    assert rotate_layer_input(x, 32, h) is first  # q/k/v read the same tensor: one product
+    x.mul_(2)  # modified in place: computed again
+    torch.testing.assert_close(rotate_layer_input(x, 32, h), 2 * first)
+    w = torch.randn(2, 3, 64, requires_grad=True)
+    with torch.no_grad():
+        assert rotate_layer_input(w, 32, h).grad_fn is None
+    assert rotate_layer_input(w, 32, h).grad_fn is not None  # not the no-grad result
+    bf16 = x.to(torch.bfloat16)  # bf16 inputs: the product in float32, the result in bf16
+    out = rotate_layer_input(bf16, 32, h)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, rotate_inputs(bf16.float(), 32).to(torch.bfloat16), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad", [0, 1, 3, 48, True, 64.0])
 def test_bad_blocks_are_refused_by_name(bad: object) -> None:
     with pytest.raises(ValueError, match="power of two"):

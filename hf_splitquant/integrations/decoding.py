@@ -69,7 +69,7 @@ def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool
     for _, module in iter_packed_modules(model):
         packed += bool(module.prepare_int4())
         if hasattr(module, "prepare_rotation"):
-            module.prepare_rotation(model.dtype)
+            module.prepare_rotation()
     config = model.generation_config
     config.cache_implementation = "static"
     config.compile_config = decoding_compile_config(fullgraph, dynamic, mode, options)

@@ -46,7 +46,7 @@ from ..methods.r2_loss import R2Regularizer
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["R2LossCallback", "QATCallback", "remove_autocast_forward"]
+__all__ = ["R2LossCallback", "QATCallback"]
 
 
 def _checkpoint_dir(args: TrainingArguments, step: int) -> str:
@@ -203,19 +203,6 @@ class R2LossCallback(TrainerCallback):
             self.save_state(folder)
 
 
-def remove_autocast_forward(model: nn.Module) -> bool:
-    """Undo the mixed-precision wrapper Accelerate puts around ``model.forward`` for ``Trainer(bf16=True)`` (or
-    ``fp16``), which stays after ``train()``: without this, evaluating, freezing or comparing the trained model
-    runs it under autocast, not in its own dtype (a frozen packed model then differs from its float32 reload).
-    Returns whether a wrapper was removed. :class:`QATCallback` and :func:`hf_splitquant.freeze` call it."""
-    if "_original_forward" not in getattr(model, "__dict__", {}):
-        return False
-    from accelerate.utils import extract_model_from_parallel
-
-    extract_model_from_parallel(model, keep_fp32_wrapper=False)  # restores the original forward in place
-    return "_original_forward" not in model.__dict__
-
-
 class QATCallback(TrainerCallback):
     """Schedule quantization-aware training in a stock ``Trainer`` run.
 
@@ -232,7 +219,7 @@ class QATCallback(TrainerCallback):
     The grid state that is not in the model's ``state_dict`` (cached SplitQuant clusters, frozen
     grids, flags) is written to ``qat_state.pt`` in every checkpoint folder. When training ends, the
     autocast wrapper a ``bf16=True`` / ``fp16=True`` run leaves on ``model.forward`` is removed
-    (:func:`remove_autocast_forward`), so the trained model is evaluated and frozen in its own dtype.
+    (:func:`hf_splitquant.remove_autocast_forward`), so the trained model is evaluated and frozen in its own dtype.
     """
 
     STATE_FILE = "qat_state.pt"
@@ -302,6 +289,8 @@ class QATCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:
+        from .transformers import remove_autocast_forward
+
         if model is not None and remove_autocast_forward(model):
             logger.info("QATCallback: removed the mixed-precision autocast wrapper of model.forward left by training")
         if self.freeze_on_train_end:

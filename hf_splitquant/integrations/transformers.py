@@ -66,6 +66,7 @@ __all__ = [
     "quantize_model",
     "prepare_qat",
     "freeze",
+    "remove_autocast_forward",
     "FORMAT_METADATA_KEY",
 ]
 
@@ -434,13 +435,24 @@ def prepare_qat(model: nn.Module, config: SplitQuantConfig, **kwargs: Any) -> nn
     return model
 
 
+def remove_autocast_forward(model: nn.Module) -> bool:
+    """Undo the mixed-precision wrapper Accelerate puts around ``model.forward`` for ``Trainer(bf16=True)`` (or
+    ``fp16``), which stays after ``train()``: without this, evaluating, freezing or comparing the trained model
+    runs it under autocast, not in its own dtype (a frozen packed model then differs from its float32 reload).
+    Returns whether a wrapper was removed. :class:`QATCallback` and :func:`hf_splitquant.freeze` call it."""
+    if "_original_forward" not in getattr(model, "__dict__", {}):
+        return False
+    from accelerate.utils import extract_model_from_parallel
+
+    extract_model_from_parallel(model, keep_fp32_wrapper=False)  # restores the original forward in place
+    return "_original_forward" not in model.__dict__
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Pack a QAT model's fake-quant layers into ``PackedLinear`` holding the same codes, ready to
     ``save_pretrained`` (reloaded with plain ``from_pretrained``). Call it after training, or let
     ``QATCallback(freeze_on_train_end=True)`` do it. A mixed-precision wrapper left on ``model.forward`` by
     ``Trainer(bf16=True)`` is removed first (the packed model computes in its own dtype)."""
-    from .trainer import remove_autocast_forward
-
     if remove_autocast_forward(model):
         logger.info("freeze: removed the mixed-precision autocast wrapper of model.forward left by training")
     attach_quantizer(model, pack_fake_quant(model))

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import kernels
 from ..methods import dequantize_weight, quantize_weight, tensor_shapes
-from ..quant.rotation import hadamard, rotate_inputs
+from ..quant.rotation import hadamard, rotate_layer_input
 from ..spec import LayerSpec
 
 __all__ = ["PackedLinear"]
@@ -184,11 +184,11 @@ class PackedLinear(nn.Module):
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         return dequantize_weight(self.packed_tensors(), self.spec, dtype)
 
-    def prepare_rotation(self, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
-        """Build the rotation matrix for inputs of ``dtype`` now (no-op without ``input_rotation``), so a
-        compiled step finds it instead of creating it while tracing."""
+    def prepare_rotation(self, device: torch.device | str | None = None) -> None:
+        """Build the (float32) rotation matrix on ``device`` now (no-op without ``input_rotation``), so a compiled
+        step finds it instead of creating it while tracing."""
         if self.spec.input_rotation is not None:
-            self._rotation = hadamard(self.spec.input_rotation, dtype, self.device if device is None else device)
+            self._rotation = hadamard(self.spec.input_rotation, torch.float32, self.device if device is None else device)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` for a rotated layer (module docstring), else ``x``."""
@@ -196,9 +196,9 @@ class PackedLinear(nn.Module):
         if block is None:
             return x
         h = self._rotation
-        if h is None or h.dtype != x.dtype or h.device != x.device:
-            h = self._rotation = hadamard(block, x.dtype, x.device)
-        return rotate_inputs(x, block, h)
+        if h is None or h.device != x.device:
+            h = self._rotation = hadamard(block, torch.float32, x.device)
+        return rotate_layer_input(x, block, h)
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         self.restore_stored_codes()  # a buffer to load into (and the right codes if the key is missing)
