@@ -17,6 +17,7 @@ from .methods.attention_round import AttentionRoundOptions
 from .methods.block_tuning import BlockTuningOptions
 from .methods.gptq import GPTQOptions
 from .patterns import compile_module_patterns
+from .quant.rotation import is_block
 from .spec import LayerSpec
 
 __all__ = ["SplitQuantConfig", "FORMAT_VERSION", "QUANT_METHOD", "written_format_version"]
@@ -113,8 +114,9 @@ class SplitQuantConfig(QuantizationConfigMixin):
             whose input width ``b`` divides stores its weight in a Hadamard-rotated basis, ``W R`` with
             ``R = diag(H_b, ...)``, and rotates its input by ``R`` in the forward pass (float-equivalent; no
             extra bits per weight; format version 5; ``hf_splitquant/quant/rotation.py``). It pays with
-            calibrated rounding: SmolLM2-135M, output-aware clip + GPTQ, INT4 g128 26.39 -> 24.77 and INT3
-            g128 45.48 -> 38.06 perplexity (float 22.17); plain round-to-nearest gets worse rotated. RTN
+            calibrated rounding: SmolLM2-135M, ``rounding="gptq"``, INT4 g128 26.40 -> 24.80 and INT3 g128
+            44.98 -> 36.76 perplexity (float 22.17; ``benchmarks/results/rotation.md``); plain round-to-nearest
+            gets worse rotated. RTN
             format only (``transform=None``).
         bit_allocation: ``None`` (every layer at ``bits``) or ``"mixquant"``: per-layer bit widths from
             the round-off error of the same quantizer, data-free. Needs the float weights of every
@@ -270,7 +272,7 @@ class SplitQuantConfig(QuantizationConfigMixin):
         self._check_layer_fields()
         if self.input_rotation is not None:
             block = self.input_rotation
-            if not _is_int(block) or block < 2 or block & (block - 1):
+            if not is_block(block):
                 raise ValueError(f"`input_rotation` must be None or a power of two >= 2 (e.g. 64), got {block!r}")
             if self.transform_name != "rtn":
                 raise ValueError(f"`input_rotation` needs the RTN format (transform=None), got transform={self.transform!r}")

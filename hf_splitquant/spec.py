@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .quant.rotation import is_block
+
 __all__ = ["LayerSpec", "SCALE_DTYPES"]
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
@@ -115,7 +117,7 @@ class LayerSpec:
             raise ValueError(f"layer spec field `clip` must be one of {CLIPS}, got {self.clip!r}")
         if self.input_rotation is not None:
             block = self.input_rotation
-            if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+            if not is_block(block):
                 raise ValueError(f"layer spec field `input_rotation` must be None or a power of two >= 2, got {block!r}")
             if self.in_features % block:
                 raise ValueError(f"layer spec field `input_rotation` ({block}) must divide in_features "

@@ -20,12 +20,17 @@ import math
 
 import torch
 
-__all__ = ["hadamard", "rotate_inputs", "rotate_layer_input", "rotate_hessian", "check_block"]
+__all__ = ["hadamard", "rotate_inputs", "rotate_layer_input", "rotate_hessian", "check_block", "is_block"]
+
+
+def is_block(block: object) -> bool:
+    """Whether ``block`` is a valid rotation block: an integer power of two >= 2."""
+    return isinstance(block, int) and not isinstance(block, bool) and block >= 2 and not block & (block - 1)
 
 
 def check_block(block: int) -> None:
     """Raise ``ValueError`` unless ``block`` is a power of two >= 2."""
-    if isinstance(block, bool) or not isinstance(block, int) or block < 2 or block & (block - 1):
+    if not is_block(block):
         raise ValueError(f"a Hadamard rotation block must be a power of two >= 2 (e.g. 64), got {block!r}")
 
 
@@ -51,7 +56,7 @@ def rotate_inputs(t: torch.Tensor, block: int, matrix: torch.Tensor | None = Non
     if n % block:
         raise ValueError(f"cannot rotate {n} features in blocks of {block}: {n} is not a multiple of {block}")
     h = matrix if matrix is not None else hadamard(block, t.dtype, t.device)
-    return (t.reshape(*t.shape[:-1], n // block, block) @ h).reshape(t.shape)
+    return (t.reshape(-1, block) @ h).reshape(t.shape)  # one 2-D GEMM over every run of `block` values
 
 
 class _LastRotation:
@@ -82,10 +87,7 @@ def rotate_layer_input(x: torch.Tensor, block: int, matrix: torch.Tensor) -> tor
 
 
 def _rotate_float32(x: torch.Tensor, block: int, matrix: torch.Tensor) -> torch.Tensor:
-    n = x.shape[-1]
-    flat = x.reshape(-1, block)
-    out = flat @ matrix if x.dtype == torch.float32 else (flat.float() @ matrix).to(x.dtype)
-    return out.view(*x.shape[:-1], n)
+    return rotate_inputs(x.float(), block, matrix).to(x.dtype)  # (no-op casts for float32 inputs)
 
 
 def rotate_hessian(hessian: torch.Tensor, block: int) -> torch.Tensor:
