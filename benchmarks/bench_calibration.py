@@ -19,6 +19,7 @@ For each code width (INT2, INT3, INT4; group size 64, asymmetric, fp16 scales) i
   ``bit_allocation="sensitivity"`` (Fisher-weighted errors on the calibration data), ``"mixquant"``
   (data-free round-off errors), ``"coding_length"`` (the faithful coding length of the weights) or
   ``"coding_length_inputs"`` (the coding length of the weights scaled by their inputs' RMS);
+* ``gptq+sens+bt``: ``gptq+sens`` followed by ``--block-tuning`` (mixed widths, then tuned);
 * ``rtn+cl`` / ``ar+cl``: the same with ``bit_allocation="coding_length"`` at the bits per weight of
   the uniform width (so the comparison is at equal size; candidates 2, 3, 4, 5, 6, 8). Not at INT2:
   every candidate but 2 costs more than the INT2 budget, so the allocation is INT2 everywhere.
@@ -123,9 +124,10 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch: int = 2) -> 
 
 
 RESULT_MARKER = "@@BENCH_CALIBRATION_RESULT@@"
-#: per-layer width variants: the method name -> ``bit_allocation`` (all with ``rounding="gptq"``, candidates 2, 3, 4)
+#: per-layer width variants: the method name -> ``bit_allocation`` (all with ``rounding="gptq"``, candidates 2, 3, 4;
+#: ``gptq+sens+bt`` adds ``--block-tuning``)
 ALLOCATIONS = {"gptq+sens": "sensitivity", "gptq+mq": "mixquant", "gptq+cl": "coding_length",
-               "gptq+cli": "coding_length_inputs"}
+               "gptq+cli": "coding_length_inputs", "gptq+sens+bt": "sensitivity"}
 
 
 def load_smollm2(eval_blocks: int, eval_len: int) -> tuple[Any, torch.Tensor, torch.nn.Module]:
@@ -167,7 +169,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if job["method"] == "gptq-float":  # the same, each layer fitted to the float model's outputs
             kwargs.update(rounding="gptq", rounding_options={"target": "float", **(
                 {} if job.get("damping") is None else {"damping": job["damping"]})})
-        if job["method"] in ("gptq+bt", "gptq+as+bt"):  # GPTQ, then block-wise tuning against the float block outputs
+        if job["method"] in ("gptq+bt", "gptq+as+bt", "gptq+sens+bt"):  # GPTQ, then block-wise tuning (float blocks)
             kwargs.update(rounding="gptq", block_tuning=job["block_tuning"])
             row["block_tuning"] = job["block_tuning"]
         if job["method"] in ("gptq+as", "gptq+as+bt"):  # activation-aware input scaling before GPTQ

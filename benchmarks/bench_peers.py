@@ -20,6 +20,9 @@ Methods (``--methods``):
   group_size)``), the anchor that ties this run to ``benchmarks/results/calibration_*.json``;
 * ``gptq``: llm-compressor's ``GPTQModifier`` through ``oneshot`` with its defaults (damping 0.01,
   static activation order, block 128), on the same calibration tokens;
+* ``ours-gptq-rot``: our ``rounding="gptq"`` with ``input_rotation=64`` (the settings of the ``w4`` / ``w3``
+  recipes at the configuration's width and group), on the same calibration tokens; the peers' row and ours
+  then come from one invocation;
 * ``hqq``: HQQ's ``HQQLinear`` with ``BaseQuantizeConfig(nbits, group_size)`` (its default
   optimiser, axis 1); the dequantized weights are put back into the float layers for evaluation.
 
@@ -55,9 +58,10 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULT_MARKER = "@@BENCH_PEERS_RESULT@@"
-METHODS = ("float", "rtn", "gptq", "hqq")
-LABELS = {"float": "float32", "rtn": "RTN (ours)", "gptq": "GPTQ (llm-compressor)", "hqq": "HQQ"}
-ZERO_POINT_BITS = {"rtn": "uint8 (8 bits)", "gptq": "integer packed at the code width",
+METHODS = ("float", "rtn", "gptq", "hqq", "ours-gptq-rot")
+LABELS = {"float": "float32", "rtn": "RTN (ours)", "gptq": "GPTQ (llm-compressor)", "hqq": "HQQ",
+          "ours-gptq-rot": "GPTQ rotated (ours)"}
+ZERO_POINT_BITS = {"rtn": "uint8 (8 bits)", "ours-gptq-rot": "uint8 (8 bits)", "gptq": "integer packed at the code width",
                    "hqq": "floating point (counted as fp16)"}
 
 
@@ -161,11 +165,17 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         row["bits_per_weight"] = 32.0
     else:
         t0 = time.perf_counter()
-        if method == "rtn":
+        if method in ("rtn", "ours-gptq-rot"):
             import hf_splitquant
             from hf_splitquant import SplitQuantConfig, quantization_report
 
-            hf_splitquant.quantize(model, SplitQuantConfig(bits=bits, group_size=group_size), progress=False)
+            if method == "rtn":
+                hf_splitquant.quantize(model, SplitQuantConfig(bits=bits, group_size=group_size), progress=False)
+            else:  # the w4 / w3 recipe settings at this width and group, on the peers' calibration tokens
+                cal_blocks = assets.perplexity_token_blocks(tokenizer, job["cal_samples"], job["cal_len"],
+                                                            part="calibration")
+                config = SplitQuantConfig(bits=bits, group_size=group_size, rounding="gptq", input_rotation=64)
+                hf_splitquant.quantize(model, config, calibration_data=cal_blocks, batch_size=4, progress=False)
             row["quantize_seconds"] = time.perf_counter() - t0
             report = quantization_report(model)
             row["bits_per_weight"] = report.bits_per_weight
