@@ -4,6 +4,7 @@
 override single settings (``SplitQuantConfig.recipe("w3", group_size=64)``). Every recipe is backed by a
 benchmark row: ``benchmarks/results/calibration_gptq_g128.md`` and ``..._g64.md``
 (``benchmarks/bench_calibration.py``), ``rotation.md`` for the rotated ones, ``calibration_sensitivity_3.0.md`` for ``w3-mixed``,
+``calibration_mixed.md`` for ``w3-mixed-tuned``,
 ``benchmarks/results/peers_smollm2.md`` for ``w4-data-free``; the
 README's recommendation table gathers them. Recipes with ``rounding`` set
 need calibration data: pass ``calibration_data`` to :func:`hf_splitquant.quantize` (or use
@@ -81,6 +82,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                        "128, calibrated, exactly 3.0 bits per weight; causal LMs only",
            {"bits": 3, "group_size": 128, "bit_allocation": "sensitivity", "target_bits": 3.0,
             "mixquant_candidates": [2, 3, 4], **_CALIBRATED}),
+    # benchmarks/results/calibration_mixed.md (session 30): 34.43 (1.55x float) at exactly 3.0 bpw, rotated inputs,
+    # 64 x 512 calibration tokens, 5 epochs, bf16 steps, 44 min on 2 cores (the sensitivity pass included)
+    Recipe("w3-mixed-tuned", "2/3/4-bit codes per layer from a calibrated sensitivity, groups of 128, rotated "
+                             "inputs, calibrated, then block-wise tuning against the float model (exactly 3.0 bits "
+                             "per weight; slow: use 64+ calibration samples of 512 tokens); causal LMs only",
+           {"bits": 3, "group_size": 128, "bit_allocation": "sensitivity", "target_bits": 3.0,
+            "mixquant_candidates": [2, 3, 4], **_ROTATED, **_CALIBRATED, "block_tuning": _TUNED}),
     Recipe("w4-data-free", "4-bit codes, groups of 64, round to nearest: no calibration data, quantizes while "
                            "loading (about 4.4 bits per weight)",
            {"bits": 4, "group_size": 64}),
