@@ -98,6 +98,27 @@ def test_larger_qem_never_gives_more_bits(qems: list[float], seed: int) -> None:
     assert all(b[n] <= a[n] for n in a)
 
 
+@pytest.mark.parametrize("spec_kwargs", [
+    {"bits": 3, "group_size": 32}, {"bits": 2, "group_size": None}, {"bits": 4, "group_size": 48, "symmetric": True},
+    {"bits": 8, "group_size": 64, "clip": "mse"}, {"bits": 3, "group_size": 32, "input_rotation": 16},
+    {"bits": 2, "group_size": 50, "scale_dtype": "float32"}])
+def test_roundoff_residual_is_the_stored_round_trip(spec_kwargs: dict) -> None:
+    """The plain-grid shortcut (element grid, no packing) gives exactly the stored round trip's residual, also over
+    several row blocks (a layer larger than one quantization block)."""
+    from hf_splitquant import methods
+
+    torch.manual_seed(0)
+    in_features = 96 if spec_kwargs.get("group_size") != 50 else 100
+    out_features = methods.QUANTIZE_BLOCK_ELEMENTS // in_features + 7  # two row blocks
+    weight = torch.randn(out_features, in_features) * torch.rand(1, in_features) * 3
+    spec = LayerSpec(in_features, out_features, has_bias=False, **spec_kwargs)
+    stored = dequantize_weight(quantize_weight(weight, spec), spec, torch.float32) - weight
+    assert torch.equal(mixquant.roundoff_residual(weight, spec), stored)
+    weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        mixquant.roundoff_residual(weight, spec)
+
+
 def test_budget_allocation_meets_target_and_prefers_sensitive_layers() -> None:
     errors = {"flat": {2: 1.0, 4: 0.9, 8: 0.8}, "steep": {2: 10.0, 4: 1.0, 8: 0.1}}
     costs = {n: {b: b * 100 for b in (2, 4, 8)} for n in errors}

@@ -25,9 +25,33 @@ __all__ = ["roundoff_residual", "roundoff_error", "spec_bits", "allocate_by_qem"
 
 
 def roundoff_residual(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> torch.Tensor:
-    """``dequant(quant(weight)) - weight`` in float32, with the quantizer ``spec`` describes."""
-    from . import dequantize_weight, quantize_weight
+    """``dequant(quant(weight)) - weight`` in float32, with the quantizer ``spec`` describes.
 
+    Plain grids (``transform="rtn"``) skip packing and unpacking the codes (the same values, tested; the calibrated
+    sensitivity evaluates every layer at every candidate width once per calibration batch), block of rows by block
+    of rows like :func:`~hf_splitquant.methods.quantize_weight`."""
+    from ..quant.grid import dequantize_codes, quantize_codes
+    from ..quant.rotation import rotate_inputs
+    from . import QUANTIZE_BLOCK_ELEMENTS, dequantize_weight, quantize_weight, rtn
+
+    if spec.transform == "rtn":
+        if tuple(weight.shape) != (spec.out_features, spec.in_features):
+            raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says "
+                             f"{(spec.out_features, spec.in_features)}")
+        residual = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        rows = max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features)
+        for start in range(0, spec.out_features, rows):
+            block = weight[start:start + rows]
+            if not torch.isfinite(block).all():
+                raise ValueError("weight contains NaN or Inf values")
+            stored = block if spec.input_rotation is None else rotate_inputs(block.float(), spec.input_rotation)
+            scale, zero = rtn.grid_params(stored, spec)
+            codes = quantize_codes(stored, scale, zero, spec.bits, spec.group_size)
+            values = dequantize_codes(codes, scale, zero, spec.bits, spec.group_size)
+            if spec.input_rotation is not None:
+                values = rotate_inputs(values, spec.input_rotation)
+            residual[start:start + rows] = values - block.float()
+        return residual
     restored = dequantize_weight(quantize_weight(weight, spec, seed=seed, cache=cache), spec, torch.float32)
     return restored - weight.float()
 
