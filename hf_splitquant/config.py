@@ -436,8 +436,8 @@ class SplitQuantConfig(QuantizationConfigMixin):
 
     @classmethod
     def recipe(cls, name: str, **overrides: Any) -> SplitQuantConfig:
-        """The named preset ``name`` (:mod:`hf_splitquant.recipes`: ``"w4"``, ``"w3"``, ``"w2"``,
-        ``"w4-data-free"``), with ``overrides`` replacing single settings.
+        """The named preset ``name`` (:mod:`hf_splitquant.recipes`: ``"w4"``, ``"w3"``, ``"w2"``, their ``-tuned``
+        forms, ``"w3-mixed"``, ``"w3-mixed-tuned"``, ``"w4-data-free"``), with ``overrides`` replacing single settings.
 
         Example: ``SplitQuantConfig.recipe("w3")``; the calibrated recipes (``rounding`` set) need
         ``hf_splitquant.quantize(model, config, calibration_data=...)``.
