@@ -417,6 +417,32 @@ def test_command_line_calibration_from_a_text_file(tmp_path: Path, tiny_llama_fo
 
 
 @pytest.mark.slow
+def test_command_line_recipe_calibrates_with_its_settings(tmp_path: Path, tiny_llama_folder: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """``--recipe w3-tuned`` (rotation, GPTQ, block tuning) from a text file, with an override and the calibration
+    shape options; a calibrated recipe without data is refused naming the option."""
+    from hf_splitquant.cli import main
+
+    lines = [p for a in assets.wikipedia_split("calibration")[:2] for p in a.split("\n")]
+    (tmp_path / "cal.txt").write_text("\n".join(lines))
+    args = ["quantize", str(tiny_llama_folder), "-o", str(tmp_path / "out"), "--recipe", "w3-tuned", "--group-size",
+            "32", "--calibration-data", str(tmp_path / "cal.txt"), "--num-samples", "4", "--max-length", "48",
+            "--batch-size", "2"]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    expected = SplitQuantConfig.recipe("w3-tuned", group_size=32)
+    assert (saved["bits"], saved["group_size"], saved["rounding"]) == (3, 32, "gptq")
+    assert saved["block_tuning"] == expected.block_tuning and saved["input_rotation"] == 64
+    rotated = {name for name, spec in saved["layers"].items() if spec.get("input_rotation") == 64}
+    assert rotated and all("down_proj" not in name for name in rotated)  # 96 inputs: not divisible by 64
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.isfinite(reloaded(torch.tensor([[5, 6, 7]])).logits).all()
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_llama_folder), "-o", str(tmp_path / "x"), "--recipe", "w3"]) == 2
+    assert "--calibration-data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("rounding", [
     ["--rounding", "attention_round"],
     # the float model as the target: cross products of float and quantized inputs summed over both processes

@@ -48,6 +48,28 @@ def test_cli_rejects_bad_input(float_checkpoints, tmp_path, capsys):
     assert "not an hf_splitquant checkpoint" in capsys.readouterr().err
 
 
+def test_cli_recipe_settings_and_overrides(capsys):
+    """``--recipe`` gives the recipe's config; quantization options given beside it replace single settings; without
+    it the defaults are those the command always had."""
+    from hf_splitquant.commands import subcommand_parser
+    from hf_splitquant.commands.quantize import quantize_config
+
+    def config(*options: str) -> SplitQuantConfig:
+        return quantize_config(subcommand_parser("quantize").parse_args(["model", "-o", "out", *options]))
+
+    plain = config()
+    assert (plain.bits, plain.group_size, plain.rounding, plain.input_rotation) == (4, 64, None, None)
+    assert config("--bits", "3", "--group-size", "none").group_size is None
+    assert config("--recipe", "w3-tuned") == SplitQuantConfig.recipe("w3-tuned")
+    assert config("--recipe", "w4", "--bits", "3", "--group-size", "none") == \
+        SplitQuantConfig.recipe("w4", bits=3, group_size=None)
+    assert config("--recipe", "w3-mixed-tuned", "--transform", "rtn", "--symmetric") == \
+        SplitQuantConfig.recipe("w3-mixed-tuned", symmetric=True)
+    with pytest.raises(SystemExit):
+        config("--recipe", "w5")
+    assert "w3-tuned" in capsys.readouterr().err  # the choices are listed
+
+
 @pytest.mark.slow
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "hf-splitquant"

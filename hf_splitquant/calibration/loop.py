@@ -703,7 +703,8 @@ def round_layer(name: str, module: nn.Module, spec: LayerSpec, fit: InputStatist
 
 
 def quantize_from_file(model_class: Any, model_path: str, config: SplitQuantConfig, data_file: str | None,
-                       num_samples: int = 1024, **load_kwargs: Any) -> nn.Module:
+                       num_samples: int = 1024, batch_size: int = DEFAULT_BATCH_SIZE,
+                       max_length: int = DEFAULT_MAX_LENGTH, **load_kwargs: Any) -> nn.Module:
     """The command line's calibration path: load the float model and its tokenizer from ``model_path``,
     the samples from ``data_file`` (:func:`~hf_splitquant.calibration.data.load_calibration_file`), and
     quantize with calibration."""
@@ -714,4 +715,5 @@ def quantize_from_file(model_class: Any, model_path: str, config: SplitQuantConf
     data = load_calibration_file(data_file)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = model_class.from_pretrained(model_path, **load_kwargs)
-    return calibrate_and_quantize(model, config, data, tokenizer=tokenizer, num_samples=num_samples)
+    return calibrate_and_quantize(model, config, data, tokenizer=tokenizer, num_samples=num_samples,
+                                  batch_size=batch_size, max_length=max_length)
