@@ -79,11 +79,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
                        "(about 2.4 bits per weight; slow: a backward pass of each block per batch and epoch; "
                        "use 64+ calibration samples of 512 tokens)",
            {"bits": 2, "group_size": 64, **_CALIBRATED, "block_tuning": _TUNED}),
-    # benchmarks/results/calibration_sensitivity_3.0.md: 52.90 at exactly 3.0 bpw (data-free MixQuant: 75.02)
+    # benchmarks/results/calibration_mixed.md: 43.71 at exactly 3.0 bpw rotated, 52.90 unrotated
+    # (calibration_sensitivity_3.0.md; data-free MixQuant: 75.02)
     Recipe("w3-mixed", "2/3/4-bit codes per layer from a calibrated sensitivity (Fisher-weighted errors), groups of "
-                       "128, calibrated, exactly 3.0 bits per weight; causal LMs only",
+                       "128, rotated inputs, calibrated, exactly 3.0 bits per weight; causal LMs only",
            {"bits": 3, "group_size": 128, "bit_allocation": "sensitivity", "target_bits": 3.0,
-            "mixquant_candidates": [2, 3, 4], **_CALIBRATED}),
+            "mixquant_candidates": [2, 3, 4], **_ROTATED, **_CALIBRATED}),
     # benchmarks/results/calibration_mixed.md (session 30): 34.43 (1.55x float) at exactly 3.0 bpw, rotated inputs,
     # 64 x 512 calibration tokens, 5 epochs, bf16 steps, 44 min on 2 cores (the sensitivity pass included)
     Recipe("w3-mixed-tuned", "2/3/4-bit codes per layer from a calibrated sensitivity, groups of 128, rotated "
