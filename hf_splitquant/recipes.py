@@ -75,10 +75,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     # epochs of the relative loss (16 x 512 tokens, squared error, 20 epochs: 146.7; GPTQ alone 352.4); about
     # 37 min on 2 idle cores in float32, 24.5 min with bf16 steps (90.66). Like w3-tuned it is data-limited: give
     # it 64 or more calibration samples of 512 tokens.
-    Recipe("w2-tuned", "2-bit codes, groups of 64, calibrated, then block-wise tuning against the float model "
+    # rotated (session 30, benchmarks/results/rotation.md): 90.66 -> 82.57 (3.72x float), 43 min beside other jobs
+    Recipe("w2-tuned", "2-bit codes, groups of 64, rotated inputs, calibrated, then block-wise tuning against the float model "
                        "(about 2.4 bits per weight; slow: a backward pass of each block per batch and epoch; "
                        "use 64+ calibration samples of 512 tokens)",
-           {"bits": 2, "group_size": 64, **_CALIBRATED, "block_tuning": _TUNED}),
+           {"bits": 2, "group_size": 64, **_ROTATED, **_CALIBRATED, "block_tuning": _TUNED}),
     # benchmarks/results/calibration_mixed.md: 43.71 at exactly 3.0 bpw rotated, 52.90 unrotated
     # (calibration_sensitivity_3.0.md; data-free MixQuant: 75.02)
     Recipe("w3-mixed", "2/3/4-bit codes per layer from a calibrated sensitivity (Fisher-weighted errors), groups of "
