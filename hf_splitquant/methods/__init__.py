@@ -5,7 +5,7 @@ of the library asks the format (:func:`get_format`) instead of branching on name
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 
 import torch
@@ -87,12 +87,9 @@ def quantize_weight(
     ``cache`` (a dict owned by the caller, one per weight) lets a method reuse bit-independent work
     (SplitQuant's k-means) when the same weight is quantized at several bit widths.
     """
-    expected = (spec.out_features, spec.in_features)
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says {expected}")
+    check_weight_shape(weight, spec)
     fmt = get_format(spec)
-    rows = max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features)
-    if not fmt.rows_independent or spec.out_features <= rows:
+    if not fmt.rows_independent or spec.out_features <= max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features):
         if not torch.isfinite(weight).all():
             raise ValueError("weight contains NaN or Inf values")
         return fmt.quantize(_stored_basis(weight, spec), spec, seed=seed, cache=cache)
@@ -101,16 +98,31 @@ def quantize_weight(
     # several copies of the layer (bit-identical: no statistic spans rows).
     shapes = fmt.tensor_shapes(spec)
     out = {name: torch.empty(shape, dtype=dtype, device=weight.device) for name, (shape, dtype) in shapes.items()}
-    for start in range(0, spec.out_features, rows):
-        block = weight[start:start + rows]
-        if not torch.isfinite(block).all():
-            raise ValueError("weight contains NaN or Inf values")
+    for start, block in weight_row_blocks(weight, spec):
         part = fmt.quantize(_stored_basis(block, spec), replace(spec, out_features=block.shape[0]), seed=seed)
         for name, tensor in part.items():
             per_row = out[name].shape[0] // spec.out_features
             out[name][start * per_row:(start + block.shape[0]) * per_row] = tensor
         del part, block
     return out
+
+
+def check_weight_shape(weight: torch.Tensor, spec: LayerSpec) -> None:
+    """Raise ``ValueError`` unless ``weight`` is ``[spec.out_features, spec.in_features]``."""
+    expected = (spec.out_features, spec.in_features)
+    if tuple(weight.shape) != expected:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says {expected}")
+
+
+def weight_row_blocks(weight: torch.Tensor, spec: LayerSpec) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, rows)`` blocks of about ``QUANTIZE_BLOCK_ELEMENTS`` weights each, every block checked for
+    NaN/Inf (``ValueError``): how row-independent quantization keeps its float temporaries small."""
+    rows = max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features)
+    for start in range(0, spec.out_features, rows):
+        block = weight[start:start + rows]
+        if not torch.isfinite(block).all():
+            raise ValueError("weight contains NaN or Inf values")
+        yield start, block
 
 
 def _stored_basis(weight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:

@@ -32,25 +32,19 @@ def roundoff_residual(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cach
     of rows like :func:`~hf_splitquant.methods.quantize_weight`."""
     from ..quant.grid import dequantize_codes, quantize_codes
     from ..quant.rotation import rotate_inputs
-    from . import QUANTIZE_BLOCK_ELEMENTS, dequantize_weight, quantize_weight, rtn
+    from . import check_weight_shape, dequantize_weight, quantize_weight, rtn, weight_row_blocks
 
     if spec.transform == "rtn":
-        if tuple(weight.shape) != (spec.out_features, spec.in_features):
-            raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says "
-                             f"{(spec.out_features, spec.in_features)}")
+        check_weight_shape(weight, spec)
         residual = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        rows = max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features)
-        for start in range(0, spec.out_features, rows):
-            block = weight[start:start + rows]
-            if not torch.isfinite(block).all():
-                raise ValueError("weight contains NaN or Inf values")
+        for start, block in weight_row_blocks(weight, spec):
             stored = block if spec.input_rotation is None else rotate_inputs(block.float(), spec.input_rotation)
             scale, zero = rtn.grid_params(stored, spec)
             codes = quantize_codes(stored, scale, zero, spec.bits, spec.group_size)
             values = dequantize_codes(codes, scale, zero, spec.bits, spec.group_size)
             if spec.input_rotation is not None:
                 values = rotate_inputs(values, spec.input_rotation)
-            residual[start:start + rows] = values - block.float()
+            residual[start:start + block.shape[0]] = values - block.float()
         return residual
     restored = dequantize_weight(quantize_weight(weight, spec, seed=seed, cache=cache), spec, torch.float32)
     return restored - weight.float()
