@@ -5,8 +5,9 @@ Cheap (about 1-2 minutes per setting on 2 cores for 3 blocks), so settings can b
 
     python benchmarks/study_block_tuning.py --blocks 3 --bits 2 --settings '{"epochs": 10}' '{"epochs": 20}'
 
-The model is cut to its first ``--blocks`` decoder blocks (the head stays float); calibration: 16 x 512 Wikipedia
-'calibration' tokens in batches of 2 (6 fitted, 2 held-out batches), GPTQ with the library defaults first.
+The model is cut to its first ``--blocks`` decoder blocks (the head stays float); calibration: ``--samples`` x 512
+Wikipedia 'calibration' tokens (default 16) in batches of 2 (16: 6 fitted, 2 held-out batches), GPTQ with the
+library defaults first.
 The figure to compare is the last block's held-out error (it includes what reached it from the blocks before).
 """
 
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=None, help="default: 64 at 2 bits, else 128")
     parser.add_argument("--settings", nargs="+", default=["{}"], help="block_tuning options as JSON, one per run")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=16, help="calibration blocks of 512 tokens (default 16)")
+    parser.add_argument("--input-rotation", type=int, default=None, help="SplitQuantConfig.input_rotation")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import hf_splitquant
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     group = args.group_size or (64 if args.bits == 2 else 128)
     print(f"SmolLM2-135M, first {args.blocks} blocks, INT{args.bits} g{group}, GPTQ then block tuning; "
+          f"{args.samples} x 512 calibration tokens, input_rotation={args.input_rotation}; "
           f"{args.threads} threads; load average {os.getloadavg()[0]:.2f}\n")
     print("| block_tuning | block | error fitted before -> after | error held out before -> after | seconds |")
     print("|---|---|---|---|---|")
@@ -46,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, _, model = load_smollm2(1, 16)
         model.model.layers = model.model.layers[: args.blocks]
         model.config.num_hidden_layers = args.blocks
-        cal = assets.perplexity_token_blocks(tokenizer, 16, 512, part="calibration")
+        cal = assets.perplexity_token_blocks(tokenizer, args.samples, 512, part="calibration")
         config = hf_splitquant.SplitQuantConfig(bits=args.bits, group_size=group, rounding="gptq",
-                                                block_tuning=json.loads(text))
+                                                input_rotation=args.input_rotation, block_tuning=json.loads(text))
         started = time.perf_counter()
         hf_splitquant.calibrate(model, config, cal, batch_size=2, progress=False)
         for b in model.calibration_report["blocks"]:

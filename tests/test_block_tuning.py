@@ -91,6 +91,27 @@ def test_a_block_whose_heldout_error_rises_keeps_the_rounding() -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def norm_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "layers." in n and "norm" in n}
+
+
+def test_norm_lr_trains_the_blocks_norms_and_a_block_that_keeps_its_rounding_gets_them_back() -> None:
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    for p in norm_weights(base):  # not all ones, so a restore to the start is told from a reset
+        base.get_parameter(p).data.uniform_(0.5, 1.5)
+    before = norm_weights(base)
+    frozen = calibrated(copy.deepcopy(base), {"epochs": 4, "keep_best": False})
+    assert all(torch.equal(v, before[k]) for k, v in norm_weights(frozen).items())
+    tuned = calibrated(copy.deepcopy(base), {"epochs": 4, "keep_best": False, "norm_lr": 0.01})
+    after = norm_weights(tuned)
+    assert len(after) == 4 and all(not torch.equal(v, before[k]) for k, v in after.items())
+    assert all(b["fitted_after"] < b["fitted_before"] for b in tuned.calibration_report["blocks"])
+    wrecked = calibrated(copy.deepcopy(base), {"epochs": 3, "norm_lr": 5.0})
+    assert all(b["kept_rounding"] for b in wrecked.calibration_report["blocks"])
+    assert all(torch.equal(v, before[k]) for k, v in norm_weights(wrecked).items())
+
+
 def test_a_tuned_model_saves_and_reloads_exactly(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = calibrated(tiny_llama().eval(), {"epochs": 2, "keep_best": False}, bits=3)
@@ -107,6 +128,7 @@ def test_a_tuned_model_saves_and_reloads_exactly(tmp_path: Path) -> None:
     ({"rounding": "gptq", "transform": "splitquant", "block_tuning": {}}, "RTN format only"),
     ({"rounding": "gptq", "block_tuning": {"epoch": 2}}, "unknown block_tuning ['epoch']"),
     ({"rounding": "gptq", "block_tuning": {"scale_lr": 0}}, "scale_lr"),
+    ({"rounding": "gptq", "block_tuning": {"norm_lr": -1e-3}}, "norm_lr"),
     ({"rounding": "gptq", "block_tuning": {"target": "model"}}, "target"),
     ({"rounding": "gptq", "block_tuning": {"loss": "l1"}}, "loss"),
     ({"rounding": "gptq", "block_tuning": [1]}, "must be a dict"),

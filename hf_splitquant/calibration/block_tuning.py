@@ -90,8 +90,12 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
     if not layers:
         return {"layers": 0}
     untouched = [(p, p.requires_grad) for p in block.parameters()]  # the block's own flags, restored afterwards
-    # learning rates in units of each layer's grid step; the block's other parameters (norms) stay frozen
-    groups = qat_parameter_groups(block, options.scale_lr, options.weight_lr or None, per_grid_step=True)
+    # learning rates in units of each layer's grid step; the block's other parameters (norms) train at norm_lr
+    groups = qat_parameter_groups(block, options.scale_lr, options.weight_lr or None, other_lr=options.norm_lr or None,
+                                  per_grid_step=True)
+    # the float parameters outside the quantized layers, as they were (a block that keeps its rounding gets them back)
+    quantized = {id(p) for layer in layers for p in layer.parameters()}
+    others_before = [(p, p.detach().clone()) for p in block.parameters() if id(p) not in quantized and p.requires_grad]
     for group in groups:
         group["base_lr"] = group["lr"]
     params = [p for g in groups for p in g["params"]]
@@ -168,6 +172,10 @@ def tune_block(block: nn.Module, local_names: Sequence[str], inputs: Sequence[tu
     decide = "heldout" if report["heldout_before"] is not None else "fitted"
     worse = report[f"{decide}_after"] > report[f"{decide}_before"]
     report["kept_rounding"] = bool((options.keep_best and worse) or (track and best[1] == 0))
+    if report["kept_rounding"]:
+        with torch.no_grad():
+            for p, value in others_before:
+                p.copy_(value)
     for (name, original), layer in zip(originals.items(), layers):
         if report["kept_rounding"]:
             set_module(block, name, original)

@@ -83,6 +83,11 @@ class BlockTuningOptions:
             ``benchmarks/results/calibration_block_tuning.md``); on a CPU without native bf16 it can be slower.
             ``"auto"`` (what the tuned recipes use) takes bf16 where the hardware computes it natively (a CPU
             with AVX-512 BF16 or AMX, a GPU that supports bf16) and float32 elsewhere.
+        norm_lr: Adam learning rate (absolute, not in grid steps) of the block's float parameters that are not
+            part of a quantized layer: its norms' weights (and biases), and any layer left unquantized; ``0``
+            keeps them frozen. A norm's weight scales the inputs of every layer it feeds (q, k, v after the
+            attention norm; gate and up after the MLP norm), a per-channel correction the rounding cannot
+            make; the tuned values are saved as the float parameters they are.
     """
 
     epochs: int = 20
@@ -93,16 +98,18 @@ class BlockTuningOptions:
     loss: str = "relative"
     best_epoch: bool = False
     compute_dtype: str = "float32"
+    norm_lr: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
             raise ValueError(f"block_tuning['epochs'] must be an integer >= 1, got {self.epochs!r}")
-        for name, positive in (("scale_lr", True), ("weight_lr", False)):
+        for name, positive in (("scale_lr", True), ("weight_lr", False), ("norm_lr", False)):
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or value < 0 or (positive and value == 0):
                 bound = "> 0" if positive else ">= 0"
-                raise ValueError(f"block_tuning[{name!r}] must be a number {bound} (in grid steps), got {value!r}")
+                unit = "" if name == "norm_lr" else " (in grid steps)"
+                raise ValueError(f"block_tuning[{name!r}] must be a number {bound}{unit}, got {value!r}")
         if self.target not in TARGETS:
             raise ValueError(f"block_tuning['target'] must be one of {TARGETS}, got {self.target!r}")
         if self.loss not in LOSSES:
