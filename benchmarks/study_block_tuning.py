@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         hf_splitquant.calibrate(model, config, cal, batch_size=2, progress=False)
         for b in model.calibration_report["blocks"]:
-            print(f"| `{text}` | {b['block']} | {b['fitted_before']:.1f} -> {b['fitted_after']:.1f} | "
-                  f"{b['heldout_before']:.1f} -> {b['heldout_after']:.1f} | {b['seconds']:.0f} |")
+            print(f"| `{text}` | {b['block']} | {b['fitted_before']:.4g} -> {b['fitted_after']:.4g} | "
+                  f"{b['heldout_before']:.4g} -> {b['heldout_after']:.4g} | {b['seconds']:.0f} |")
         print(f"<!-- {text}: {time.perf_counter() - started:.0f} s in all -->", flush=True)
     return 0
 
