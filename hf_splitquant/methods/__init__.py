@@ -89,17 +89,17 @@ def quantize_weight(
     """
     check_weight_shape(weight, spec)
     fmt = get_format(spec)
-    if not fmt.rows_independent or spec.out_features <= max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features):
+    if not fmt.rows_independent or spec.out_features <= _rows_per_block(spec):
         if not torch.isfinite(weight).all():
             raise ValueError("weight contains NaN or Inf values")
-        return fmt.quantize(_stored_basis(weight, spec), spec, seed=seed, cache=cache)
+        return fmt.quantize(weight_in_stored_basis(weight, spec), spec, seed=seed, cache=cache)
     # Blocks of rows, written into the preallocated stored tensors: the float temporaries of the
     # quantization (upcast copy, grid search, codes before packing) stay at the size of one block, not
     # several copies of the layer (bit-identical: no statistic spans rows).
     shapes = fmt.tensor_shapes(spec)
     out = {name: torch.empty(shape, dtype=dtype, device=weight.device) for name, (shape, dtype) in shapes.items()}
     for start, block in weight_row_blocks(weight, spec):
-        part = fmt.quantize(_stored_basis(block, spec), replace(spec, out_features=block.shape[0]), seed=seed)
+        part = fmt.quantize(weight_in_stored_basis(block, spec), replace(spec, out_features=block.shape[0]), seed=seed)
         for name, tensor in part.items():
             per_row = out[name].shape[0] // spec.out_features
             out[name][start * per_row:(start + block.shape[0]) * per_row] = tensor
@@ -114,10 +114,15 @@ def check_weight_shape(weight: torch.Tensor, spec: LayerSpec) -> None:
         raise ValueError(f"weight has shape {tuple(weight.shape)} but the layer spec says {expected}")
 
 
+def _rows_per_block(spec: LayerSpec) -> int:
+    """Rows of one block of :func:`weight_row_blocks` (at least one)."""
+    return max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features)
+
+
 def weight_row_blocks(weight: torch.Tensor, spec: LayerSpec) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, rows)`` blocks of about ``QUANTIZE_BLOCK_ELEMENTS`` weights each, every block checked for
     NaN/Inf (``ValueError``): how row-independent quantization keeps its float temporaries small."""
-    rows = max(1, QUANTIZE_BLOCK_ELEMENTS // spec.in_features)
+    rows = _rows_per_block(spec)
     for start in range(0, spec.out_features, rows):
         block = weight[start:start + rows]
         if not torch.isfinite(block).all():
@@ -125,7 +130,7 @@ def weight_row_blocks(weight: torch.Tensor, spec: LayerSpec) -> Iterator[tuple[i
         yield start, block
 
 
-def _stored_basis(weight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+def weight_in_stored_basis(weight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
     """The weight in the basis its codes describe: ``W R`` for a layer with ``input_rotation``, else ``W``."""
     if spec.input_rotation is None:
         return weight
@@ -146,7 +151,7 @@ def dequantize_weight(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtyp
 def element_grid(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cache: dict | None = None) -> ElementGrid:
     """The grid each element of ``weight`` is rounded on under ``spec`` (see :class:`ElementGrid`); for a
     rotated layer the grid's weight is ``W R`` (hessians for it: :func:`stored_hessian`)."""
-    grid = get_format(spec).element_grid(_stored_basis(weight, spec), spec, seed=seed, cache=cache)
+    grid = get_format(spec).element_grid(weight_in_stored_basis(weight, spec), spec, seed=seed, cache=cache)
     grid.input_rotation = spec.input_rotation
     return grid
 

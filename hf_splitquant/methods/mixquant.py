@@ -32,13 +32,20 @@ def roundoff_residual(weight: torch.Tensor, spec: LayerSpec, seed: int = 0, cach
     of rows like :func:`~hf_splitquant.methods.quantize_weight`."""
     from ..quant.grid import dequantize_codes, quantize_codes
     from ..quant.rotation import rotate_inputs
-    from . import check_weight_shape, dequantize_weight, quantize_weight, rtn, weight_row_blocks
+    from . import (
+        check_weight_shape,
+        dequantize_weight,
+        quantize_weight,
+        rtn,
+        weight_in_stored_basis,
+        weight_row_blocks,
+    )
 
     if spec.transform == "rtn":
         check_weight_shape(weight, spec)
         residual = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         for start, block in weight_row_blocks(weight, spec):
-            stored = block if spec.input_rotation is None else rotate_inputs(block.float(), spec.input_rotation)
+            stored = weight_in_stored_basis(block, spec)
             scale, zero = rtn.grid_params(stored, spec)
             codes = quantize_codes(stored, scale, zero, spec.bits, spec.group_size)
             values = dequantize_codes(codes, scale, zero, spec.bits, spec.group_size)
