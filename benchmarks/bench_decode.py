@@ -72,12 +72,15 @@ def load_models(args: argparse.Namespace, path: Path, tmp: str) -> list[dict]:
         AutoModelForCausalLM.from_pretrained(path, quantization_config=SplitQuantConfig(**CONFIGS[name]),
                                              dtype=torch.float32).save_pretrained(folder)
         loaders.append((name, lambda folder=folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)))
+    steps = ["eager"] + ([] if args.eager_only else ["compiled"] + (["compiled (SDPA)"] if args.plain_compile else []))
     for name, load in loaders:
-        for compiled in (False, True) if not args.eager_only else (False,):
+        for step in steps:
             model = load().eval()
-            if compiled:
+            if step == "compiled":
                 compile_for_decoding(model, options=json.loads(args.compile_options) if args.compile_options else None)
-            entries.append({"name": name, "compiled": compiled, "model": model})
+            elif step == "compiled (SDPA)":  # as before the single-query attention and the default inductor options
+                compile_for_decoding(model, options={}, fast_attention=False)
+            entries.append({"name": name, "compiled": step != "eager", "step": step, "model": model})
         print(f"loaded {name}", flush=True)
     return entries
 
@@ -119,7 +122,7 @@ def load_llama_cpp(args: argparse.Namespace) -> dict | None:
         return None
     model = LlamaCppModel(assets.smollm2_gguf_path(), args.threads, args.prompt_tokens + args.new_tokens + 8)
     print(f"loaded llama.cpp {model.version} ({model.path.name})", flush=True)
-    return {"name": "llama.cpp-Q4_1", "compiled": False, "model": model}
+    return {"name": "llama.cpp-Q4_1", "compiled": False, "step": "-", "model": model}
 
 
 def main() -> None:
@@ -134,6 +137,9 @@ def main() -> None:
     parser.add_argument("--eager-only", action="store_true", help="skip the compiled models")
     parser.add_argument("--compile-options", default=None,
                         help='inductor options for the compiled models as JSON, e.g. \'{"cpp_wrapper": true}\'')
+    parser.add_argument("--plain-compile", action="store_true",
+                        help="also time each model compiled with SDPA attention and inductor's size asserts (what "
+                             "compile_for_decoding did before it swapped them), to show their gain in the same run")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     parser.add_argument("--output", default=None, help="write the rows and conditions as JSON")
     args = parser.parse_args()
@@ -163,7 +169,7 @@ def main() -> None:
             e["tokens"] = generate(e["model"], args.new_tokens)
             e["first_call_s"] = time.perf_counter() - t0
             generate(e["model"], 1)  # the prefill-only call (its cache length is within the compiled one's)
-            print(f"{e['name']} {'compiled' if e['compiled'] else 'eager'}: first call {e['first_call_s']:.1f} s",
+            print(f"{e['name']} {e['step']}: first call {e['first_call_s']:.1f} s",
                   flush=True)
         for e in entries:
             e["whole"], e["prefill"], e["load"] = [], [], []
@@ -182,7 +188,7 @@ def main() -> None:
             whole, prefill = statistics.median(e["whole"]), statistics.median(e["prefill"])
             twin = next(o for o in entries if o["name"] == e["name"] and not o["compiled"])
             llama_cpp = isinstance(e["model"], LlamaCppModel)
-            rows.append({"model": e["name"], "compiled": e["compiled"], "first_call_s": e["first_call_s"],
+            rows.append({"model": e["name"], "compiled": e["compiled"], "step": e["step"], "first_call_s": e["first_call_s"],
                          "tok_s": args.new_tokens / whole,
                          "decode_tok_s": (args.new_tokens - 1) / max(whole - prefill, 1e-9),
                          "ms_per_decode_step": (whole - prefill) / (args.new_tokens - 1) * 1e3,
@@ -211,7 +217,7 @@ def main() -> None:
              + " eager | resident MB | layer paths |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {'compiled' if r['compiled'] else 'eager'} | {r['first_call_s']:.1f} | "
+        lines.append(f"| {r['model']} | {r['step']} | {r['first_call_s']:.1f} | "
                      f"{r['tok_s']:.1f} | {r['vs_bf16_eager']:.2f}x | {r['vs_fp32_eager']:.2f}x | "
                      f"{r['decode_tok_s']:.1f} | {r['ms_per_decode_step']:.1f} | {r['decode_vs_bf16_eager']:.2f}x | "
                      f"{'yes' if r['tokens_equal_eager'] else 'no'} | {r['tokens_agreeing']}/{args.new_tokens} | "
@@ -222,7 +228,7 @@ def main() -> None:
               f"{min(loads):.2f}-{max(loads):.2f}.", f"conditions: {conditions}"]
     if llama_row is not None:
         lines.append("decode steps vs llama.cpp: " + ", ".join(
-            f"{r['model']}{' compiled' if r['compiled'] else ''} {r['decode_vs_llama_cpp']:.2f}x"
+            f"{r['model']}{'' if r['step'] in ('eager', '-') else ' ' + r['step']} {r['decode_vs_llama_cpp']:.2f}x"
             for r in rows if r is not llama_row))
     print("\n" + "\n".join(lines))
     meta = {"torch": torch.__version__, "python": platform.python_version(), "threads": args.threads,

@@ -116,7 +116,53 @@ def test_inductor_options_reach_torch_compile_without_the_mode():
 
     settings = decoding_compile_config(options={"cpp_wrapper": True}).to_dict()
     assert settings["options"] == {"cpp_wrapper": True} and settings["mode"] is None
-    assert decoding_compile_config().to_dict()["mode"] == "default"
+    default = decoding_compile_config().to_dict()
+    assert default["options"] == {"size_asserts": False} and default["mode"] is None
+    torch.compile(torch.nn.Identity(), **default)
+    autotune = decoding_compile_config(mode="max-autotune").to_dict()  # a mode of the user's: no default options
+    assert autotune["mode"] == "max-autotune" and autotune["options"] is None
     torch.compile(torch.nn.Identity(), **settings)  # torch refuses a mode beside options; this must not raise
     with pytest.raises(ValueError, match="either `mode` or `options`"):
         decoding_compile_config(mode="max-autotune", options={"cpp_wrapper": True})
+
+
+def test_single_query_attention_is_sdpa_in_the_compiled_step(monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from hf_splitquant.integrations import decoding
+    from hf_splitquant.integrations.decoding import single_query_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 3, True, False
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 1, 16, generator=gen)
+    key, value = torch.randn(2, 2, 10, 16, generator=gen), torch.randn(2, 2, 10, 16, generator=gen)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., 7:] = False  # unused cache positions
+    mask[1, ..., :2] = False  # left padding
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    compiled = torch.compile(single_query_attention, backend="eager", fullgraph=True)
+    with monkeypatch.context() as patch:  # the compiled step must take its own math, not SDPA
+        patch.setattr(decoding, "sdpa_attention_forward", lambda *a, **k: pytest.fail("SDPA called"))
+        got, _ = compiled(module, query, key, value, mask, scaling=0.25)
+    assert got.shape == expected.shape == (2, 1, 6, 16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the masked positions really are left out (a wrong mask would move the result)
+    assert not torch.allclose(got, sdpa_attention_forward(module, query, key, value, None, scaling=0.25)[0])
+    # outside compiled code it is SDPA itself
+    assert torch.equal(single_query_attention(module, query, key, value, mask, scaling=0.25)[0], expected)
+
+
+def test_compile_for_decoding_swaps_sdpa_attention_only_and_saves_none_of_it(llama_checkpoint, tmp_path):
+    from hf_splitquant.integrations.decoding import DECODING_ATTENTION
+
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG))
+    assert model.config._attn_implementation == "sdpa"
+    compile_for_decoding(model)
+    assert model.config._attn_implementation == DECODING_ATTENTION
+    model.save_pretrained(tmp_path / "packed")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "packed").config._attn_implementation == "sdpa"
+    eager = AutoModelForCausalLM.from_pretrained(llama_checkpoint, attn_implementation="eager")
+    assert compile_for_decoding(eager).config._attn_implementation == "eager"
+    kept = compile_for_decoding(AutoModelForCausalLM.from_pretrained(llama_checkpoint), fast_attention=False)
+    assert kept.config._attn_implementation == "sdpa"

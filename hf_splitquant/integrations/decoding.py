@@ -8,32 +8,79 @@ spends about half of each token in module code and ~5,000 small op calls around 
 kernel calls). transformers compiles automatically only on accelerators; the compile config set here
 also allows it on CPU.
 
-It changes the model's ``generation_config`` only (and builds the packed layers' int4 layouts up front,
-so the compiled step never traces the one-time conversion); the saved format is untouched.
+Two more things it sets, each measured on SmolLM2-135M with 2 threads (``benchmarks/results/
+decode_smollm2_llamacpp.md``): the one-token attention of the compiled step runs as plain math that inductor
+fuses (:func:`single_query_attention`) instead of the CPU SDPA kernel, whose fixed cost per call (about 60 us,
+30 calls per token) was the largest item after the int4 kernels; and inductor's ``size_asserts`` are off (a
+check per graph input per step; dynamo's guards already check the inputs' sizes and strides).
+
+It changes the model's ``generation_config`` and attention implementation only (and builds the packed layers'
+int4 layouts up front, so the compiled step never traces the one-time conversion); the saved format is
+untouched.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
-from transformers import CompileConfig
+from transformers import AttentionInterface, CompileConfig
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
 from ..modeling import iter_packed_modules
 
-__all__ = ["compile_for_decoding", "decoding_compile_config"]
+__all__ = ["DECODING_ATTENTION", "compile_for_decoding", "decoding_compile_config", "single_query_attention"]
 
 logger = logging.get_logger(__name__)
+
+#: the attention implementation :func:`compile_for_decoding` gives models that use SDPA
+DECODING_ATTENTION = "hf_splitquant_decoding"
+#: inductor options :func:`compile_for_decoding` passes when it is given neither ``options`` nor a ``mode``
+DEFAULT_INDUCTOR_OPTIONS = {"size_asserts": False}
+
+
+def single_query_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except in the compiled one-token step on CPU: there ``softmax(q k^T) v`` as
+    plain ops, which inductor fuses around two small matmuls, where the CPU SDPA kernel pays a fixed cost per
+    call larger than the work at this size. Prefill, eager code, training, other devices and position biases
+    take SDPA unchanged. Masks are SDPA's (boolean, ``True`` = attend), registered under the same name."""
+    one_token = (query.shape[2] == 1 and query.device.type == "cpu" and torch.compiler.is_compiling()
+                 and not dropout and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
+    if not one_token:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    # repeat_kv then one batched matmul: measured faster here than grouping the query heads (an M=groups matmul)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # in float32 throughout, as the SDPA kernel accumulates (probabilities rounded to bf16 moved greedy tokens)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    weights = torch.matmul(query.float(), key.float().transpose(2, 3)) * scale
+    if attention_mask is not None:
+        weights = (weights.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                   else weights + attention_mask)
+    weights = torch.softmax(weights, dim=-1)
+    return torch.matmul(weights, value.float()).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(DECODING_ATTENTION, single_query_attention)
+AttentionMaskInterface.register(DECODING_ATTENTION, sdpa_mask)
 
 
 def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = None, mode: str = "default",
                             options: dict[str, Any] | None = None) -> CompileConfig:
     """The ``CompileConfig`` :func:`compile_for_decoding` sets: ``fullgraph`` (a graph break is an error, not a
-    silent slowdown), inductor's ``mode="default"`` (``"reduce-overhead"``, transformers' default, means CUDA
-    graphs), and the flag that lets ``generate`` compile on CPU (transformers otherwise compiles only on
-    accelerators). ``torch.compile`` takes inductor ``options`` *or* a ``mode``: with ``options``, ``mode`` must
-    stay ``"default"`` (it is then dropped)."""
+    silent slowdown), inductor's default mode (``"reduce-overhead"``, transformers' default, means CUDA
+    graphs) with :data:`DEFAULT_INDUCTOR_OPTIONS`, and the flag that lets ``generate`` compile on CPU
+    (transformers otherwise compiles only on accelerators). ``torch.compile`` takes inductor ``options`` *or* a
+    ``mode``: with ``options`` (yours replace the defaults), ``mode`` must stay ``"default"`` (it is then
+    dropped); another ``mode`` goes without the default options."""
+    if options is None and mode in ("default", None):
+        options = dict(DEFAULT_INDUCTOR_OPTIONS)
     if options is not None:
         if mode not in ("default", None):
             raise ValueError(f"torch.compile takes either `mode` or `options`, not both: got mode={mode!r} and "
@@ -45,7 +92,8 @@ def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = None,
 
 
 def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = None,
-                         mode: str = "default", options: dict[str, Any] | None = None) -> nn.Module:
+                         mode: str = "default", options: dict[str, Any] | None = None,
+                         fast_attention: bool = True) -> nn.Module:
     """Make plain ``model.generate(...)`` decode with a static KV cache and a compiled step; returns ``model``.
 
     Works for packed models (quantize-on-load, reloaded, quantized in memory) and float models alike. The
@@ -53,12 +101,15 @@ def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool
     step as long as the batch size stays and the cache (prompt plus new tokens) does not outgrow the largest
     one seen (transformers keeps the static cache at that size). Compiled code computes in a different
     order than eager code (fused kernels), so logits can differ by float rounding; greedy tokens normally
-    agree. Undo with ``model.generation_config.compile_config = None`` and
-    ``model.generation_config.cache_implementation = None``, or pass ``disable_compile=True`` to one call.
+    agree. Undo with ``model.generation_config.compile_config = None``,
+    ``model.generation_config.cache_implementation = None`` and ``model.set_attn_implementation("sdpa")``, or
+    pass ``disable_compile=True`` to one call.
 
     Args:
         model: a causal LM with ``generate`` (its layers must trace without graph breaks when ``fullgraph``).
         fullgraph, dynamic, mode, options: passed to ``torch.compile`` (see :func:`decoding_compile_config`).
+        fast_attention: a model on SDPA attention gets :data:`DECODING_ATTENTION` (:func:`single_query_attention`:
+            SDPA everywhere but the compiled one-token step on CPU); other implementations are left alone.
     """
     if not hasattr(model, "generation_config") or not hasattr(model, "generate"):
         raise TypeError(f"compile_for_decoding needs a model with `generate` (a causal LM), got {type(model).__name__}")
@@ -70,6 +121,11 @@ def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool
         packed += bool(module.prepare_int4())
         if hasattr(module, "prepare_rotation"):
             module.prepare_rotation()
+    if fast_attention and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        try:
+            model.set_attn_implementation(DECODING_ATTENTION)
+        except (ValueError, AttributeError) as error:  # a model outside transformers' attention interface
+            logger.info("compile_for_decoding: attention stays on SDPA (%s)", error)
     config = model.generation_config
     config.cache_implementation = "static"
     config.compile_config = decoding_compile_config(fullgraph, dynamic, mode, options)
@@ -78,5 +134,5 @@ def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool
         if hasattr(model, attr):
             delattr(model, attr)
     logger.info("compile_for_decoding: static cache and compiled decoding step set; %d packed layers on the int4 "
-                "kernel", packed)
+                "kernel; attention %s", packed, getattr(model.config, "_attn_implementation", None))
     return model
