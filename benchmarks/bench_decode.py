@@ -17,7 +17,9 @@ before every call, so each call pays its prefill as ours do). Without the packag
 
 Per model: the seconds of its first ``generate`` (for a compiled model: compiling included), then
 ``--repeats`` interleaved rounds (every model once per round, in turn; the median round counts) of
-``model.generate`` with a ``--prompt-tokens`` prompt and ``--new-tokens`` new tokens; throughput is new tokens
+``model.generate`` with a ``--prompt-tokens`` prompt and ``--new-tokens`` new tokens (end-of-text disabled, so
+every call makes them all, as llama.cpp's loop does; until 2026-12-04 this forced them with ``min_new_tokens``,
+whose two logits processors cost ~0.9 ms per step); throughput is new tokens
 per second of the whole call (prompt included, as a user sees it) and, separately, per second of the decoding
 steps alone (the whole call minus a prefill-only call timed in the same round). Ratios are against bf16
 eager (and fp32 eager) of the same run. Whether the compiled model's greedy tokens equal its eager twin's is
@@ -28,6 +30,7 @@ machine are not idle figures (the ratios, interleaved, hold up better than the a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -72,14 +75,20 @@ def load_models(args: argparse.Namespace, path: Path, tmp: str) -> list[dict]:
         AutoModelForCausalLM.from_pretrained(path, quantization_config=SplitQuantConfig(**CONFIGS[name]),
                                              dtype=torch.float32).save_pretrained(folder)
         loaders.append((name, lambda folder=folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)))
-    steps = ["eager"] + ([] if args.eager_only else ["compiled"] + (["compiled (SDPA)"] if args.plain_compile else []))
+    steps = ["eager"] + ([] if args.eager_only else ["compiled"])
+    if args.plain_compile and not args.eager_only:
+        steps += ["compiled (unstacked)", "compiled (SDPA, unstacked)"]
     for name, load in loaders:
         for step in steps:
+            if step == "compiled (unstacked)" and name in dtypes:
+                continue  # float models have no packed layers to stack
             model = load().eval()
             if step == "compiled":
                 compile_for_decoding(model, options=json.loads(args.compile_options) if args.compile_options else None)
-            elif step == "compiled (SDPA)":  # as before the single-query attention and the default inductor options
-                compile_for_decoding(model, options={}, fast_attention=False)
+            elif step == "compiled (unstacked)":  # each packed layer its own int4 call
+                compile_for_decoding(model, fuse_siblings=False)
+            elif step == "compiled (SDPA, unstacked)":  # compile_for_decoding before 2026-12-04
+                compile_for_decoding(model, options={}, fast_attention=False, fuse_siblings=False)
             entries.append({"name": name, "compiled": step != "eager", "step": step, "model": model})
         print(f"loaded {name}", flush=True)
     return entries
@@ -138,8 +147,9 @@ def main() -> None:
     parser.add_argument("--compile-options", default=None,
                         help='inductor options for the compiled models as JSON, e.g. \'{"cpp_wrapper": true}\'')
     parser.add_argument("--plain-compile", action="store_true",
-                        help="also time each model compiled with SDPA attention and inductor's size asserts (what "
-                             "compile_for_decoding did before it swapped them), to show their gain in the same run")
+                        help="also time each model compiled without stacked sibling layers, and without them, the "
+                             "single-query attention and the default inductor options (compile_for_decoding before "
+                             "2026-12-04), to show each step's gain in the same run")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     parser.add_argument("--output", default=None, help="write the rows and conditions as JSON")
     args = parser.parse_args()
@@ -157,8 +167,15 @@ def main() -> None:
     def generate(model: torch.nn.Module | LlamaCppModel, new_tokens: int) -> torch.Tensor:
         if isinstance(model, LlamaCppModel):
             return model.generate(prompt, new_tokens)
+        # exactly `new_tokens` tokens, as llama.cpp's loop: end-of-text disabled in a copy of the model's generation
+        # config (min_new_tokens would add two logits processors, ~0.9 ms a step here, that users do not run)
+        config = copy.deepcopy(model.generation_config)
+        config.eos_token_id = None
         with torch.inference_mode():
-            return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            out = model.generate(prompt, generation_config=config, max_new_tokens=new_tokens, do_sample=False)
+        if out.shape[1] != prompt.shape[1] + new_tokens:
+            raise RuntimeError(f"generate stopped after {out.shape[1] - prompt.shape[1]} of {new_tokens} new tokens")
+        return out
 
     with tempfile.TemporaryDirectory() as tmp:
         entries = load_models(args, path, tmp)

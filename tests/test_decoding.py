@@ -90,10 +90,14 @@ def test_a_compiled_graph_refuses_to_rebuild_a_layout_it_lost(llama_checkpoint):
 
 
 @pytest.mark.slow
-def test_compiled_greedy_tokens_equal_eager_on_load_and_after_reload(llama_checkpoint, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["llama_checkpoint", "stackable_checkpoint"])  # the second: stacked calls
+def test_compiled_greedy_tokens_equal_eager_on_load_and_after_reload(checkpoint, request, tmp_path):
+    llama_checkpoint = request.getfixturevalue(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG))
     eager = _greedy(model)
     compile_for_decoding(model)
+    stacked = any(m._siblings is not None for m in model.modules() if isinstance(m, PackedLinear))
+    assert stacked == (checkpoint == "stackable_checkpoint")
     torch._dynamo.reset()
     compiled = _greedy(model)
     assert hasattr(model, "_compiled_call")  # generate took the compiled step
@@ -166,3 +170,78 @@ def test_compile_for_decoding_swaps_sdpa_attention_only_and_saves_none_of_it(lla
     assert compile_for_decoding(eager).config._attn_implementation == "eager"
     kept = compile_for_decoding(AutoModelForCausalLM.from_pretrained(llama_checkpoint), fast_attention=False)
     assert kept.config._attn_implementation == "sdpa"
+
+
+@pytest.fixture(scope="module")
+def stackable_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny Llama whose q/k/v and gate/up rows are whole blocks of the CPU int4 packing (64 rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    path = tmp_path_factory.mktemp("stackable") / "float"
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def test_stacked_siblings_compute_what_each_layer_did_in_any_order_and_save_the_same(stackable_checkpoint, tmp_path):
+    from hf_splitquant.integrations.decoding import stack_sibling_layers
+    from hf_splitquant.speed import resident_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(stackable_checkpoint, dtype=torch.bfloat16,
+                                                 quantization_config=SplitQuantConfig(bits=4, group_size=64))
+    for _, module in model.named_modules():
+        if isinstance(module, PackedLinear):
+            assert module.prepare_int4()
+    ids = _prompt()
+    attention = model.model.layers[0].self_attn
+    x1, x2 = torch.randn(2, 1, 5, 128, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        logits = model(ids).logits
+        own = [layer(x1) for layer in (attention.q_proj, attention.k_proj, attention.v_proj)]
+        k_on_x2 = attention.k_proj(x2)
+    saved, memory = model.state_dict(), resident_bytes(model)
+    assert stack_sibling_layers(model) == 2 * model.config.num_hidden_layers  # q/k/v and gate/up per block
+    assert stack_sibling_layers(model) == 0  # already stacked
+    group = attention.q_proj._siblings
+    assert group is attention.k_proj._siblings is attention.v_proj._siblings
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, logits)
+        # any call order; an output is taken from the stacked call only for the very same input tensor
+        assert torch.equal(attention.v_proj(x1), own[2]) and group.source is x1
+        assert torch.equal(attention.k_proj(x2), k_on_x2)
+        assert torch.equal(attention.k_proj(x1), own[1])
+        assert torch.equal(attention.q_proj(x1), own[0])
+        assert torch.equal(attention.v_proj(x1), own[2])
+        assert group.source is None and not group.pending  # nothing held once every member took its output
+    assert resident_bytes(model) <= memory  # the members' layouts are views of the stacked ones
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path / "packed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, logits)
+    model.to("cpu", torch.float32)  # moving or casting dissolves the groups; outputs stay those of the codes
+    assert all(m._siblings is None for m in model.modules() if isinstance(m, PackedLinear))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, logits.float(), rtol=0.05, atol=0.05)
+
+
+def test_compiled_step_makes_one_int4_call_per_stacked_group(stackable_checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(stackable_checkpoint, dtype=torch.bfloat16,
+                                                 quantization_config=SplitQuantConfig(bits=4, group_size=64))
+    compile_for_decoding(model)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    prompt = _prompt()
+    with torch.inference_mode():
+        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        position = torch.tensor([prompt.shape[1]])
+        explained = torch._dynamo.explain(model)(token, past_key_values=cache, cache_position=position,
+                                                 position_ids=position[None])
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    calls = [node for graph in explained.graphs for node in graph.graph.nodes
+             if "_weight_int4pack_mm_for_cpu" in str(node.target)]
+    layers = sum(isinstance(m, PackedLinear) for m in model.modules())
+    assert len(calls) == layers - 3 * model.config.num_hidden_layers  # 7 -> 4 calls per block

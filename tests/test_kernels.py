@@ -188,3 +188,28 @@ def test_torch_compile_runs_packed_model_without_graph_breaks(float_checkpoints,
         compiled = torch.compile(model)(input_ids=ids).logits.float()
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
     assert torch.allclose(compiled, eager, atol=0.02 * eager.abs().max().item())
+
+
+@pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")
+def test_stacked_layouts_give_each_members_output_bit_for_bit_without_a_second_copy():
+    specs = [LayerSpec(in_features=128, out_features=rows, bits=4, group_size=64, has_bias=True)
+             for rows in (128, 64, 64)]
+    layers = [_layer(spec, seed) for seed, spec in enumerate(specs)]
+    layouts = [layer._built_layout() for layer in layers]
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    alone = [kernels.int4_linear(x, lay, None) for lay in layouts]
+    stacked, members = kernels.stack_int4_layouts(layouts)
+    assert stacked.out_features == 256 and stacked.plain
+    assert torch.equal(kernels.int4_linear(x, stacked, None), torch.cat(alone, dim=-1))
+    for member, y in zip(members, alone):
+        # views into the stacked tensors: no second copy of the weights or scales
+        assert member.weight.untyped_storage().data_ptr() == stacked.weight.untyped_storage().data_ptr()
+        assert member.scales_and_zeros.untyped_storage().data_ptr() == stacked.scales_and_zeros.untyped_storage().data_ptr()
+        assert not member.plain  # strided scales: never handed to the kernel as they are (it would misread them)
+        assert torch.equal(kernels.int4_linear(x, member, None), y)
+    # what cannot be stacked is refused: other kernel groups, rows that are not whole packing blocks, one layout
+    other_group = _layer(LayerSpec(in_features=128, out_features=64, bits=4, group_size=32, has_bias=True))
+    odd_rows = _layer(LayerSpec(in_features=128, out_features=48, bits=4, group_size=64, has_bias=True))
+    assert kernels.stack_int4_layouts([layouts[0], other_group._built_layout()]) is None
+    assert kernels.stack_int4_layouts([layouts[0], odd_rows._built_layout()]) is None
+    assert kernels.stack_int4_layouts(layouts[:1]) is None

@@ -31,13 +31,17 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
 from ..modeling import iter_packed_modules
+from ..nn.packed_linear import PackedLinear, stack_siblings
 
-__all__ = ["DECODING_ATTENTION", "compile_for_decoding", "decoding_compile_config", "single_query_attention"]
+__all__ = ["DECODING_ATTENTION", "compile_for_decoding", "decoding_compile_config", "single_query_attention",
+           "stack_sibling_layers"]
 
 logger = logging.get_logger(__name__)
 
 #: the attention implementation :func:`compile_for_decoding` gives models that use SDPA
 DECODING_ATTENTION = "hf_splitquant_decoding"
+#: layers of one module that multiply the same input, by attribute name (Llama, Mistral, Qwen, Gemma, Phi-3 ...)
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 #: inductor options :func:`compile_for_decoding` passes when it is given neither ``options`` nor a ``mode``
 DEFAULT_INDUCTOR_OPTIONS = {"size_asserts": False}
 
@@ -71,6 +75,20 @@ AttentionInterface.register(DECODING_ATTENTION, single_query_attention)
 AttentionMaskInterface.register(DECODING_ATTENTION, sdpa_mask)
 
 
+def stack_sibling_layers(model: nn.Module) -> int:
+    """Run each block's q/k/v and gate/up packed layers (:data:`SIBLING_NAMES`) as one stacked int4 kernel call
+    per group (:func:`hf_splitquant.nn.packed_linear.stack_siblings`: the same outputs, bit for bit, no second
+    copy of the weights); returns how many groups were stacked. Layers not on the int4 path, or whose layouts
+    cannot be stacked, keep their own calls."""
+    stacked = 0
+    for module in model.modules():
+        for names in SIBLING_NAMES:
+            members = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, PackedLinear) for m in members):
+                stacked += stack_siblings(members)
+    return stacked
+
+
 def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = None, mode: str = "default",
                             options: dict[str, Any] | None = None) -> CompileConfig:
     """The ``CompileConfig`` :func:`compile_for_decoding` sets: ``fullgraph`` (a graph break is an error, not a
@@ -93,7 +111,7 @@ def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = None,
 
 def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = None,
                          mode: str = "default", options: dict[str, Any] | None = None,
-                         fast_attention: bool = True) -> nn.Module:
+                         fast_attention: bool = True, fuse_siblings: bool = True) -> nn.Module:
     """Make plain ``model.generate(...)`` decode with a static KV cache and a compiled step; returns ``model``.
 
     Works for packed models (quantize-on-load, reloaded, quantized in memory) and float models alike. The
@@ -110,6 +128,8 @@ def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool
         fullgraph, dynamic, mode, options: passed to ``torch.compile`` (see :func:`decoding_compile_config`).
         fast_attention: a model on SDPA attention gets :data:`DECODING_ATTENTION` (:func:`single_query_attention`:
             SDPA everywhere but the compiled one-token step on CPU); other implementations are left alone.
+        fuse_siblings: each block's q/k/v and gate/up packed layers run as one int4 call per group
+            (:func:`stack_sibling_layers`).
     """
     if not hasattr(model, "generation_config") or not hasattr(model, "generate"):
         raise TypeError(f"compile_for_decoding needs a model with `generate` (a causal LM), got {type(model).__name__}")
@@ -121,6 +141,7 @@ def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool
         packed += bool(module.prepare_int4())
         if hasattr(module, "prepare_rotation"):
             module.prepare_rotation()
+    groups = stack_sibling_layers(model) if fuse_siblings else 0
     if fast_attention and getattr(model.config, "_attn_implementation", None) == "sdpa":
         try:
             model.set_attn_implementation(DECODING_ATTENTION)
@@ -134,5 +155,6 @@ def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool
         if hasattr(model, attr):
             delattr(model, attr)
     logger.info("compile_for_decoding: static cache and compiled decoding step set; %d packed layers on the int4 "
-                "kernel; attention %s", packed, getattr(model.config, "_attn_implementation", None))
+                "kernel (%d groups stacked into one call each); attention %s", packed, groups,
+                getattr(model.config, "_attn_implementation", None))
     return model

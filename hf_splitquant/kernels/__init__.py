@@ -64,6 +64,7 @@ __all__ = [
     "int4_terms",
     "int4_max_tokens",
     "build_int4_layout",
+    "stack_int4_layouts",
     "int4_linear",
     "unpack_int4_weight",
     "int4_stored_codes",
@@ -169,7 +170,8 @@ class Int4Layout:
         #: one term, no gathered inputs, no padding: the kernel's output is the layer's (the common case,
         #: decided once so a decoding step does not re-check it per call)
         self.plain = (self.terms == 1 and self.input_index is None and self.padded_columns == self.in_columns
-                      and self.padded_rows == self.out_features)
+                      and self.padded_rows == self.out_features and self.weight.is_contiguous()
+                      and self.scales_and_zeros.is_contiguous())
 
     def nbytes(self) -> int:
         extra = self.residual.numel() * self.residual.element_size() if self.residual is not None else 0
@@ -255,6 +257,31 @@ def build_int4_layout(spec: LayerSpec, tensors: dict[str, torch.Tensor]) -> Int4
     weight, scales_and_zeros, padded_rows = _pack_terms(parts, group, rows, cols)
     return Int4Layout(weight, scales_and_zeros, len(parts), group, cols, math.ceil(cols / group) * group, rows,
                       padded_rows, fmt.input_index(tensors, spec))
+
+
+def stack_int4_layouts(layouts: list[Int4Layout]) -> tuple[Int4Layout, list[Int4Layout]] | None:
+    """One layout for plain layouts that multiply the same input, their rows stacked in order, and each of them
+    again as views into it (the weights are not held twice). The kernel computes every output row on its own,
+    so the stacked call's outputs are the members' outputs, bit for bit, for one kernel call instead of
+    several. ``None`` when they cannot be stacked: a layout that is not plain, other kernel groups or columns,
+    rows that are not whole blocks of the CPU packing, an unknown packing, or different devices."""
+    block = _pack_block()
+    first = layouts[0] if layouts else None
+    if block is None or len(layouts) < 2 or any(
+            not lay.plain or lay.group != first.group or lay.in_columns != first.in_columns
+            or lay.out_features % block or lay.weight.shape[0] != lay.out_features
+            or lay.weight.device != first.weight.device for lay in layouts):
+        return None
+    weight = torch.cat([lay.weight for lay in layouts])
+    scales = torch.cat([lay.scales_and_zeros for lay in layouts], dim=1)
+    rows = weight.shape[0]
+    stacked = Int4Layout(weight, scales, 1, first.group, first.in_columns, first.padded_columns, rows, rows, None)
+    members, start = [], 0
+    for lay in layouts:
+        end = start + lay.out_features
+        members.append(replace(lay, weight=weight[start:end], scales_and_zeros=scales[:, start:end]))
+        start = end
+    return stacked, members
 
 
 #: rows per block of torch's CPU int4 packing (``_convert_weight_to_int4pack_for_cpu``): 32 with AVX2 kernels,
@@ -409,7 +436,12 @@ def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) 
         h = F.pad(h, (0, layout.padded_columns - layout.in_columns))
     elif not h.is_contiguous():
         h = h.contiguous()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, layout.weight, layout.group, layout.scales_and_zeros)
+    weight, scales = layout.weight, layout.scales_and_zeros
+    if not (weight.is_contiguous() and scales.is_contiguous()):
+        # a member of a stacked layout (stack_int4_layouts) called on its own: the kernel reads its tensors as
+        # contiguous (a strided view gives wrong numbers, silently)
+        weight, scales = weight.contiguous(), scales.contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, weight, layout.group, scales)
     rows = layout.out_features
     if layout.terms > 1:
         y = y[:, : layout.terms * rows].unflatten(1, (layout.terms, rows)).sum(1, dtype=torch.float32)

@@ -30,7 +30,7 @@ from ..methods import dequantize_weight, quantize_weight, tensor_shapes
 from ..quant.rotation import hadamard, rotate_layer_input
 from ..spec import LayerSpec
 
-__all__ = ["PackedLinear"]
+__all__ = ["PackedLinear", "SiblingGroup", "stack_siblings"]
 
 
 class PackedLinear(nn.Module):
@@ -67,6 +67,8 @@ class PackedLinear(nn.Module):
         self._int4: kernels.Int4Layout | None = None
         self._int4_ok: tuple[torch.device, bool, int] | None = None
         self._rotation: torch.Tensor | None = None  # H_b in the dtype/device of the last input
+        self._siblings: SiblingGroup | None = None  # layers sharing this one's input and stacked int4 call
+        self._sibling_index = 0
 
     @classmethod
     def from_packed(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
@@ -200,7 +202,12 @@ class PackedLinear(nn.Module):
             h = self._rotation = hadamard(block, torch.float32, x.device)
         return rotate_layer_input(x, block, h)
 
+    def _dissolve_siblings(self) -> None:
+        if self._siblings is not None:
+            self._siblings.dissolve()
+
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        self._dissolve_siblings()
         self.restore_stored_codes()  # a buffer to load into (and the right codes if the key is missing)
         self._cached = None
         self._int4 = None
@@ -208,6 +215,7 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
         # moving or casting the module invalidates derived layouts (the codes move with the module)
+        self._dissolve_siblings()
         self.restore_stored_codes()
         self._cached = None
         self._int4 = None
@@ -270,13 +278,16 @@ class PackedLinear(nn.Module):
         return self._int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._rotate(x)  # the codes describe W R (no-op without input_rotation)
         # The decoding fast path: the layout exists and was accepted for this device; only what can change
         # per call is checked (mode, gradients, tokens), the rest of `kernel_for` was answered once.
         layout, ok = self._int4, self._int4_ok
-        if (layout is not None and ok is not None and ok[1] and (self.kernel_mode or kernels._mode) != "reference"
+        fast = (layout is not None and ok is not None and ok[1] and (self.kernel_mode or kernels._mode) != "reference"
                 and not (x.requires_grad and torch.is_grad_enabled()) and kernels.tokens_of(x) <= ok[2]
-                and ok[0] == x.device):
+                and ok[0] == x.device)
+        if fast and self._siblings is not None:
+            return self._siblings.output(self, x)
+        x = self._rotate(x)  # the codes describe W R (no-op without input_rotation)
+        if fast:
             return kernels.int4_linear(x, layout, self.bias)
         path = self.kernel_for(x)
         if path == "int4":
@@ -319,3 +330,73 @@ class PackedLinear(nn.Module):
         rotation = "" if s.input_rotation is None else f", input_rotation={s.input_rotation}"
         return (f"in_features={s.in_features}, out_features={s.out_features}, bits={s.bits}, {group}, "
                 f"transform={s.transform}, symmetric={s.symmetric}, bias={s.has_bias}{rotation}")
+
+
+class SiblingGroup:
+    """Packed layers that multiply the same input (a block's q/k/v, its gate/up), run as one int4 kernel call.
+
+    The stacked layout comes from :func:`hf_splitquant.kernels.stack_int4_layouts` (each member's own layout
+    becomes views into it). The first member called with an input computes every member's output; a member
+    called next with the *same tensor* takes its output from there, any other input computes anew, so the
+    result never depends on the call order. Built by :func:`stack_siblings` (``compile_for_decoding`` does it);
+    moving or reloading any member dissolves the group.
+    """
+
+    def __init__(self, members: list[PackedLinear], layout: kernels.Int4Layout, bias: torch.Tensor | None) -> None:
+        self.members = members
+        self.layout = layout
+        self.bias = bias
+        self.sizes = [m.out_features for m in members]
+        self.source: torch.Tensor | None = None  # the input whose outputs wait in `pending`
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def output(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        """``member(x)``, from the stacked call."""
+        index = member._sibling_index
+        if self.source is x and index in self.pending:
+            y = self.pending.pop(index)
+            if not self.pending:
+                self.source = None  # nothing is held past the last member's call
+            return y
+        y = kernels.int4_linear(member._rotate(x), self.layout, self.bias)
+        parts = [part.contiguous() for part in y.split(self.sizes, dim=-1)]
+        self.source = x
+        self.pending = {i: part for i, part in enumerate(parts) if i != index}
+        return parts[index]
+
+    def dissolve(self) -> None:
+        """Every member back to its own calls (its layout stays a view of the stacked one until rebuilt)."""
+        for member in self.members:
+            member._siblings = None
+        self.source, self.pending = None, {}
+
+
+def stack_siblings(members: list[PackedLinear]) -> bool:
+    """Run ``members`` (layers that take the same input) as one stacked int4 call; returns whether it did.
+
+    They must all be on the int4 path already (:meth:`PackedLinear.prepare_int4`) with plain layouts of the same
+    kernel group, input width and input rotation, not in a group yet. Biases are stacked as a copy (a bias
+    changed later is not seen: call :func:`stack_siblings` again after ``.to()``, which dissolves the group).
+    """
+    if len(members) < 2 or any(m._siblings is not None or m._int4 is None or not (m._int4_ok and m._int4_ok[1])
+                               for m in members):
+        return False
+    first = members[0]
+    if any(m.spec.input_rotation != first.spec.input_rotation or m.in_features != first.in_features
+           or m._int4_ok[2] != first._int4_ok[2] for m in members):
+        return False
+    stacked = kernels.stack_int4_layouts([m._int4 for m in members])
+    if stacked is None:
+        return False
+    layout, views = stacked
+    biases = [m.bias for m in members]
+    bias = None
+    if any(b is not None for b in biases):
+        dtype = next(b for b in biases if b is not None).dtype
+        bias = torch.cat([b.detach().to(dtype) if b is not None
+                          else torch.zeros(m.out_features, dtype=dtype, device=layout.weight.device)
+                          for b, m in zip(biases, members)])
+    group = SiblingGroup(members, layout, bias)
+    for index, (member, view) in enumerate(zip(members, views)):
+        member._int4, member._siblings, member._sibling_index = view, group, index
+    return True
