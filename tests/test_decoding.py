@@ -41,6 +41,22 @@ def _greedy(model: torch.nn.Module, **kwargs) -> torch.Tensor:  # noqa: ANN003
         return model.generate(_prompt(), max_new_tokens=12, min_new_tokens=12, do_sample=False, **kwargs)
 
 
+def _explain_decoding_step(model: torch.nn.Module):  # noqa: ANN202
+    """``torch._dynamo.explain`` of one decoding step after a prefilled static cache."""
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    prompt = _prompt()
+    with torch.inference_mode():
+        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
+        position = torch.tensor([prompt.shape[1]])
+        return torch._dynamo.explain(model)(token, past_key_values=cache, cache_position=position,
+                                            position_ids=position[None])
+
+
+def _int4_calls(explained) -> list:  # noqa: ANN001
+    return [node for graph in explained.graphs for node in graph.graph.nodes
+            if "_weight_int4pack_mm_for_cpu" in str(node.target)]
+
+
 def test_compile_for_decoding_sets_the_static_cache_and_builds_the_layouts(llama_checkpoint):
     model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, quantization_config=SplitQuantConfig(**CONFIG))
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
@@ -65,18 +81,11 @@ def test_packed_decoding_step_traces_without_graph_breaks(llama_checkpoint, rota
     assert all(m.spec.input_rotation == (None if isinstance(m, PackedEmbedding) else rotation)
                for m in model.modules() if isinstance(m, PackedLinear))
     compile_for_decoding(model)
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    prompt = _prompt()
-    with torch.inference_mode():
-        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
-        position = torch.tensor([prompt.shape[1]])
-        explained = torch._dynamo.explain(model)(token, past_key_values=cache, cache_position=position,
-                                                 position_ids=position[None])
+    explained = _explain_decoding_step(model)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
     # the int4 kernel is in the graph: every packed layer (and the head) computes there, not in Python
-    calls = [node for graph in explained.graphs for node in graph.graph.nodes
-             if "_weight_int4pack_mm_for_cpu" in str(node.target)]
+    calls = _int4_calls(explained)
     assert len(calls) == sum(isinstance(m, PackedLinear) for m in model.modules())
 
 
@@ -233,15 +242,8 @@ def test_compiled_step_makes_one_int4_call_per_stacked_group(stackable_checkpoin
     model = AutoModelForCausalLM.from_pretrained(stackable_checkpoint, dtype=torch.bfloat16,
                                                  quantization_config=SplitQuantConfig(bits=4, group_size=64))
     compile_for_decoding(model)
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    prompt = _prompt()
-    with torch.inference_mode():
-        token = model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1)
-        position = torch.tensor([prompt.shape[1]])
-        explained = torch._dynamo.explain(model)(token, past_key_values=cache, cache_position=position,
-                                                 position_ids=position[None])
+    explained = _explain_decoding_step(model)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
-    calls = [node for graph in explained.graphs for node in graph.graph.nodes
-             if "_weight_int4pack_mm_for_cpu" in str(node.target)]
+    calls = _int4_calls(explained)
     layers = sum(isinstance(m, PackedLinear) for m in model.modules())
     assert len(calls) == layers - 3 * model.config.num_hidden_layers  # 7 -> 4 calls per block
