@@ -77,3 +77,23 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert flags == ["avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"]
     assert _cpuinfo(tmp_path / "missing") == (None, [])
     assert machine_conditions(threads=3)["threads"] == 3
+
+
+@pytest.mark.slow
+def test_bench_compiled_decoding_times_both_models_compiled(float_checkpoints, tmp_path, capsys):
+    packed = tmp_path / "q"
+    assert main(["quantize", float_checkpoints["llama"], "-o", str(packed), "--bits", "4"]) == 0
+    capsys.readouterr()
+    result, printed = _bench([str(packed), "--base", float_checkpoints["llama"], "--dtype", "bfloat16", "--compiled",
+                              "--new-tokens", "3", "--prompt-tokens", "5"], tmp_path, capsys)
+    assert result["workload"]["compiled"] is True and "compiled (compile_for_decoding)" in printed
+    assert [(r["model"], r["dtype"]) for r in result["rows"]] == [("packed", "bfloat16"), ("float", "bfloat16")]
+    assert all(r["throughput"] > 0 for r in result["rows"])
+
+
+def test_bench_compiled_refuses_an_encoder(float_checkpoints, tmp_path, capsys):
+    packed = tmp_path / "q"
+    assert main(["quantize", float_checkpoints["bert"], "-o", str(packed), "--bits", "4"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(packed), "--base", float_checkpoints["bert"], "--compiled", *FAST]) == 2
+    assert "only a causal LM" in capsys.readouterr().err

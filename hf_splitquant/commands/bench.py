@@ -15,6 +15,7 @@ written by ``quantize --model-card --base-model ...`` or ``save_with_card``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--prompt-tokens", type=int, default=32, help="causal LM: prompt length")
     parser.add_argument("--batch", type=int, default=32, help="encoder: sequences per round")
     parser.add_argument("--seq-len", type=int, default=64, help="encoder: tokens per sequence")
+    parser.add_argument("--compiled", action="store_true",
+                        help="causal LM: time both models after hf_splitquant.compile_for_decoding (static cache, "
+                             "compiled step; compiling happens in the untimed first call)")
     parser.add_argument("--json", metavar="FILE", default=None, help="write the result as JSON to this file")
     return parser
 
@@ -78,8 +82,11 @@ def _is_causal_lm(model_dir: Path) -> bool:
 
 def run_bench(model_dir: str | Path, base: str | None = None, dtypes: tuple[str, ...] = DTYPES,
               threads: int | None = None, repeats: int = 5, new_tokens: int = 32, prompt_tokens: int = 32,
-              batch: int = 32, seq_len: int = 64) -> dict[str, Any]:
+              batch: int = 32, seq_len: int = 64, compiled: bool = False) -> dict[str, Any]:
     """Time the packed checkpoint against its float source; the result as a JSON-ready dict.
+
+    A causal LM makes exactly ``new_tokens`` tokens per round (end-of-text ignored); with ``compiled`` both
+    models decode through :func:`hf_splitquant.compile_for_decoding` (the first, untimed call compiles).
 
     ``rows`` holds one entry per (model, dtype) with ``throughput`` (units per second, median round),
     ``throughput_per_cpu_s`` (units per second of process CPU time), the ratio to the float model at
@@ -108,6 +115,8 @@ def run_bench(model_dir: str | Path, base: str | None = None, dtypes: tuple[str,
             raise ValueError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
     causal = _is_causal_lm(model_dir)
+    if compiled and not causal:
+        raise ValueError("--compiled times compiled decoding, which only a causal LM does; drop it for this encoder")
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     config = transformers.AutoConfig.from_pretrained(model_dir)
     vocab = getattr(config, "vocab_size", None) or 1000
@@ -117,8 +126,12 @@ def run_bench(model_dir: str | Path, base: str | None = None, dtypes: tuple[str,
     def run(model: torch.nn.Module) -> None:
         with torch.inference_mode():
             if causal:
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                # exactly `new_tokens` tokens: end-of-text off in a copy of the model's generation config
+                # (min_new_tokens would add logits processors that users decoding normally do not run)
+                generation = copy.deepcopy(model.generation_config)
+                generation.eos_token_id = None
+                model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation,
+                               max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                                pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0)
             else:
                 model(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -134,6 +147,11 @@ def run_bench(model_dir: str | Path, base: str | None = None, dtypes: tuple[str,
         except OSError as err:
             raise ValueError(f"cannot load the float source {base_model!r} ({base_from}): {err}; pass --base "
                              "FLOAT_DIR") from None
+        if compiled:
+            from ..integrations.decoding import compile_for_decoding
+
+            compile_for_decoding(packed)
+            compile_for_decoding(floating)
         step_tokens = 1 if causal else batch * seq_len  # tokens per layer call while timing
         rows.append({"model": "packed", "path": str(model_dir), "dtype": dtype_name,
                      "bits_per_weight": report.bits_per_weight, "method": report.method,
@@ -155,7 +173,7 @@ def run_bench(model_dir: str | Path, base: str | None = None, dtypes: tuple[str,
         row["vs_float_per_cpu_s"] = row["throughput_per_cpu_s"] / reference["throughput_per_cpu_s"]
     if causal:
         workload = {"kind": "greedy decoding", "batch": 1, "prompt_tokens": prompt_tokens,
-                    "new_tokens": new_tokens, "unit": "tokens/s"}
+                    "new_tokens": new_tokens, "unit": "tokens/s", "compiled": compiled}
     else:
         workload = {"kind": "encoding", "batch": batch, "seq_len": seq_len, "unit": "sentences/s"}
     return {"model": str(model_dir), "base": base_model, "base_from": base_from,
@@ -176,7 +194,8 @@ def format_bench(result: dict[str, Any]) -> str:
                      f"  {r['layer_paths']}")
     w = result["workload"]
     if w["kind"] == "greedy decoding":
-        what = f"greedy decoding, batch 1, {w['prompt_tokens']} prompt + {w['new_tokens']} new tokens (prefill included)"
+        what = (f"greedy decoding, batch 1, {w['prompt_tokens']} prompt + {w['new_tokens']} new tokens (prefill "
+                f"included){', compiled (compile_for_decoding)' if w.get('compiled') else ''}")
     else:
         what = f"encoding {w['batch']} sequences of {w['seq_len']} tokens"
     lines += [f"packed: {result['model']}; float: {result['base']} ({result['base_from']})",
@@ -189,7 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``hf-splitquant bench``: print the table; optionally write JSON."""
     result = run_bench(args.model, base=args.base, dtypes=tuple(dict.fromkeys(args.dtype)), threads=args.threads,
                        repeats=args.repeats, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                       batch=args.batch, seq_len=args.seq_len)
+                       batch=args.batch, seq_len=args.seq_len, compiled=args.compiled)
     print(format_bench(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
