@@ -8,15 +8,18 @@ spends about half of each token in module code and ~5,000 small op calls around 
 kernel calls). transformers compiles automatically only on accelerators; the compile config set here
 also allows it on CPU.
 
-Two more things it sets, each measured on SmolLM2-135M with 2 threads (``benchmarks/results/
-decode_smollm2_llamacpp.md``): the one-token attention of the compiled step runs as plain math that inductor
-fuses (:func:`single_query_attention`) instead of the CPU SDPA kernel, whose fixed cost per call (about 60 us,
-30 calls per token) was the largest item after the int4 kernels; and inductor's ``size_asserts`` are off (a
-check per graph input per step; dynamo's guards already check the inputs' sizes and strides).
+Three more things it does, each measured on SmolLM2-135M with 2 threads (``benchmarks/results/
+decode_smollm2_llamacpp.md``, "Session 32": 14.0 -> 9.9 ms per step together): each block's q/k/v and gate/up
+packed layers run as one stacked int4 call per group (:func:`stack_sibling_layers`: 211 -> 121 kernel calls per
+SmolLM2 token, the same outputs bit for bit, no second copy of the weights); the one-token attention of the
+compiled step runs as plain math that inductor fuses (:func:`single_query_attention`) instead of the CPU SDPA
+kernel, whose fixed cost per call (about 60 us, 30 calls per token) was the largest item after the int4
+kernels; and inductor's ``size_asserts`` are off (a check per graph input per step; dynamo's guards already
+check the inputs' sizes and strides).
 
-It changes the model's ``generation_config`` and attention implementation only (and builds the packed layers'
-int4 layouts up front, so the compiled step never traces the one-time conversion); the saved format is
-untouched.
+It changes the model's ``generation_config``, its attention implementation and how its packed layers are
+grouped for the kernel (and builds their int4 layouts up front, so the compiled step never traces the one-time
+conversion); the saved format is untouched.
 """
 
 from __future__ import annotations
