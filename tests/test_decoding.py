@@ -195,12 +195,14 @@ def stackable_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def test_stacked_siblings_compute_what_each_layer_did_in_any_order_and_save_the_same(stackable_checkpoint, tmp_path):
+@pytest.mark.parametrize("rotation", [None, 64])
+def test_stacked_siblings_compute_what_each_layer_did_in_any_order_and_save_the_same(stackable_checkpoint, tmp_path,
+                                                                                    rotation):
     from hf_splitquant.integrations.decoding import stack_sibling_layers
     from hf_splitquant.speed import resident_bytes
 
-    model = AutoModelForCausalLM.from_pretrained(stackable_checkpoint, dtype=torch.bfloat16,
-                                                 quantization_config=SplitQuantConfig(bits=4, group_size=64))
+    config = SplitQuantConfig(bits=4, group_size=64, input_rotation=rotation)
+    model = AutoModelForCausalLM.from_pretrained(stackable_checkpoint, dtype=torch.bfloat16, quantization_config=config)
     for _, module in model.named_modules():
         if isinstance(module, PackedLinear):
             assert module.prepare_int4()
