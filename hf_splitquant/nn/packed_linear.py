@@ -338,7 +338,8 @@ class SiblingGroup:
     The stacked layout comes from :func:`hf_splitquant.kernels.stack_int4_layouts` (each member's own layout
     becomes views into it). The first member called with an input computes every member's output; a member
     called next with the *same tensor* takes its output from there, any other input computes anew, so the
-    result never depends on the call order. Built by :func:`stack_siblings` (``compile_for_decoding`` does it);
+    result never depends on the call order (an input edited in place between the members' calls would not be
+    noticed: transformers' attention and MLP blocks never do that). Built by :func:`stack_siblings` (``compile_for_decoding`` does it);
     moving or reloading any member dissolves the group.
     """
 
