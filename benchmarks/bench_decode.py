@@ -30,7 +30,6 @@ machine are not idle figures (the ratios, interleaved, hold up better than the a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -48,7 +47,13 @@ from transformers.utils import logging  # noqa: E402
 
 import splitquant_assets as assets  # noqa: E402
 from hf_splitquant import SplitQuantConfig, compile_for_decoding  # noqa: E402
-from hf_splitquant.speed import format_conditions, kernel_paths, machine_conditions, resident_bytes  # noqa: E402
+from hf_splitquant.speed import (  # noqa: E402
+    format_conditions,
+    generate_exactly,
+    kernel_paths,
+    machine_conditions,
+    resident_bytes,
+)
 
 CONFIGS = {
     "rtn-int4-g64": dict(bits=4, group_size=64),
@@ -167,15 +172,7 @@ def main() -> None:
     def generate(model: torch.nn.Module | LlamaCppModel, new_tokens: int) -> torch.Tensor:
         if isinstance(model, LlamaCppModel):
             return model.generate(prompt, new_tokens)
-        # exactly `new_tokens` tokens, as llama.cpp's loop: end-of-text disabled in a copy of the model's generation
-        # config (min_new_tokens would add two logits processors, ~0.9 ms a step here, that users do not run)
-        config = copy.deepcopy(model.generation_config)
-        config.eos_token_id = None
-        with torch.inference_mode():
-            out = model.generate(prompt, generation_config=config, max_new_tokens=new_tokens, do_sample=False)
-        if out.shape[1] != prompt.shape[1] + new_tokens:
-            raise RuntimeError(f"generate stopped after {out.shape[1] - prompt.shape[1]} of {new_tokens} new tokens")
-        return out
+        return generate_exactly(model, prompt, new_tokens)
 
     with tempfile.TemporaryDirectory() as tmp:
         entries = load_models(args, path, tmp)

@@ -11,6 +11,7 @@ throughput, the latter being what a busy or throttled machine distorts least.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import platform
@@ -30,6 +31,7 @@ from .nn.packed_linear import PackedLinear
 from .version import __version__
 
 __all__ = ["CPU_FEATURES", "native_bf16", "Throughput", "machine_conditions", "format_conditions", "interleaved_throughput",
+           "generate_exactly",
            "kernel_paths", "tensor_bytes", "resident_bytes"]
 
 #: ``/proc/cpuinfo`` flags that decide which CPU kernels torch can use (bf16 and int8 dot products, AMX tiles)
@@ -146,6 +148,24 @@ def interleaved_throughput(models: Sequence[nn.Module], run: Callable[[nn.Module
             cpu[i].append(time.process_time() - c0)
     return [Throughput(units / statistics.median(w), units / max(statistics.median(c), 1e-9), w, c)
             for w, c in zip(wall, cpu)]
+
+
+def generate_exactly(model: nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> torch.Tensor:
+    """Greedy ``model.generate`` making exactly ``new_tokens`` tokens, as llama.cpp's loop does: end-of-text is
+    off in a copy of the model's generation config (its compile settings kept). ``min_new_tokens`` would do it
+    with two logits processors that users decoding normally do not run (~0.9 ms per SmolLM2 step).
+
+    Raises:
+        RuntimeError: generate stopped early anyway.
+    """
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None
+    with torch.inference_mode():
+        out = model.generate(input_ids, generation_config=config, max_new_tokens=new_tokens, do_sample=False,
+                             **kwargs)
+    if out.shape[1] != input_ids.shape[1] + new_tokens:
+        raise RuntimeError(f"generate stopped after {out.shape[1] - input_ids.shape[1]} of {new_tokens} new tokens")
+    return out
 
 
 def kernel_paths(model: nn.Module, tokens: int, dtype: torch.dtype) -> str:

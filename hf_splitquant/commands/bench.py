@@ -15,7 +15,6 @@ written by ``quantize --model-card --base-model ...`` or ``save_with_card``).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,13 @@ def run_bench(model_dir: str | Path, base: str | None = None, dtypes: tuple[str,
     import transformers
 
     from ..report import quantization_report
-    from ..speed import interleaved_throughput, kernel_paths, machine_conditions, resident_bytes
+    from ..speed import (
+        generate_exactly,
+        interleaved_throughput,
+        kernel_paths,
+        machine_conditions,
+        resident_bytes,
+    )
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -126,13 +131,8 @@ def run_bench(model_dir: str | Path, base: str | None = None, dtypes: tuple[str,
     def run(model: torch.nn.Module) -> None:
         with torch.inference_mode():
             if causal:
-                # exactly `new_tokens` tokens: end-of-text off in a copy of the model's generation config
-                # (min_new_tokens would add logits processors that users decoding normally do not run)
-                generation = copy.deepcopy(model.generation_config)
-                generation.eos_token_id = None
-                model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation,
-                               max_new_tokens=new_tokens, do_sample=False, num_beams=1,
-                               pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0)
+                generate_exactly(model, ids, new_tokens, attention_mask=torch.ones_like(ids), num_beams=1,
+                                 pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0)
             else:
                 model(input_ids=ids, attention_mask=torch.ones_like(ids))
 
