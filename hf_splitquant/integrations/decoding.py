@@ -92,14 +92,21 @@ def stack_sibling_layers(model: nn.Module) -> int:
     return stacked
 
 
-def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = None, mode: str = "default",
+def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = False, mode: str = "default",
                             options: dict[str, Any] | None = None) -> CompileConfig:
     """The ``CompileConfig`` :func:`compile_for_decoding` sets: ``fullgraph`` (a graph break is an error, not a
-    silent slowdown), inductor's default mode (``"reduce-overhead"``, transformers' default, means CUDA
+    silent slowdown), static shapes (``dynamic=False``, see below), inductor's default mode (``"reduce-overhead"``, transformers' default, means CUDA
     graphs) with :data:`DEFAULT_INDUCTOR_OPTIONS`, and the flag that lets ``generate`` compile on CPU
     (transformers otherwise compiles only on accelerators). ``torch.compile`` takes inductor ``options`` *or* a
     ``mode``: with ``options`` (yours replace the defaults), ``mode`` must stay ``"default"`` (it is then
-    dropped); another ``mode`` goes without the default options."""
+    dropped); another ``mode`` goes without the default options.
+
+    Why ``dynamic=False``: the decoding step's shapes are fixed by the static cache, and with ``None``
+    (torch's automatic dynamic shapes) a *recompile* caused by a changed shape is traced with symbolic shapes.
+    That happens as soon as a process compiles a second model whose packed tensors differ in shape (another
+    group size, another model) and made that model's step 25-40% slower on SmolLM2
+    (``benchmarks/results/decode_smollm2_llamacpp.md``, session 33). With ``False`` each shape gets its own
+    specialised graph."""
     if options is None and mode in ("default", None):
         options = dict(DEFAULT_INDUCTOR_OPTIONS)
     if options is not None:
@@ -112,7 +119,7 @@ def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = None,
     return config
 
 
-def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = None,
+def compile_for_decoding(model: nn.Module, fullgraph: bool = True, dynamic: bool | None = False,
                          mode: str = "default", options: dict[str, Any] | None = None,
                          fast_attention: bool = True, fuse_siblings: bool = True) -> nn.Module:
     """Make plain ``model.generate(...)`` decode with a static KV cache and a compiled step; returns ``model``.
