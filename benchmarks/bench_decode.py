@@ -63,6 +63,8 @@ CONFIGS = {
     "rtn-int3-g64": dict(bits=3, group_size=64),
     "rtn-int8-g64": dict(bits=8, group_size=64),
     "splitquant-int4-g64": dict(bits=4, group_size=64, transform="splitquant"),
+    "splitquant-int2-g64": dict(bits=2, group_size=64, transform="splitquant"),
+    "splitquant-int2-g64-aligned": dict(bits=2, group_size=64, transform="splitquant", splitquant_range="aligned"),
     "ocs-int4-g64": dict(bits=4, group_size=64, transform="ocs", ocs_expand_ratio=0.02),
     "mixquant-3bpw-g64": dict(group_size=64, bit_allocation="mixquant", target_bits=3.0, mixquant_candidates=[2, 3, 4]),
 }

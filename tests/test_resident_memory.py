@@ -3,6 +3,7 @@ and saving after a forward pass stays bit-exact (issue 16, item 1)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -67,11 +68,12 @@ def test_codes_are_not_kept_twice_and_save_after_forward_reloads_exactly(tmp_pat
     logits = _forward(model)
     for module in packed.values():
         layout = module._int4
-        # the layer holds only its int4 layout: codes and grid (one compact byte per group) live there
+        # the layer holds only its int4 layout: codes and grid live there, with half a byte per group for the
+        # fp16 scales (min-max rounding uses code 0 in every group, so the codes give the zero points back)
         assert module.weight is None and module.weight_scale is None and module.weight_zero is None
         assert sum(t.numel() for t in module.buffers()) == 0
-        assert layout.residual.dtype == torch.uint8 and layout.residual.shape == (module.out_features,
-                                                                                   module.in_features // 32)
+        assert layout.residual.dtype == torch.uint8 and layout.residual.shape == (
+            module.out_features, math.ceil(module.in_features // 32 / 2))
     model.save_pretrained(tmp_path / "after")
     a = load_file(tmp_path / "before" / "model.safetensors")
     b = load_file(tmp_path / "after" / "model.safetensors")
@@ -168,3 +170,29 @@ def test_quantize_transient_is_bounded_by_row_blocks(mode: str, tmp_path) -> Non
         assert transient < m["layer"] / 4
     else:
         assert transient > m["layer"]
+
+
+def test_grids_whose_codes_skip_zero_keep_a_byte_per_group(tmp_path: Path) -> None:
+    # The half-byte residual reads each zero point back as -min(code - zero point), which needs code 0 in every
+    # group; calibrated rounding (GPTQ, block tuning) need not use it. Such a layer keeps a byte per group, and
+    # state_dict / save after a forward pass stay bit-exact either way.
+    from hf_splitquant.methods import rtn
+
+    torch.manual_seed(0)
+    model = hf_splitquant.quantize(tiny_llama().eval(), hf_splitquant.SplitQuantConfig(bits=3, group_size=32),
+                                   progress=False)
+    name, layer = next(iter_packed_modules(model))
+    codes = rtn.unpack(layer.weight, layer.spec)
+    codes[0, :32] = codes[0, :32].clamp(min=1)  # row 0's first group no longer uses code 0
+    layer.load_packed(layer.packed_tensors() | {"weight": rtn.pack(codes, layer.spec)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _forward(model)
+    groups = math.ceil(layer.in_features / 32)
+    for other_name, module in iter_packed_modules(model):
+        assert module.weight is None and module.weight_zero is None  # dropped either way
+        width = groups if other_name == name else math.ceil(math.ceil(module.in_features / 32) / 2)
+        assert module._int4.residual.shape == (module.out_features, width), other_name
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    model.save_pretrained(tmp_path / "saved")
+    assert torch.equal(_forward(load_causal_lm(tmp_path / "saved")), _forward(model))

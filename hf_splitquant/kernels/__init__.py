@@ -347,13 +347,9 @@ def int4_stored_codes(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, to
                 return None
             out[start * per_row:(start + n) * per_row] = codes
         return out
-    q = unpack_int4_weight(layout)
-    if q is None:
+    terms = _layout_terms(layout)
+    if terms is None:
         return None
-    cols = layout.in_columns
-    sz = layout.scales_and_zeros.float()
-    terms = [(q[t * rows:(t + 1) * rows, :cols], sz[:, t * rows:(t + 1) * rows, 0].t(),
-              sz[:, t * rows:(t + 1) * rows, 1].t()) for t in range(layout.terms)]
     codes = get_format(spec).int4_codes(terms, tensors, spec, layout.group)
     if codes is None:
         return None
@@ -388,18 +384,33 @@ def int4_stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, tor
     return codes
 
 
-def _stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor],
-                 rows: torch.Tensor) -> torch.Tensor | None:
+def _layout_terms(layout: Int4Layout, rows: torch.Tensor | None = None) -> list[Int4Term] | None:
+    """The layout's terms as ``(codes [n, in_columns], step [n, groups], zero [n, groups])`` for all its rows
+    or ``rows``; ``None`` when this torch packs the codes in a way :func:`_unpack_blocks` does not know."""
+    cols, sz = layout.in_columns, layout.scales_and_zeros.float()
+    if rows is None:
+        q, n = unpack_int4_weight(layout), layout.out_features
+        if q is None:
+            return None
+        return [(q[t * n:(t + 1) * n, :cols], sz[:, t * n:(t + 1) * n, 0].t(), sz[:, t * n:(t + 1) * n, 1].t())
+                for t in range(layout.terms)]
     block = _pack_block()
     if block is None:
         return None
-    n, cols = rows.numel(), layout.in_columns
-    sz = layout.scales_and_zeros.float()
     terms = []
     for t in range(layout.terms):
         picked = rows + t * layout.out_features
         terms.append((_unpack_rows(layout, picked, block)[:, :cols], sz[:, picked, 0].t(), sz[:, picked, 1].t()))
-    codes = get_format(spec).int4_codes(terms, tensors, replace(spec, out_features=max(n, 1)), layout.group)
+    return terms
+
+
+def _stored_rows(spec: LayerSpec, layout: Int4Layout, tensors: dict[str, torch.Tensor],
+                 rows: torch.Tensor) -> torch.Tensor | None:
+    terms = _layout_terms(layout, rows)
+    if terms is None:
+        return None
+    codes = get_format(spec).int4_codes(terms, tensors, replace(spec, out_features=max(rows.numel(), 1)),
+                                        layout.group)
     return None if codes is None else pack_codes(codes, spec.bits).reshape(-1)
 
 
@@ -415,9 +426,15 @@ def int4_grid_tensors(spec: LayerSpec, layout: Int4Layout, residual: torch.Tenso
                       rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The grid tensors (all rows, or ``rows``) from the layout's scales and the compact ``residual``."""
     sz = layout.scales_and_zeros
+    fmt = get_format(spec)
+
+    def offsets(scale: torch.Tensor) -> torch.Tensor | None:  # what the kernel multiplies by the step, per weight
+        terms = _layout_terms(layout, rows)
+        return None if terms is None else fmt.int4_offsets(terms, scale, spec, layout.group)
+
     if rows is None:
-        return get_format(spec).int4_grid(residual, spec, sz[:, : layout.out_features, 0].t())
-    return get_format(spec).int4_grid(residual.index_select(0, rows), spec, sz[:, rows, 0].t())
+        return fmt.int4_grid(residual, spec, sz[:, : layout.out_features, 0].t(), offsets)
+    return fmt.int4_grid(residual.index_select(0, rows), spec, sz[:, rows, 0].t(), offsets)
 
 
 def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) -> torch.Tensor:

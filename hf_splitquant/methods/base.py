@@ -16,14 +16,14 @@ registered with :func:`hf_splitquant.methods.register_format`, plus one row in t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any, ClassVar
 
 import torch
 
 from ..quant.grid import ElementGrid, expand_params, num_groups
-from ..quant.int4 import Int4Term, affine_codes, affine_terms
+from ..quant.int4 import Int4Term, affine_codes, affine_offsets, affine_terms
 from ..spec import LayerSpec
 
 __all__ = ["QuantFormat", "TensorShapes", "options_from_dict"]
@@ -193,10 +193,16 @@ class QuantFormat:
         zero = tensors.get("weight_zero")
         origin = (expand_params(zero.float(), cols, spec.group_size) if zero is not None
                   else torch.full((spec.out_features, cols), float(2 ** (spec.bits - 1))))
-        scale = tensors["weight_scale"].float()
-        groups = terms[-1][1].shape[1]
-        scale = scale.expand(-1, groups) if scale.shape[1] == 1 else scale[:, :groups]
-        return affine_codes(terms, origin, group, spec.bits, scale if scale.shape[1] == groups else None)
+        return affine_codes(terms, origin, group, spec.bits, _kernel_group_scale(tensors["weight_scale"], terms))
+
+    def int4_offsets(self, terms: list[Int4Term], scale: torch.Tensor, spec: LayerSpec,
+                     group: int) -> torch.Tensor | None:
+        """``q - zero point`` per weight (``[out, columns]`` int32) from the kernel's terms and the grid's exact
+        ``scale``, without the zero points (:func:`~hf_splitquant.quant.int4.affine_offsets`); ``None`` where the
+        terms are not of that form."""
+        if terms[0][0].shape[1] != self.columns(spec):
+            return None
+        return affine_offsets(terms, group, spec.bits, _kernel_group_scale(scale, terms))
 
     def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
                            kernel_scale: torch.Tensor) -> torch.Tensor | None:
@@ -204,9 +210,20 @@ class QuantFormat:
         (``kernel_scale``, ``[out, kernel groups]``), compact, or ``None`` (the default: they stay stored)."""
         return None
 
-    def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Inverse of :meth:`int4_grid_residual`: the grid tensors, by state-dict suffix."""
+    def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor,
+                  offsets: Callable[[torch.Tensor], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`int4_grid_residual`: the grid tensors, by state-dict suffix. ``offsets(scale)``
+        gives :meth:`int4_offsets` of the layout's terms (read from the layout only when called)."""
         raise NotImplementedError(f"the {self.name!r} format keeps its grid tensors")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _kernel_group_scale(scale: torch.Tensor, terms: list[Int4Term]) -> torch.Tensor | None:
+    """The grid's exact scale per kernel group (``[out, kernel groups]``), where the format's groups are the
+    kernel's (or one per row); ``None`` otherwise (the kernel's bf16 step is then used)."""
+    groups = terms[-1][1].shape[1]
+    scale = scale.float()
+    scale = scale.expand(-1, groups) if scale.shape[1] == 1 else scale[:, :groups]
+    return scale if scale.shape[1] == groups else None

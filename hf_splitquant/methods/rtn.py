@@ -8,7 +8,7 @@ Stored tensors (suffixes of the module's state-dict keys):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -21,7 +21,13 @@ from ..quant.grid import (
     quantize_codes,
     search_clip_qparams,
 )
-from ..quant.int4 import compact_grid, grid_from_compact
+from ..quant.int4 import (
+    compact_grid,
+    compact_scales,
+    grid_from_compact,
+    scales_from_compact,
+    zero_points_from_offsets,
+)
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
 from .base import QuantFormat
@@ -110,13 +116,38 @@ class RTNFormat(QuantFormat):
 
     def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
                            kernel_scale: torch.Tensor) -> torch.Tensor | None:
+        # Two forms, told apart by their width (int4_grid): half a byte per group (the scales only) where the
+        # codes give the zero points back (every group uses code 0, as min-max and clipped rounding do) or
+        # there are none; else a byte per group (zero point and scale).
         if spec.bits > 4:
             return None
-        scale = tensors["weight_scale"]
-        return compact_grid(scale, tensors.get("weight_zero"), kernel_scale[:, : scale.shape[1]])
+        scale, zero = tensors["weight_scale"], tensors.get("weight_zero")
+        groups = scale.shape[1]
+        kernel_scale = kernel_scale[:, :groups]
+        if groups > 1 and (zero is None or self._uses_code_zero(tensors, spec)):
+            return compact_scales(scale, kernel_scale)
+        return compact_grid(scale, zero, kernel_scale)
 
-    def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        scale, zero = grid_from_compact(residual, kernel_scale[:, : residual.shape[1]], not spec.symmetric)
+    def _uses_code_zero(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> bool:
+        codes = unpack(tensors["weight"], spec).to(torch.int32)
+        # the zero points read back from the codes as int4_grid will: -min(q - zero point) per group
+        d = codes - expand_params(tensors["weight_zero"].to(torch.int32), codes.shape[1], spec.group_size)
+        return torch.equal(zero_points_from_offsets(d, spec.group_size), tensors["weight_zero"])
+
+    def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor,
+                  offsets: Callable[[torch.Tensor], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        groups = num_groups(spec.in_features, spec.group_size)
+        if residual.shape[1] == groups:  # a byte per group
+            scale, zero = grid_from_compact(residual, kernel_scale[:, :groups], not spec.symmetric)
+        else:  # half a byte per group, the zero points from the codes
+            scale = scales_from_compact(residual, kernel_scale, groups)
+            zero = None
+            if not spec.symmetric:
+                d = offsets(scale)
+                if d is None:
+                    raise RuntimeError("hf_splitquant: the int4 layout no longer gives this layer's codes back; "
+                                       "please report this bug")
+                zero = zero_points_from_offsets(d, spec.group_size)
         return {"weight_scale": scale} | ({"weight_zero": zero} if zero is not None else {})
 
     def clipped_grid(self, weight: torch.Tensor, spec: LayerSpec, importance: torch.Tensor,

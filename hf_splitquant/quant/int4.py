@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Int4Term", "group_offsets", "affine_terms", "affine_codes", "compact_grid", "grid_from_compact"]
+__all__ = ["Int4Term", "group_offsets", "affine_terms", "affine_offsets", "affine_codes", "compact_grid",
+           "grid_from_compact", "compact_scales", "scales_from_compact", "zero_points_from_offsets"]
 
 #: (codes 0..15 ``[out, cols]``, step ``[out, cols]``, zero ``[out, cols]``); step and zero are
 #: constant over each kernel group (the kernel reads them from the group's first column)
@@ -52,16 +53,16 @@ def affine_terms(codes: torch.Tensor, scale: torch.Tensor, origin: torch.Tensor,
     return [(t // 16, 16 * scale, e * scale), (t % 16, scale, torch.zeros_like(scale))]
 
 
-def affine_codes(terms: list[Int4Term], origin: torch.Tensor, group: int, bits: int,
-                 scale: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Inverse of :func:`affine_terms`: the integer codes ``q`` (``[out, cols]``, int32) from the kernel's
-    terms, where each term's step and zero are given per kernel group (``[out, groups]``).
+def affine_offsets(terms: list[Int4Term], group: int, bits: int,
+                   scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``d = q - origin`` (``[out, cols]``, int32) from the kernel's terms of :func:`affine_terms`, where each
+    term's step and zero are given per kernel group (``[out, groups]``): what the kernel multiplies by the
+    grid step, whatever the origin.
 
     The per-group offset ``e`` is read back from the first term as ``zero / scale`` with the exact grid
     ``scale`` per kernel group (default: the last term's bf16 step), an integer: exact whenever ``|e|`` times
     the relative rounding (``2^-9`` with the exact scale, ``2^-8`` with the step) is below 0.5. ``None`` when
-    the terms are not of :func:`affine_terms`' form or give codes outside ``[0, 2^bits)``; callers compare
-    the result with the stored codes before relying on it.
+    the terms are not of :func:`affine_terms`' form.
     """
     if len(terms) not in (1, 2) or (len(terms) == 2) != (bits > 4):
         return None
@@ -69,17 +70,29 @@ def affine_codes(terms: list[Int4Term], origin: torch.Tensor, group: int, bits: 
     e = torch.round(zero.float() / (step if scale is None else scale).float())
     # the checks read values back to Python (graph breaks under torch.compile); compiled code only reads back
     # layouts that passed them when they were built
-    checked = not torch.compiler.is_compiling()
-    if checked and not torch.isfinite(e).all():
+    if not torch.compiler.is_compiling() and not torch.isfinite(e).all():
         return None
     if len(terms) == 1:
         d = terms[0][0].to(torch.int32) - 8
     else:
         d = terms[0][0].to(torch.int32) * 16 + terms[1][0].to(torch.int32) - 136
     cols = d.shape[1]
-    d = d + e.to(torch.int32).repeat_interleave(group, dim=1)[:, :cols]
+    return d + e.to(torch.int32).repeat_interleave(group, dim=1)[:, :cols]
+
+
+def affine_codes(terms: list[Int4Term], origin: torch.Tensor, group: int, bits: int,
+                 scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Inverse of :func:`affine_terms`: the integer codes ``q`` (``[out, cols]``, int32) from the kernel's
+    terms (:func:`affine_offsets`, plus ``origin``). ``None`` when the terms are not of :func:`affine_terms`'
+    form or give codes outside ``[0, 2^bits)``; callers compare the result with the stored codes before
+    relying on it.
+    """
+    d = affine_offsets(terms, group, bits, scale)
+    if d is None:
+        return None
     codes = d + origin.round().to(torch.int32)
-    if checked and codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
+    if not torch.compiler.is_compiling() and codes.numel() and (
+            int(codes.min()) < 0 or int(codes.max()) >= 2 ** bits):
         return None
     return codes
 
@@ -108,3 +121,34 @@ def grid_from_compact(compact: torch.Tensor, kernel_scale: torch.Tensor,
     near = kernel_scale.to(torch.float16).view(torch.int16).to(torch.int32)
     scale = (near + (c >> 4) - 8).to(torch.int16).view(torch.float16)
     return scale, ((c & 15).to(torch.uint8) if has_zero else None)
+
+
+def compact_scales(scale: torch.Tensor, kernel_scale: torch.Tensor) -> torch.Tensor | None:
+    """Half a byte per group: the fp16 scale's distance (in fp16 steps, -8..7) from the kernel's bf16 scale
+    rounded to fp16, two groups per byte (``[out, ceil(groups / 2)]`` uint8; the even group in the low nibble).
+    For grids whose zero points the codes give back (:func:`zero_points_from_offsets`) or that have none.
+    ``None`` where that does not fit; see :func:`scales_from_compact`."""
+    byte = compact_grid(scale, None, kernel_scale)
+    if byte is None:
+        return None
+    nibble = byte >> 4
+    if nibble.shape[1] % 2:
+        nibble = torch.cat([nibble, torch.zeros_like(nibble[:, :1])], dim=1)
+    return nibble[:, 0::2] | (nibble[:, 1::2] << 4)
+
+
+def scales_from_compact(compact: torch.Tensor, kernel_scale: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`compact_scales`: the fp16 scales ``[out, groups]``."""
+    nibble = torch.stack([compact & 15, compact >> 4], dim=-1).reshape(compact.shape[0], -1)[:, :groups]
+    return grid_from_compact(nibble << 4, kernel_scale[:, :groups], False)[0]
+
+
+def zero_points_from_offsets(d: torch.Tensor, group: int) -> torch.Tensor:
+    """The zero points ``[out, groups]`` (uint8) of a grid whose every group holds the code 0, from the
+    offsets ``d = q - zero_point`` (``[out, cols]``): ``-min(d)`` per group of ``group`` columns. (Min-max and
+    clipped round to nearest always use code 0: the group's smallest weight, or a clipped one, rounds there.)"""
+    rows, cols = d.shape
+    pad = math.ceil(cols / group) * group - cols
+    # padded columns must not lower the minimum: pad with the largest int32
+    dg = F.pad(d, (0, pad), value=torch.iinfo(torch.int32).max).reshape(rows, -1, group)
+    return (-dg.amin(-1)).to(torch.uint8)
