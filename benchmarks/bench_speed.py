@@ -140,7 +140,9 @@ def encode_benchmark(args: argparse.Namespace) -> list[dict]:
         packed_rows, packed = _load_packed(args, path, AutoModel, probe, "minilm", tmp)
         rows, models = rows + packed_rows, models + packed
         if args.compile:  # every model alike, the float ones too: compiled against compiled
-            models = [torch.compile(model) for model in models]
+            # static shapes: the models share BertModel.forward's code, so with torch's automatic dynamic shapes
+            # every model compiled after one of other tensor sizes would get a symbolic-shape graph
+            models = [torch.compile(model, dynamic=False) for model in models]
             for row in rows:
                 row["compiled"] = True
         return _measure(rows, models, run, args.batch, args.repeats)
