@@ -129,10 +129,9 @@ class RTNFormat(QuantFormat):
         return compact_grid(scale, zero, kernel_scale)
 
     def _uses_code_zero(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> bool:
+        # int4_grid reads each zero point back as -min(q - zero point): right exactly where min(q) = 0
         codes = unpack(tensors["weight"], spec).to(torch.int32)
-        # the zero points read back from the codes as int4_grid will: -min(q - zero point) per group
-        d = codes - expand_params(tensors["weight_zero"].to(torch.int32), codes.shape[1], spec.group_size)
-        return torch.equal(zero_points_from_offsets(d, spec.group_size), tensors["weight_zero"])
+        return not zero_points_from_offsets(codes, spec.group_size).any()
 
     def int4_grid(self, residual: torch.Tensor, spec: LayerSpec, kernel_scale: torch.Tensor,
                   offsets: Callable[[torch.Tensor], torch.Tensor | None]) -> dict[str, torch.Tensor]:

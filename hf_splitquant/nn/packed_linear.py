@@ -339,8 +339,8 @@ class SiblingGroup:
     becomes views into it). The first member called with an input computes every member's output; a member
     called next with the *same tensor* takes its output from there, any other input computes anew, so the
     result never depends on the call order (an input edited in place between the members' calls would not be
-    noticed: transformers' attention and MLP blocks never do that). Built by :func:`stack_siblings` (``compile_for_decoding`` does it);
-    moving or reloading any member dissolves the group.
+    noticed: transformers' attention and MLP blocks never do that). Built by :func:`stack_siblings`
+    (``compile_for_decoding`` does it); moving or reloading any member dissolves the group.
     """
 
     def __init__(self, members: list[PackedLinear], layout: kernels.Int4Layout, bias: torch.Tensor | None) -> None:
