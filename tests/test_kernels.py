@@ -9,6 +9,7 @@ from helpers import model_output
 from transformers import AutoModelForCausalLM
 
 from hf_splitquant import PackedLinear, SplitQuantConfig, kernels
+from hf_splitquant.kernels import kernel_mode
 from hf_splitquant.methods import get_format
 from hf_splitquant.quant.int4 import affine_codes, affine_terms
 from hf_splitquant.spec import LayerSpec
@@ -188,6 +189,32 @@ def test_torch_compile_runs_packed_model_without_graph_breaks(float_checkpoints,
         compiled = torch.compile(model)(input_ids=ids).logits.float()
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
     assert torch.allclose(compiled, eager, atol=0.02 * eager.abs().max().item())
+
+
+@pytest.mark.parametrize("spec", [
+    LayerSpec(64, 32, 2, 32, transform="splitquant", splitquant_range="aligned"),
+    LayerSpec(64, 32, 3, 32, transform="splitquant"),
+    LayerSpec(64, 32, 4, 32, transform="ocs", ocs_expand_ratio=0.05),
+    LayerSpec(64, 32, 3, 32),
+], ids=["splitquant-aligned", "splitquant-cluster", "ocs", "rtn-int3"])
+def test_many_token_dequantize_compiles_without_graph_breaks_and_matches_eager(spec):
+    # SplitQuant and OCS run their eager dequantize as one opaque operator inside torch.compile (their per-call
+    # checks broke the graph, and the compiled table gathers were slower than eager); RTN is traced as before
+    layer = _layer(spec).to(torch.bfloat16)
+    x = torch.randn(2, 100, 64, dtype=torch.bfloat16)
+    assert layer.kernel_for(x) in ("dequant-bf16", "int4")
+    with kernel_mode("auto"), torch.no_grad():
+        layer._int4_ok = (x.device, False, 0)  # the many-token path, whatever the layout would allow
+        eager = layer(x)
+        explained = torch._dynamo.explain(layer)(x)
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert torch.equal(compiled, eager)
+    key = kernels.dequantize_key(spec)
+    assert (key is None) == get_format(spec).dequantize_compiles_well(spec)
+    if key is not None:
+        torch.library.opcheck(kernels._dequantize_op, ([layer.packed_tensors()[n] for n in key[1]], key[0],
+                                                       torch.bfloat16))
 
 
 @pytest.mark.skipif(not kernels.int4_available(), reason="this torch build has no int4 CPU kernel")

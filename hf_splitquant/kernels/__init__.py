@@ -22,7 +22,8 @@
   terms are summed in float32), which is the kernel's documented rounding; fp32 inputs are cast.
 * For many tokens per call (more than ``INT4_MAX_TOKENS`` divided by the number of terms) the
   kernel is slower than a bf16 matmul, so ``"auto"`` dequantizes once per call to bf16 and uses
-  the bf16 matmul (``"dequant-bf16"``).
+  the bf16 matmul (``"dequant-bf16"``). Inside ``torch.compile``, SplitQuant's and OCS's dequantize
+  run as one opaque operator (:func:`dequantize_for_forward`): no graph break, eager speed.
 
 Modes (:func:`set_kernel_mode`, the environment variable ``HF_SPLITQUANT_KERNEL``, or per layer
 ``PackedLinear.kernel_mode``):
@@ -39,6 +40,8 @@ Modes (:func:`set_kernel_mode`, the environment variable ``HF_SPLITQUANT_KERNEL`
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -47,7 +50,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..methods import get_format
+from ..methods import dequantize_weight, get_format
 from ..quant.int4 import Int4Term
 from ..quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from ..spec import LayerSpec
@@ -471,6 +474,51 @@ def int4_linear(x: torch.Tensor, layout: Int4Layout, bias: torch.Tensor | None) 
     return y.reshape(*x.shape[:-1], layout.out_features)
 
 
+@functools.cache
+def _layer_of(key: str) -> tuple[LayerSpec, tuple[str, ...]]:
+    data = json.loads(key)
+    return LayerSpec.from_dict(data["spec"]), tuple(data["names"])
+
+
+@torch.library.custom_op("hf_splitquant::dequantize", mutates_args=(),
+                         schema="(Tensor[] tensors, str layer, ScalarType dtype) -> Tensor")
+def _dequantize_op(tensors: list[torch.Tensor], layer: str, dtype: torch.dtype) -> torch.Tensor:
+    spec, names = _layer_of(layer)
+    return dequantize_weight(dict(zip(names, tensors)), spec, dtype, stored_basis=True)
+
+
+@_dequantize_op.register_fake
+def _(tensors: list[torch.Tensor], layer: str, dtype: torch.dtype) -> torch.Tensor:
+    spec, _ = _layer_of(layer)
+    return tensors[0].new_empty((spec.out_features, spec.in_features), dtype=dtype)
+
+
+def dequantize_key(spec: LayerSpec) -> tuple[str, tuple[str, ...]] | None:
+    """What :func:`dequantize_for_forward` needs to run this layer's dequantize as one opaque operator inside
+    ``torch.compile`` (the layer as text, and its stored tensors' names; computed once per layer, outside the
+    traced code), or ``None`` where the compiled code is good
+    (:meth:`~hf_splitquant.methods.base.QuantFormat.dequantize_compiles_well`)."""
+    fmt = get_format(spec)
+    if fmt.dequantize_compiles_well(spec):
+        return None
+    names = tuple(sorted(fmt.tensor_shapes(spec)))
+    return json.dumps({"spec": spec.to_dict(), "names": list(names)}, sort_keys=True), names
+
+
+def dequantize_for_forward(tensors: dict[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype,
+                           key: tuple[str, tuple[str, ...]] | None = None) -> torch.Tensor:
+    """The weight a forward pass multiplies (stored basis), as :func:`hf_splitquant.methods.dequantize_weight`.
+
+    Inside ``torch.compile``, with ``key`` from :func:`dequantize_key`, the eager dequantize runs as one opaque
+    operator: no graph break (a per-call value check would break the graph), and faster than the compiled code
+    for table gathers (which the CPU code generator leaves unvectorised).
+    """
+    if key is not None and torch.compiler.is_compiling():
+        layer, names = key
+        return _dequantize_op([tensors[n] for n in names], layer, dtype)
+    return dequantize_weight(tensors, spec, dtype, stored_basis=True)
+
+
 def tokens_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
@@ -482,4 +530,4 @@ def wants_fast_path(mode: str, x: torch.Tensor) -> bool:
     return mode == "fast" or x.dtype in (torch.bfloat16, torch.float16)
 
 
-__all__ += ["tokens_of", "wants_fast_path"]
+__all__ += ["tokens_of", "wants_fast_path", "dequantize_for_forward", "dequantize_key"]

@@ -114,6 +114,9 @@ class RTNFormat(QuantFormat):
     element_grid = staticmethod(element_grid)
     pack_grid_codes = staticmethod(pack_grid_codes)
 
+    def dequantize_compiles_well(self, spec: LayerSpec) -> bool:
+        return True  # one fused kernel, as fast as eager or faster (int4 g64 576x1536: 0.35 against 0.58 ms)
+
     def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
                            kernel_scale: torch.Tensor) -> torch.Tensor | None:
         # Two forms, told apart by their width (int4_grid): half a byte per group (the scales only) where the

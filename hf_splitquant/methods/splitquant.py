@@ -243,9 +243,9 @@ def unpack_clusters(packed: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torch.dtype) -> torch.Tensor:
     codes = rtn.unpack(tensors["weight"], spec)
+    # every base-3 digit of a byte is 0..2, so the ids are in range whatever the bytes (a byte above 242 is
+    # refused at load, `invalid_values`): no per-call check, which would also break a compiled graph
     ids = unpack_clusters(tensors["weight_cluster"], spec)
-    if int(ids.max()) >= NUM_CLUSTERS:
-        raise ValueError("SplitQuant cluster ids out of range (corrupt `weight_cluster` tensor)")
     out_f, in_f = codes.shape
     g = in_f if spec.group_size is None or spec.group_size >= in_f else spec.group_size
     if NUM_CLUSTERS * 2**spec.bits <= g:

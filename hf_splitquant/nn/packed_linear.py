@@ -69,6 +69,8 @@ class PackedLinear(nn.Module):
         self._rotation: torch.Tensor | None = None  # H_b in the dtype/device of the last input
         self._siblings: SiblingGroup | None = None  # layers sharing this one's input and stacked int4 call
         self._sibling_index = 0
+        #: lets a compiled forward run the eager dequantize as one operator (None: the compiled code is good)
+        self._dequantize_key = kernels.dequantize_key(spec)
 
     @classmethod
     def from_packed(cls, spec: LayerSpec, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
@@ -315,7 +317,7 @@ class PackedLinear(nn.Module):
             if self._cached is None or self._cached.dtype != dtype or self._cached.device != device:
                 self._cached = dequantize_weight(self.packed_tensors(), self.spec, dtype, stored_basis=True).to(device)
             return self._cached
-        return dequantize_weight(self.packed_tensors(), self.spec, dtype, stored_basis=True)
+        return kernels.dequantize_for_forward(self.packed_tensors(), self.spec, dtype, self._dequantize_key)
 
     def __str__(self) -> str:
         # What a message that formats one layer shows (print(model) uses repr, unchanged). peft names the
