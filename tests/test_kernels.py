@@ -198,8 +198,9 @@ def test_torch_compile_runs_packed_model_without_graph_breaks(float_checkpoints,
     LayerSpec(64, 32, 3, 32),
 ], ids=["splitquant-aligned", "splitquant-cluster", "ocs", "rtn-int3"])
 def test_many_token_dequantize_compiles_without_graph_breaks_and_matches_eager(spec):
-    # SplitQuant and OCS run their eager dequantize as one opaque operator inside torch.compile (their per-call
-    # checks broke the graph, and the compiled table gathers were slower than eager); RTN is traced as before
+    # SplitQuant runs its eager dequantize as one opaque operator inside torch.compile (a per-call check broke the
+    # graph, and its compiled table gathers were slower than eager); OCS (its check skipped when compiling) and RTN
+    # are traced
     layer = _layer(spec).to(torch.bfloat16)
     x = torch.randn(2, 100, 64, dtype=torch.bfloat16)
     assert layer.kernel_for(x) in ("dequant-bf16", "int4")

@@ -22,8 +22,8 @@
   terms are summed in float32), which is the kernel's documented rounding; fp32 inputs are cast.
 * For many tokens per call (more than ``INT4_MAX_TOKENS`` divided by the number of terms) the
   kernel is slower than a bf16 matmul, so ``"auto"`` dequantizes once per call to bf16 and uses
-  the bf16 matmul (``"dequant-bf16"``). Inside ``torch.compile``, SplitQuant's and OCS's dequantize
-  run as one opaque operator (:func:`dequantize_for_forward`): no graph break, eager speed.
+  the bf16 matmul (``"dequant-bf16"``). Inside ``torch.compile``, SplitQuant's dequantize runs as one
+  opaque operator (:func:`dequantize_for_forward`): no graph break, eager speed.
 
 Modes (:func:`set_kernel_mode`, the environment variable ``HF_SPLITQUANT_KERNEL``, or per layer
 ``PackedLinear.kernel_mode``):

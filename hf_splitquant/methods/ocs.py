@@ -297,7 +297,9 @@ def dequantize(tensors: Mapping[str, torch.Tensor], spec: LayerSpec, dtype: torc
     codes = unpack_codes(tensors["weight"].reshape(spec.out_features, packed_row_bytes(total, spec.bits)), spec.bits,
                          total)
     index = tensors["weight_dup_index"]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= spec.in_features):
+    # checked at load too (`invalid_values`); skipped while compiling, where it would break the graph
+    if not torch.compiler.is_compiling() and index.numel() and (
+            int(index.min()) < 0 or int(index.max()) >= spec.in_features):
         raise ValueError("OCS duplicate index out of range (corrupt `weight_dup_index` tensor)")
     if _source_group_layout(spec):
         scale = column_params(tensors["weight_scale"].float(), index.long(), spec)
@@ -350,6 +352,9 @@ class OCSFormat(QuantFormat):
     pack_grid_codes = staticmethod(pack_grid_codes)
     def columns(self, spec: LayerSpec) -> int:
         return spec.in_features + num_duplicated(spec)
+
+    def dequantize_compiles_well(self, spec: LayerSpec) -> bool:
+        return True  # traced: 0.73x bf16 on MiniLM batch 32 against 0.64x as an opaque operator
 
     def invalid_values(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec) -> tuple[str, str] | None:
         index = tensors["weight_dup_index"]
