@@ -66,7 +66,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            {"bits": 4, "group_size": 128, **_ROTATED, **_CALIBRATED, "block_tuning": _TUNED}),
     # benchmarks/results/rotation.md (session 29): 30.91 (1.39x float) rotated, 64 x 512 calibration tokens, 5 epochs,
     # bf16 steps, 30.5 min on 2 idle cores (unrotated, float32 steps: 34.65 in 60-85 min; GPTQ alone 44.98). The
-    # tuning is data-limited: give it 64 or more calibration samples of 512 tokens.
+    # tuning is data-limited: give it 64 or more calibration samples of 512 tokens. With more text fewer epochs pay:
+    # 128 x 512 tokens, epochs=3: 30.08 (1.357x, 49 min); 192 x 512, epochs=3: 29.71 (1.340x, 82 min; session 34)
     Recipe("w3-tuned", "3-bit codes, groups of 128, rotated inputs, calibrated, then block-wise tuning against the "
                        "float model (about 3.2 bits per weight; slow: a backward pass of each block per batch and "
                        "epoch; use 64+ calibration samples of 512 tokens)",
