@@ -115,7 +115,7 @@ class RTNFormat(QuantFormat):
     pack_grid_codes = staticmethod(pack_grid_codes)
 
     def dequantize_compiles_well(self, spec: LayerSpec) -> bool:
-        return True  # one fused kernel, as fast as eager or faster (int4 g64 576x1536: 0.35 against 0.58 ms)
+        return True  # one fused kernel, as fast as eager or faster (int4 g64, 1536 x 384: 0.35 against 0.58 ms)
 
     def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
                            kernel_scale: torch.Tensor) -> torch.Tensor | None:
