@@ -98,8 +98,8 @@ def decoding_compile_config(fullgraph: bool = True, dynamic: bool | None = False
     silent slowdown), static shapes (``dynamic=False``, see below), inductor's default mode
     (``"reduce-overhead"``, transformers' default, means CUDA graphs) with :data:`DEFAULT_INDUCTOR_OPTIONS`, and
     the flag that lets ``generate`` compile on CPU (transformers otherwise compiles only on accelerators).
-    ``torch.compile`` takes inductor ``options`` *or* a ``mode``: with ``options`` (yours replace the defaults), ``mode`` must stay ``"default"`` (it is then
-    dropped); another ``mode`` goes without the default options.
+    ``torch.compile`` takes inductor ``options`` *or* a ``mode``: with ``options`` (yours replace the defaults),
+    ``mode`` must stay ``"default"`` (it is then dropped); another ``mode`` goes without the default options.
 
     Why ``dynamic=False``: the decoding step's shapes are fixed by the static cache, and with ``None``
     (torch's automatic dynamic shapes) a *recompile* caused by a changed shape is traced with symbolic shapes.

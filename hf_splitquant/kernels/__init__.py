@@ -497,9 +497,9 @@ def dequantize_key(spec: LayerSpec) -> tuple[str, tuple[str, ...]] | None:
     """What :func:`dequantize_for_forward` needs to run this layer's dequantize as one opaque operator inside
     ``torch.compile`` (the layer as text, and its stored tensors' names; computed once per layer, outside the
     traced code), or ``None`` where the compiled code is good
-    (:meth:`~hf_splitquant.methods.base.QuantFormat.dequantize_compiles_well`)."""
+    (:attr:`~hf_splitquant.methods.base.QuantFormat.dequantize_compiles_well`)."""
     fmt = get_format(spec)
-    if fmt.dequantize_compiles_well(spec):
+    if fmt.dequantize_compiles_well:
         return None
     names = tuple(sorted(fmt.tensor_shapes(spec)))
     return json.dumps({"spec": spec.to_dict(), "names": list(names)}, sort_keys=True), names

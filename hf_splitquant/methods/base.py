@@ -71,6 +71,11 @@ class QuantFormat:
     #: every output row is quantized on its own (no statistic spans rows): a large weight can be quantized
     #: in blocks of rows, which bounds the float temporaries (:func:`hf_splitquant.methods.quantize_weight`)
     rows_independent: ClassVar[bool] = False
+    #: whether ``torch.compile`` traces :meth:`dequantize` into code as fast as eager, without graph breaks; where
+    #: not (SplitQuant: its table gathers compile into scalar code, MiniLM batch 32 0.66x bf16 traced against 0.72x
+    #: opaque), a compiled forward runs the eager dequantize as one opaque operator
+    #: (:func:`hf_splitquant.kernels.dequantize_for_forward`)
+    dequantize_compiles_well: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- stored tensors
 
@@ -92,13 +97,6 @@ class QuantFormat:
         return spec.in_features
 
     # ---------------------------------------------------------------- quantize / dequantize
-
-    def dequantize_compiles_well(self, spec: LayerSpec) -> bool:
-        """Whether ``torch.compile`` traces :meth:`dequantize` into code as fast as eager, without graph breaks.
-        Where it does not (SplitQuant: its table gathers compile into scalar code, MiniLM batch 32 0.66x bf16
-        traced against 0.72x opaque), a compiled forward calls the eager dequantize as one opaque operator
-        (:func:`hf_splitquant.kernels.dequantize_for_forward`)."""
-        return False
 
     def quantize(self, weight: torch.Tensor, spec: LayerSpec, seed: int = 0,
                  cache: dict | None = None) -> dict[str, torch.Tensor]:

@@ -106,6 +106,7 @@ class RTNFormat(QuantFormat):
     name = "rtn"
     has_clipped_grids = True
     rows_independent = True
+    dequantize_compiles_well = True  # one fused kernel (int4 g64, 1536 x 384: 0.35 ms against 0.58 eager)
 
     # the module's functions are the format's implementation
     tensor_shapes = staticmethod(tensor_shapes)
@@ -113,9 +114,6 @@ class RTNFormat(QuantFormat):
     dequantize = staticmethod(dequantize)
     element_grid = staticmethod(element_grid)
     pack_grid_codes = staticmethod(pack_grid_codes)
-
-    def dequantize_compiles_well(self, spec: LayerSpec) -> bool:
-        return True  # one fused kernel, as fast as eager or faster (int4 g64, 1536 x 384: 0.35 against 0.58 ms)
 
     def int4_grid_residual(self, tensors: Mapping[str, torch.Tensor], spec: LayerSpec,
                            kernel_scale: torch.Tensor) -> torch.Tensor | None:
