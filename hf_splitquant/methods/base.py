@@ -72,9 +72,9 @@ class QuantFormat:
     #: in blocks of rows, which bounds the float temporaries (:func:`hf_splitquant.methods.quantize_weight`)
     rows_independent: ClassVar[bool] = False
     #: whether ``torch.compile`` traces :meth:`dequantize` into code as fast as eager, without graph breaks; where
-    #: not (SplitQuant: its table gathers compile into scalar code, MiniLM batch 32 0.66x bf16 traced against 0.72x
-    #: opaque), a compiled forward runs the eager dequantize as one opaque operator
-    #: (:func:`hf_splitquant.kernels.dequantize_for_forward`)
+    #: not (SplitQuant: its table gathers compile into scalar code; MiniLM batch 32, 0.72x bf16 traced against 0.79x
+    #: opaque, `benchmarks/bench_compiled_dequantize.py`), a compiled forward runs the eager dequantize as one opaque
+    #: operator (:func:`hf_splitquant.kernels.dequantize_for_forward`)
     dequantize_compiles_well: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- stored tensors
